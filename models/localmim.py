@@ -1,0 +1,238 @@
+"""LocalMIM: masked image modeling with multi-scale HOG targets reconstructed from several encoder depths.
+
+An MAE encoder (timm PatchEmbed + Blocks) on the visible 25% of patches is tapped after four blocks
+(`ID = [1, 3, depth-3, depth-1]`); each tap has its own LayerNorm and a light decoder (`MAE_Decoder`)
+that predicts HOG histograms at 4x, 2x, 1x and 0.5x the patch grid. The loss is the sum over scales
+of the MSE on masked positions. Parameter names equal the official `models_mim.py`, so released
+checkpoints load with strict=True in both directions.
+"""
+from functools import partial
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers import PatchEmbed
+from timm.models import register_model
+from timm.models.vision_transformer import Block
+
+from models.hog import HOGLayer
+from util.pos_embed import get_2d_sincos_pos_embed
+
+SCALES = (4.0, 2.0, 1.0, 0.5)  # decoder output grid relative to the patch grid, per tap
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm over the channels of a [B, C, H, W] tensor (the official channels-first variant)."""
+
+    def __init__(self, num_channels, eps=1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(num_channels))
+        self.bias = nn.Parameter(torch.zeros(num_channels))
+        self.eps = eps
+
+    def forward(self, x):
+        mean = x.mean(1, keepdim=True)
+        var = (x - mean).pow(2).mean(1, keepdim=True)
+        x = (x - mean) / torch.sqrt(var + self.eps)
+        return self.weight[:, None, None] * x + self.bias[:, None, None]
+
+
+def _init_linear_and_norm(m):
+    if isinstance(m, nn.Linear):
+        nn.init.xavier_uniform_(m.weight)
+        if m.bias is not None:
+            nn.init.constant_(m.bias, 0)
+    elif isinstance(m, nn.LayerNorm):
+        nn.init.constant_(m.bias, 0)
+        nn.init.constant_(m.weight, 1.0)
+
+
+def _prediction_head(scale, dim, out_dim):
+    """The per-scale `pred` Sequential; its indices are part of the official state-dict keys."""
+    if scale == 4.0:
+        return nn.Sequential(nn.ConvTranspose2d(dim, dim // 2, 2, 2), LayerNorm(dim // 2), nn.GELU(),
+                             nn.ConvTranspose2d(dim // 2, dim // 4, 2, 2), nn.Conv2d(dim // 4, out_dim, 1))
+    if scale == 2.0:
+        return nn.Sequential(nn.ConvTranspose2d(dim, dim // 2, 2, 2), nn.Conv2d(dim // 2, out_dim, 1))
+    if scale == 1.0:
+        return nn.Sequential(nn.Conv2d(dim, out_dim, 1))
+    if scale == 0.5:
+        return nn.Sequential(nn.AvgPool2d(2, 2), nn.Conv2d(dim, out_dim, 1))
+    raise ValueError(f'unsupported LocalMIM scale {scale}')
+
+
+class MAE_Decoder(nn.Module):
+    """Fills in mask tokens, runs one transformer block on the full grid, predicts one HOG scale."""
+
+    def __init__(self, in_dim, grid_size, scale, out_dim, embed_dim=256, depth=1, num_heads=8,
+                 mlp_ratio=4., norm_layer=partial(nn.LayerNorm, eps=1e-6)):
+        super().__init__()
+        self.grid_size = grid_size
+        self.embed = nn.Linear(in_dim, embed_dim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, grid_size ** 2 + 1, embed_dim), requires_grad=False)
+        self.blocks = nn.ModuleList([Block(embed_dim, num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm_layer)
+                                     for _ in range(depth)])
+        self.norm = norm_layer(embed_dim)
+        self.pred = _prediction_head(scale, embed_dim, out_dim)
+        pos = get_2d_sincos_pos_embed(embed_dim, grid_size, cls_token=True)
+        self.pos_embed.data.copy_(torch.from_numpy(pos).float().unsqueeze(0))
+        nn.init.normal_(self.mask_token, std=.02)
+        self.apply(_init_linear_and_norm)
+
+    def forward(self, x, ids_restore):
+        """[B, 1 + visible, D] latent -> [B, h * w, out_dim] predictions in row-major order."""
+        x = self.embed(x)
+        num_masked = ids_restore.shape[1] + 1 - x.shape[1]
+        patches = torch.cat([x[:, 1:], self.mask_token.expand(x.shape[0], num_masked, -1)], dim=1)
+        patches = torch.gather(patches, 1, ids_restore.unsqueeze(-1).expand(-1, -1, x.shape[2]))
+        x = torch.cat([x[:, :1], patches], dim=1) + self.pos_embed
+        for blk in self.blocks:
+            x = blk(x)
+        x = self.norm(x)[:, 1:]
+        x = x.transpose(1, 2).reshape(x.shape[0], -1, self.grid_size, self.grid_size)
+        return self.pred(x).flatten(2).transpose(1, 2)
+
+
+class MaskedAutoencoderViT(nn.Module):
+    def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=1024, depth=24, num_heads=16,
+                 decoder_embed_dim=512, decoder_depth=1, decoder_num_heads=16, mlp_ratio=4.,
+                 norm_layer=partial(nn.LayerNorm, eps=1e-6), hog_nbins=9, hog_bias=False):
+        super().__init__()
+        if img_size % patch_size or (img_size // patch_size) % 2:
+            raise ValueError(f'input size {img_size} does not fit patch size {patch_size}: LocalMIM needs a '
+                             f'multiple of {patch_size} with an even patch grid (e.g. {14 * patch_size}); '
+                             f'change --input_size')
+        if depth < 4:
+            raise ValueError(f'LocalMIM taps blocks 1, 3, depth-3 and depth-1: depth must be >= 4, got {depth}')
+        self.patch_size = patch_size
+        self.grid_size = img_size // patch_size
+        self.ID = [1, 3, depth - 3, depth - 1]
+        self.scale = list(SCALES)
+        self.hog_nbins = hog_nbins
+
+        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.grid_size ** 2 + 1, embed_dim), requires_grad=False)
+        self.blocks = nn.ModuleList([Block(embed_dim, num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm_layer)
+                                     for _ in range(depth)])
+        self.norm = nn.ModuleList([norm_layer(embed_dim) for _ in self.ID])
+        self._init_encoder()
+
+        out_dim = in_chans * hog_nbins
+        self.decoder = nn.ModuleList([
+            MAE_Decoder(embed_dim, self.grid_size, s, out_dim, decoder_embed_dim, decoder_depth,
+                        decoder_num_heads, mlp_ratio, norm_layer) for s in self.scale])
+        # HOG cells of patch/scale pixels: 4, 8, 16, 32 for patch 16 (the official sizes).
+        self.hog_enc = nn.ModuleList([HOGLayer(hog_nbins, max(1, int(patch_size / s)), hog_bias)
+                                      for s in self.scale])
+
+    def _init_encoder(self):
+        pos = get_2d_sincos_pos_embed(self.pos_embed.shape[-1], self.grid_size, cls_token=True)
+        self.pos_embed.data.copy_(torch.from_numpy(pos).float().unsqueeze(0))
+        w = self.patch_embed.proj.weight.data
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.normal_(self.cls_token, std=.02)
+        self.apply(_init_linear_and_norm)
+
+    def target_grid(self, k):
+        side = int(self.grid_size * self.scale[k])
+        return side, side
+
+    def HOG(self, imgs, k):
+        """[B, 3, H, W] -> [B, h * w, 3 * nbins] HOG target of scale k, always in float32."""
+        with torch.autocast(imgs.device.type, enabled=False):
+            hog = self.hog_enc[k](imgs.float(), out_size=self.target_grid(k))
+        return hog.flatten(2).transpose(1, 2)
+
+    def recal_mask(self, mask, k):
+        """Patch mask [B, L] -> mask on scale k's grid: repeated blocks (scale >= 1) or 2x2 means."""
+        m = mask.reshape(-1, 1, self.grid_size, self.grid_size)
+        s = self.scale[k]
+        m = F.interpolate(m, scale_factor=int(s), mode='nearest') if s >= 1 else F.avg_pool2d(m, int(1 / s))
+        return m.flatten(1)
+
+    def random_masking(self, x, mask_ratio, noise=None):
+        """MAE's per-sample shuffle: the patches with the smallest `noise` are kept."""
+        N, L, D = x.shape
+        len_keep = int(L * (1 - mask_ratio))
+        if noise is None:
+            noise = torch.rand(N, L, device=x.device)
+        elif noise.shape != (N, L):
+            raise ValueError(f'noise must have shape {(N, L)}, got {tuple(noise.shape)}')
+        ids_shuffle = torch.argsort(noise, dim=1)
+        ids_restore = torch.argsort(ids_shuffle, dim=1)
+        ids_keep = ids_shuffle[:, :len_keep]
+        x_masked = torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, D))
+        mask = torch.ones(N, L, device=x.device)
+        mask[:, :len_keep] = 0
+        mask = torch.gather(mask, 1, ids_restore)
+        return x_masked, mask, ids_restore
+
+    def forward_encoder(self, imgs, mask_ratio, noise=None):
+        """Returns the 4 tapped latents [B, 1 + visible, D], the patch mask [B, L] and ids_restore."""
+        x = self.patch_embed(imgs) + self.pos_embed[:, 1:]
+        x, mask, ids_restore = self.random_masking(x, mask_ratio, noise)
+        cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
+        x = torch.cat([cls, x], dim=1)
+        latents = [None] * len(self.ID)
+        for i, blk in enumerate(self.blocks):
+            x = blk(x)
+            for k, tap in enumerate(self.ID):
+                if tap == i:
+                    latents[k] = self.norm[k](x)
+        return latents, mask, ids_restore
+
+    @staticmethod
+    def forward_loss(pred, target, mask):
+        """Mean over channels of the squared error, averaged over positions weighted by `mask`."""
+        loss = (pred.float() - target).pow(2).mean(dim=-1)
+        return (loss * mask).sum() / mask.sum()
+
+    def predict(self, imgs, mask_ratio=0.75, noise=None):
+        """Patch mask [B, L] and, per scale, (prediction, HOG target, mask) on that scale's grid."""
+        latents, mask, ids_restore = self.forward_encoder(imgs, mask_ratio, noise)
+        outputs = [(self.decoder[k](latents[k], ids_restore), self.HOG(imgs, k), self.recal_mask(mask, k))
+                   for k in range(len(self.scale))]
+        return mask, outputs
+
+    def forward(self, imgs, mask_ratio=0.75, noise=None):
+        """Total loss (sum over scales) and a dict of the per-scale losses for logging."""
+        _, outputs = self.predict(imgs, mask_ratio, noise)
+        losses = [self.forward_loss(pred, target, m) for pred, target, m in outputs]
+        logs = {f'loss_scale{s:g}': l.detach() for s, l in zip(self.scale, losses)}
+        return sum(losses), logs
+
+
+def _create(pretrained, **kwargs):
+    if pretrained:
+        raise ValueError('no pretrained LocalMIM weights are downloaded; load a checkpoint with --resume')
+    for timm_only in ('pretrained_cfg', 'pretrained_cfg_overlay', 'cache_dir'):
+        kwargs.pop(timm_only, None)
+    return MaskedAutoencoderViT(decoder_embed_dim=256, decoder_depth=1, decoder_num_heads=8, mlp_ratio=4,
+                                norm_layer=partial(nn.LayerNorm, eps=1e-6), **kwargs)
+
+
+@register_model
+def MIM_vit_tiny_patch16(pretrained=False, **kwargs):
+    return _create(pretrained, patch_size=16, embed_dim=192, depth=12, num_heads=3, **kwargs)
+
+
+@register_model
+def MIM_vit_small_patch16(pretrained=False, **kwargs):
+    return _create(pretrained, patch_size=16, embed_dim=384, depth=12, num_heads=6, **kwargs)
+
+
+@register_model
+def MIM_vit_base_patch16(pretrained=False, **kwargs):
+    return _create(pretrained, patch_size=16, embed_dim=768, depth=12, num_heads=12, **kwargs)
+
+
+@register_model
+def MIM_vit_large_patch16(pretrained=False, **kwargs):
+    return _create(pretrained, patch_size=16, embed_dim=1024, depth=24, num_heads=16, **kwargs)
+
+
+@register_model
+def MIM_vit_huge_patch14(pretrained=False, **kwargs):
+    return _create(pretrained, patch_size=14, embed_dim=1280, depth=32, num_heads=16, **kwargs)

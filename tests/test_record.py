@@ -1,0 +1,138 @@
+"""Behaviour tests for record.sh: run it for real inside a throwaway git repo."""
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+RECORD_SH = Path(__file__).resolve().parents[1] / "record.sh"
+PY = sys.executable
+
+
+@pytest.fixture
+def env(tmp_path):
+    """Put a stub `python` first on PATH: `-m pip freeze` answers instantly (real pip takes ~1 s)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    stub = bin_dir / "python"
+    stub.write_text(f'#!/bin/sh\n[ "$1 $2 $3" = "-m pip freeze" ] && {{ echo stub-pkg==1.0; exit 0; }}\n'
+                    f'exec {shlex.quote(PY)} "$@"\n')
+    stub.chmod(0o755)
+    return {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+            "RECORD_DIR": str(tmp_path / "records")}
+
+
+@pytest.fixture
+def repo(tmp_path, env):
+    """A git repo with one commit and a modified tracked file; records go to tmp_path/records."""
+    work = tmp_path / "repo"
+    work.mkdir()
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false"]
+    (work / "train.py").write_text("print('v1')\n")
+    subprocess.run(["git", "init", "-q"], cwd=work, check=True)
+    subprocess.run(["git", "add", "train.py"], cwd=work, check=True)
+    subprocess.run([*git, "commit", "-q", "-m", "init"], cwd=work, check=True)
+    (work / "train.py").write_text("print('v2')\n")
+    (work / "notes.txt").write_text("untracked\n")
+    return work, tmp_path / "records", env
+
+
+def record(repo, *words):
+    work, records, env = repo
+    return subprocess.run(["bash", str(RECORD_SH), *words], cwd=work, env=env,
+                          capture_output=True, text=True, timeout=60)
+
+
+def only_record(records):
+    dirs = list(records.iterdir())
+    assert len(dirs) == 1, dirs
+    return dirs[0]
+
+
+def test_env_vars_exit_code_and_files(repo):
+    code = "import os,sys; print(os.environ['FOO']); print('err', file=sys.stderr); sys.exit(3)"
+    res = record(repo, "FOO=bar", "BAZ=a b", PY, "-c", code)
+    assert res.returncode == 3
+    assert "bar" in res.stdout  # streamed live to the terminal too
+    d = only_record(repo[1])
+    log = (d / "console.log").read_text()
+    assert "bar" in log and "err" in log
+    assert (d / "exit_code.txt").read_text().strip() == "3"
+    assert (d / "env_vars.txt").read_text().splitlines() == ["FOO=bar", "BAZ=a b"]
+    assert "FOO" not in os.environ or os.environ["FOO"] != "bar"
+    git_txt = (d / "git.txt").read_text()
+    assert "train.py" in git_txt and "notes.txt" in git_txt
+    assert "records" not in git_txt
+    assert "+print('v2')" in (d / "git_diff.patch").read_text()
+    system = (d / "system.txt").read_text()
+    assert "start:" in system and "end:" in system and "Python" in system
+    assert (d / "pip_freeze.txt").read_text().strip() == "stub-pkg==1.0"
+    assert str(d) in res.stderr
+
+
+@pytest.mark.parametrize("words", [["--output_dir", "runs/full_pretrain_out"],
+                                   ["--output_dir=runs/full_pretrain_out/"]])
+def test_named_after_output_dir(repo, words):
+    res = record(repo, PY, "train.py", "--epochs", "1", *words)
+    assert res.returncode == 0, res.stderr
+    d = only_record(repo[1])
+    assert d.name.endswith("_full_pretrain_out")
+    assert d.name.split("_")[0].replace("-", "").isdigit()
+    assert "v2" in (d / "console.log").read_text()
+
+
+def test_named_after_script_then_command(repo):
+    assert record(repo, PY, "train.py").returncode == 0
+    assert only_record(repo[1]).name.endswith("_train")
+    res = record(repo, "true")
+    assert res.returncode == 0
+    assert sorted(p.name.split("_", 1)[1] for p in repo[1].iterdir()) == ["train", "true"]
+
+
+def test_same_name_gets_suffix(repo):
+    for _ in range(2):
+        assert record(repo, "true", "--output_dir", "x").returncode == 0
+    first, second = sorted(p.name for p in repo[1].iterdir())
+    if first[:15] == second[:15]:  # same second: suffix added
+        assert first.endswith("_x") and second.endswith("_x_2")
+
+
+def test_command_txt_round_trips(repo):
+    words = ["A=1", "B=x y", PY, "-c", "import sys; print(sys.argv[1:])",
+             "it's", "", "$HOME", "a\nb", "--output_dir=o d"]
+    res = record(repo, *words)
+    assert res.returncode == 0, res.stderr
+    d = only_record(repo[1])
+    assert d.name.endswith("_o_d")
+    assert shlex.split((d / "command.txt").read_text()) == words
+    assert str(words[5:]) in (d / "console.log").read_text()
+
+
+@pytest.mark.parametrize("words", [[], ["FOO=bar"]])
+def test_usage_without_command(repo, words):
+    res = record(repo, *words)
+    assert res.returncode == 2
+    assert "usage" in res.stderr.lower()
+    assert not repo[1].exists()
+
+
+def test_outside_git_repo(tmp_path, env):
+    res = subprocess.run(["bash", str(RECORD_SH), "true"], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=60,
+                         env={**env, "GIT_CEILING_DIRECTORIES": str(tmp_path.parent)})
+    assert res.returncode == 0, res.stderr
+    d = only_record(tmp_path / "records")
+    assert "commit: none" in (d / "git.txt").read_text()
+    assert (d / "exit_code.txt").read_text().strip() == "0"
+
+
+def test_default_parent_is_records_in_cwd(repo):
+    work, _, env = repo
+    env = {k: v for k, v in env.items() if k != "RECORD_DIR"}
+    res = subprocess.run(["bash", str(RECORD_SH), "true"], cwd=work, env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    d = only_record(work / "records")
+    assert "records" not in (d / "git.txt").read_text()  # git state taken before the folder exists

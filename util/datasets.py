@@ -1,0 +1,116 @@
+"""Image data for pretraining: where the images are, how they are read, how they are augmented.
+
+`--data_path` may be `demo` (generated photographs, see util/demo_data.py), an ImageNet-style
+folder with `train/` inside (the official LocalMIM code appends `train`), a folder of class
+folders, or a flat folder of images (labels are not needed to pretrain). Images that cannot be
+decoded are skipped with a warning and counted, so one bad file never stops a long run.
+"""
+import warnings
+from pathlib import Path
+
+from PIL import Image
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from torchvision import transforms
+from torchvision.datasets import VisionDataset
+from torchvision.datasets.folder import (IMG_EXTENSIONS, find_classes, has_file_allowed_extension,
+                                         make_dataset)
+from torchvision.transforms import InterpolationMode
+
+from util.demo_data import demo_imagefolder
+
+ACCEPTED_LAYOUTS = ("'demo', a folder with {split}/ inside, a folder of class folders, "
+                    "or a flat folder of images")
+
+
+def resolve_image_root(data_path, split='train') -> Path:
+    """Map a `--data_path` value to the folder whose images form the `split` data set."""
+    if str(data_path) == 'demo':
+        return demo_imagefolder() / split
+    path = Path(data_path).expanduser()
+    if not path.is_dir():
+        raise FileNotFoundError(f'--data_path {path}: no such folder (accepted: '
+                                f'{ACCEPTED_LAYOUTS.format(split=split)})')
+    return path / split if (path / split).is_dir() else path
+
+
+def _is_image_file(path: Path) -> bool:
+    return path.is_file() and has_file_allowed_extension(path.name, IMG_EXTENSIONS)
+
+
+class ImageFolderOrFlat(VisionDataset):
+    """torchvision ImageFolder over class folders, or one class (label 0) over a flat folder.
+
+    Corrupt images are skipped: the next decodable sample is returned instead, with one warning
+    per bad file. `num_skipped` counts the bad files seen by this process (each DataLoader worker
+    holds its own copy of the dataset and counts separately).
+    """
+
+    def __init__(self, root, transform=None):
+        super().__init__(str(root), transform=transform)
+        root = Path(root)
+        if not root.is_dir():
+            raise FileNotFoundError(f'image folder {root} does not exist')
+        loose_images = sorted(str(p) for p in root.iterdir() if _is_image_file(p))
+        samples, classes, class_to_idx = [], [], {}
+        try:
+            classes, class_to_idx = find_classes(str(root))
+            samples = make_dataset(str(root), class_to_idx, IMG_EXTENSIONS, allow_empty=True)
+        except FileNotFoundError:  # no subfolders at all
+            pass
+        if samples and loose_images:
+            warnings.warn(f'{root}: using class folders, ignoring {len(loose_images)} image files '
+                          f'directly inside it (e.g. {loose_images[0]})')
+        elif not samples:
+            samples = [(path, 0) for path in loose_images]
+            classes, class_to_idx = [''], {'': 0}
+        if not samples:
+            raise FileNotFoundError(f'no images found in {root} (expected class folders or image files '
+                                    f'with extensions {", ".join(IMG_EXTENSIONS)})')
+        self.samples = samples
+        self.targets = [target for _, target in samples]
+        self.classes, self.class_to_idx = classes, class_to_idx
+        self.num_skipped = 0
+        self._undecodable = set()  # indices of samples known to be corrupt
+
+    def __len__(self):
+        return len(self.samples)
+
+    def _decode(self, index):
+        """The RGB image of sample `index`, or None (warned once) if it cannot be decoded."""
+        if index in self._undecodable:
+            return None
+        path = self.samples[index][0]
+        try:
+            with Image.open(path) as image:
+                return image.convert('RGB')
+        except Exception as error:  # PIL raises many types on bad data; never crash a run
+            self._undecodable.add(index)
+            self.num_skipped += 1
+            warnings.warn(f'skipping undecodable image {path}: {error}')
+            return None
+
+    def __getitem__(self, index):
+        for offset in range(len(self)):
+            candidate = (index + offset) % len(self)
+            image = self._decode(candidate)
+            if image is not None:
+                target = self.samples[candidate][1]
+                return (self.transform(image) if self.transform else image), target
+        raise RuntimeError(f'none of the {len(self)} images in {self.root} can be decoded')
+
+
+def build_pretrain_transform(input_size):
+    """LocalMIM pretraining augmentation: random resized crop, flip, ImageNet normalisation."""
+    return transforms.Compose([
+        transforms.RandomResizedCrop(input_size, scale=(0.2, 1.0),
+                                     interpolation=InterpolationMode.BICUBIC),
+        transforms.RandomHorizontalFlip(),
+        transforms.ToTensor(),
+        transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD),
+    ])
+
+
+def build_pretrain_dataset(data_path, input_size):
+    """The pretraining data set: the `train` split of `data_path`, with the LocalMIM transform."""
+    return ImageFolderOrFlat(resolve_image_root(data_path, 'train'),
+                             transform=build_pretrain_transform(input_size))

@@ -1,0 +1,56 @@
+"""Run plumbing shared by every entry script: seeding, the training loader, logs, clean errors."""
+import json
+import os
+import random
+import sys
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, DistributedSampler
+
+from util.dist import get_rank, get_world_size, is_main_process
+from util.train_step import NonFiniteLossError
+
+
+def seed_everything(seed):
+    """Per-rank seeds, so masks and augmentations differ across processes."""
+    seed = seed + get_rank()
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def build_train_loader(dataset, args):
+    """Shuffled, drop_last loader; the sampler is distributed even for one process (set_epoch always works)."""
+    world = get_world_size()
+    if len(dataset) < args.batch_size * world:
+        raise ValueError(f'the data set has {len(dataset)} images, fewer than one batch of {args.batch_size} x '
+                         f'{world} processes; lower --batch_size or add data')
+    sampler = DistributedSampler(dataset, num_replicas=world, rank=get_rank(), shuffle=True, seed=args.seed)
+    return DataLoader(dataset, sampler=sampler, batch_size=args.batch_size, num_workers=args.num_workers,
+                      pin_memory=args.pin_mem and torch.cuda.is_available(), drop_last=True,
+                      persistent_workers=args.num_workers > 0)
+
+
+def make_log_writer(log_dir):
+    if not log_dir or not is_main_process():
+        return None
+    from torch.utils.tensorboard import SummaryWriter
+    os.makedirs(log_dir, exist_ok=True)
+    return SummaryWriter(log_dir=log_dir)
+
+
+def append_log_line(output_dir, stats):
+    """One JSON line per epoch in output_dir/log.txt (main process only)."""
+    if output_dir and is_main_process():
+        with open(os.path.join(output_dir, 'log.txt'), 'a') as f:
+            f.write(json.dumps(stats) + '\n')
+
+
+def run_cli(main, parser):
+    """Parses flags and runs main; a user mistake ends with one clear line instead of a traceback."""
+    args = parser.parse_args()
+    try:
+        main(args)
+    except (FileNotFoundError, ValueError, NonFiniteLossError) as error:
+        sys.exit(f'{os.path.basename(sys.argv[0])}: error: {error}')

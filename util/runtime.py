@@ -27,9 +27,10 @@ def build_train_loader(dataset, args):
         raise ValueError(f'the data set has {len(dataset)} images, fewer than one batch of {args.batch_size} x '
                          f'{world} processes; lower --batch_size or add data')
     sampler = DistributedSampler(dataset, num_replicas=world, rank=get_rank(), shuffle=True, seed=args.seed)
+    # Workers are not persistent: each epoch's workers are seeded from the main RNG, which checkpoints
+    # save, so a resumed run replays the same augmentations.
     return DataLoader(dataset, sampler=sampler, batch_size=args.batch_size, num_workers=args.num_workers,
-                      pin_memory=args.pin_mem and torch.cuda.is_available(), drop_last=True,
-                      persistent_workers=args.num_workers > 0)
+                      pin_memory=args.pin_mem and torch.cuda.is_available(), drop_last=True)
 
 
 def make_log_writer(log_dir):

@@ -1,0 +1,161 @@
+"""LocalMIM pretraining of ViTs with multi-scale HOG targets.
+
+    python run_pretrain.py --data_path demo --model MIM_vit_tiny_patch16 ...      # one process
+    torchrun --nproc_per_node=8 run_pretrain.py --batch_size 256 --model MIM_vit_base_patch16 ...
+    python -m torch.distributed.launch --nproc_per_node=8 run_pretrain.py ...    # also srun on SLURM
+
+Flags and defaults are the official ones; see README.md for what differs and why.
+"""
+import argparse
+import datetime
+import os
+import time
+
+import timm
+import torch
+from timm.optim import param_groups_weight_decay
+from torch.nn.parallel import DistributedDataParallel
+
+import models
+from engine_pretrain import train_one_epoch
+from util.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from util.datasets import build_pretrain_dataset
+from util.dist import get_world_size, init_distributed_mode, is_main_process
+from util.mim_vis import fixed_vis_batch, save_mim_pictures, vis_transform
+from util.runtime import (append_log_line, build_train_loader, make_log_writer, run_cli,
+                          seed_everything)
+from util.train_step import TrainStep
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser('LocalMIM pre-training', add_help=True)
+    parser.add_argument('--batch_size', default=128, type=int,
+                        help='batch size per GPU (effective batch = batch_size * accum_iter * # GPUs)')
+    parser.add_argument('--epochs', default=400, type=int)
+    parser.add_argument('--accum_iter', default=1, type=int,
+                        help='accumulate gradients over this many iterations (larger effective batch)')
+
+    parser.add_argument('--model', default='MIM_vit_base_patch16', type=str, metavar='MODEL',
+                        help='name of the model to train (MIM_vit_{tiny,small,base,large}_patch16, '
+                             'MIM_vit_huge_patch14)')
+    parser.add_argument('--input_size', default=224, type=int, help='image input size')
+    parser.add_argument('--mask_ratio', default=0.75, type=float, help='masking ratio (% of removed patches)')
+    parser.add_argument('--hog_nbins', default=9, type=int, help='number of orientation bins of the HOG targets')
+    parser.add_argument('--hog_bias', action='store_true', help='give the HOG gradient filters a (frozen) bias')
+
+    parser.add_argument('--weight_decay', type=float, default=0.05)
+    parser.add_argument('--lr', type=float, default=None, metavar='LR', help='absolute learning rate')
+    parser.add_argument('--blr', type=float, default=1e-3, metavar='LR',
+                        help='base learning rate: absolute_lr = base_lr * total_batch_size / 256')
+    parser.add_argument('--min_lr', type=float, default=1e-6, metavar='LR', help='lower lr bound for cosine')
+    parser.add_argument('--warmup_epochs', type=int, default=40, metavar='N', help='epochs to warm up LR')
+    parser.add_argument('--clip_grad', type=float, default=None, metavar='NORM',
+                        help='clip the gradient norm (default: no clipping, as official)')
+    parser.add_argument('--amp', default=None, choices=['bf16', 'fp16', 'none'],
+                        help='autocast dtype (default: bf16 on GPU, none on CPU; official: fp16)')
+    parser.add_argument('--compile', action='store_true', help='torch.compile the model')
+    parser.add_argument('--max_nonfinite', type=int, default=5,
+                        help='stop after this many non-finite steps in a row (they are skipped); 0 = never')
+
+    parser.add_argument('--data_path', default='./dataset/ImageNet/train/', type=str,
+                        help="'demo', a folder with train/ inside, a folder of class folders, or of images")
+    parser.add_argument('--output_dir', default='./output/MAE_ViT_B', help='where to save checkpoints and log.txt')
+    parser.add_argument('--log_dir', default=None, help='TensorBoard folder (none if not given)')
+    parser.add_argument('--device', default='cuda', help='device to use for training / testing')
+    parser.add_argument('--seed', default=0, type=int)
+    parser.add_argument('--resume', default='', help='resume from checkpoint')
+    parser.add_argument('--auto_resume', action='store_true', help='resume from the newest checkpoint in output_dir')
+    parser.add_argument('--no_auto_resume', action='store_false', dest='auto_resume')
+    parser.set_defaults(auto_resume=True)
+    parser.add_argument('--start_epoch', default=0, type=int, metavar='N', help='start epoch')
+    parser.add_argument('--num_workers', default=12, type=int)
+    parser.add_argument('--pin_mem', action='store_true', help='pin CPU memory in DataLoader')
+    parser.add_argument('--no_pin_mem', action='store_false', dest='pin_mem')
+    parser.set_defaults(pin_mem=True)
+    parser.add_argument('--print_freq', default=50, type=int, help='progress line every N steps')
+    parser.add_argument('--save_freq', default=50, type=int,
+                        help='keep checkpoint-<epoch>.pth every N epochs (checkpoint-last.pth is written every epoch)')
+    parser.add_argument('--vis_freq', default=20, type=int, help='reconstruction pictures every N epochs (0: never)')
+
+    parser.add_argument('--world_size', default=1, type=int, help='number of distributed processes')
+    parser.add_argument('--local_rank', '--local-rank', default=-1, type=int)
+    parser.add_argument('--dist_on_itp', action='store_true')
+    parser.add_argument('--dist_url', default='env://', help='url used to set up distributed training')
+    return parser
+
+
+def build_model(args):
+    available = timm.list_models('MIM_*')
+    if args.model not in available:
+        raise ValueError(f'unknown --model {args.model}; available: {", ".join(available)}')
+    return timm.create_model(args.model, img_size=args.input_size, hog_nbins=args.hog_nbins, hog_bias=args.hog_bias)
+
+
+def resume_if_possible(args, model, trainer):
+    path = args.resume or (latest_checkpoint(args.output_dir) if args.auto_resume and args.output_dir else None)
+    if not path:
+        return
+    ckpt = load_checkpoint(path, model, trainer.optimizer, trainer.scaler)
+    args.start_epoch = ckpt['epoch'] + 1
+    trainer.num_updates = ckpt.get('step', 0)
+    print(f'resumed from {path} (epoch {ckpt["epoch"]} done, {trainer.num_updates} optimizer steps)')
+
+
+def main(args):
+    init_distributed_mode(args)
+    args.amp = args.amp or ('bf16' if args.device.startswith('cuda') else 'none')
+    device = torch.device(args.device)
+    seed_everything(args.seed)
+    torch.backends.cudnn.benchmark = True
+    if args.output_dir:
+        os.makedirs(args.output_dir, exist_ok=True)
+
+    dataset = build_pretrain_dataset(args.data_path, args.input_size)
+    loader = build_train_loader(dataset, args)
+    model = build_model(args).to(device)
+    print(f'{args.model}: {sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.1f}M trainable '
+          f'parameters; {len(dataset)} images from {dataset.root}')
+
+    eff_batch_size = args.batch_size * args.accum_iter * get_world_size()
+    if args.lr is None:
+        args.lr = args.blr * eff_batch_size / 256
+    print(f'base lr: {args.lr * 256 / eff_batch_size:.2e}  actual lr: {args.lr:.2e}  accumulate grad iterations: '
+          f'{args.accum_iter}  effective batch size: {eff_batch_size}')
+
+    param_groups = param_groups_weight_decay(model, args.weight_decay)
+    optimizer = torch.optim.AdamW(param_groups, lr=args.lr, betas=(0.9, 0.95), fused=True)
+    trainer = TrainStep(model, optimizer, device, args.amp, args.accum_iter, args.clip_grad, args.max_nonfinite)
+    resume_if_possible(args, model, trainer)
+
+    model_without_ddp = model
+    if args.compile:
+        model.compile()
+    if args.distributed:
+        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda' else None)
+        trainer.model = model
+    log_writer = make_log_writer(args.log_dir)
+    vis_imgs, vis_noise = fixed_vis_batch(dataset, num_patches=model_without_ddp.grid_size ** 2,
+                                          transform=vis_transform(args.input_size))
+
+    print(f'start training for {args.epochs} epochs from epoch {args.start_epoch}')
+    start_time = time.time()
+    for epoch in range(args.start_epoch, args.epochs):
+        loader.sampler.set_epoch(epoch)
+        stats = train_one_epoch(model, loader, trainer, device, epoch, args, log_writer)
+        last = epoch + 1 == args.epochs
+        if args.output_dir:
+            save_checkpoint(args.output_dir, epoch, trainer.num_updates, args, model_without_ddp, optimizer,
+                            trainer.scaler, keep=epoch % args.save_freq == 0 or last)
+        if is_main_process() and args.vis_freq and (epoch % args.vis_freq == 0 or last):
+            save_mim_pictures(model_without_ddp, vis_imgs.to(device), vis_noise.to(device), args.output_dir,
+                              epoch, log_writer)
+        epoch_time = stats.pop('epoch_time')
+        append_log_line(args.output_dir, {**{f'train_{k}': v for k, v in stats.items()}, 'epoch': epoch,
+                                          'epoch_time': epoch_time, 'skipped_steps': int(trainer.skipped)})
+        if log_writer is not None:
+            log_writer.flush()
+    print(f'training time {datetime.timedelta(seconds=int(time.time() - start_time))}')
+
+
+if __name__ == '__main__':
+    run_cli(main, get_args_parser())

@@ -45,7 +45,7 @@ def train_one_epoch(model, data_loader, trainer, device, epoch, args, log_writer
             trainer.step()
             for hook in hooks:
                 hook.after_step(model, optimizer, trainer.num_updates)
-        meter.update(loss=loss, lr=lr, **logs)
+        meter.update(loss=loss, lr=lr, grad_norm=trainer.grad_norm, **logs)  # grad_norm: last optimizer step
     trainer.discard_partial_window()
     stats = meter.global_averages(device)
     stats['epoch_time'] = meter.epoch_time

@@ -19,7 +19,7 @@ from torch.nn.parallel import DistributedDataParallel
 import models
 from engine_pretrain import train_one_epoch
 from util.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from util.datasets import build_pretrain_dataset
+from util.datasets import ImageFolderOrFlat, build_pretrain_dataset
 from util.dist import get_world_size, init_distributed_mode, is_main_process
 from util.mim_vis import fixed_vis_batch, save_mim_pictures, vis_transform
 from util.runtime import (append_log_line, build_train_loader, make_log_writer, run_cli,
@@ -134,8 +134,8 @@ def main(args):
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda' else None)
         trainer.model = model
     log_writer = make_log_writer(args.log_dir)
-    vis_imgs, vis_noise = fixed_vis_batch(dataset, num_patches=model_without_ddp.grid_size ** 2,
-                                          transform=vis_transform(args.input_size))
+    vis_imgs, vis_noise = fixed_vis_batch(ImageFolderOrFlat(dataset.root, vis_transform(args.input_size)),
+                                          num_patches=model_without_ddp.grid_size ** 2)
 
     print(f'start training for {args.epochs} epochs from epoch {args.start_epoch}')
     start_time = time.time()

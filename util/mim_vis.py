@@ -113,34 +113,20 @@ def vis_transform(input_size):
     ])
 
 
-def _load(dataset, index, transform):
-    if transform is None:
-        return dataset[index][0]
-    for j in range(index, index + len(dataset.samples)):  # skip undecodable files, as the dataset does
-        try:
-            with Image.open(dataset.samples[j % len(dataset.samples)][0]) as image:
-                image = image.convert('RGB')
-        except Exception:
-            continue
-        return transform(image)
-    raise RuntimeError('no image of the dataset can be decoded')
-
-
-def fixed_vis_batch(dataset, n=4, seed=0, num_patches=196, transform=None):
+def fixed_vis_batch(dataset, n=4, seed=0, num_patches=196):
     """(imgs [n, 3, H, W], noise [n, num_patches]): n evenly spaced samples and a fixed mask noise.
 
-    Pass `num_patches=model.patch_embed.num_patches` and, to bypass a random dataset transform,
-    `transform=vis_transform(input_size)` (read from `dataset.samples`). The global torch and Python
-    RNG states are left as they were (a random dataset transform runs under a seeded, forked RNG).
+    Give a dataset with a deterministic transform (e.g. `ImageFolderOrFlat(root, vis_transform(size))`)
+    and `num_patches=model.patch_embed.num_patches`. The global torch and Python RNG states are left
+    as they were, even if the dataset's transform is random (it then runs under a seeded, forked RNG).
     """
     n = min(n, len(dataset))
-    indices = [i * len(dataset) // n for i in range(n)]
     py_state = random.getstate()
     try:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             random.seed(seed)
-            imgs = torch.stack([_load(dataset, i, transform) for i in indices])
+            imgs = torch.stack([dataset[i * len(dataset) // n][0] for i in range(n)])
     finally:
         random.setstate(py_state)
     noise = torch.rand(n, num_patches, generator=torch.Generator().manual_seed(seed))

@@ -1,4 +1,4 @@
-"""LocalMIM pretraining of ViTs with multi-scale HOG targets.
+"""LocalMIM pretraining of ViTs with multi-scale HOG targets, optionally with FreezeOut (--how_scale, --t_0).
 
     python run_pretrain.py --data_path demo --model MIM_vit_tiny_patch16 ...      # one process
     torchrun --nproc_per_node=8 run_pretrain.py --batch_size 256 --model MIM_vit_base_patch16 ...
@@ -24,6 +24,8 @@ from util.dist import get_world_size, init_distributed_mode, is_main_process
 from util.mim_vis import fixed_vis_batch, save_mim_pictures, vis_transform
 from util.runtime import (append_log_line, build_train_loader, make_log_writer, run_cli,
                           seed_everything)
+from util.freezeout import FreezeOut, FreezeOutSchedule
+from util.lr_sched import WarmupCosine
 from util.train_step import TrainStep
 
 
@@ -54,6 +56,14 @@ def get_args_parser():
     parser.add_argument('--amp', default=None, choices=['bf16', 'fp16', 'none'],
                         help='autocast dtype (default: bf16 on GPU, none on CPU; official: fp16)')
     parser.add_argument('--compile', action='store_true', help='torch.compile the model')
+    parser.add_argument('--how_scale', default=None, choices=['linear', 'squared', 'cubic'],
+                        help='FreezeOut: freeze units front to back at t_i = scale(t_0 + (1 - t_0) i / L) '
+                             'of the post-warmup run (default: no freezing)')
+    parser.add_argument('--t_0', type=float, default=0.8,
+                        help='FreezeOut: pre-scaling freeze time of the first unit (1: baseline, nothing freezes)')
+    parser.add_argument('--scale_lr', action='store_true', help='FreezeOut: peak lr of unit i is lr / t_i')
+    parser.add_argument('--non_layerwise_lr', action='store_true',
+                        help='FreezeOut: keep the global warmup + cosine and freeze abruptly at t_i')
     parser.add_argument('--max_nonfinite', type=int, default=5,
                         help='stop after this many non-finite steps in a row (they are skipped); 0 = never')
 
@@ -91,11 +101,28 @@ def build_model(args):
     return timm.create_model(args.model, img_size=args.input_size, hog_nbins=args.hog_nbins, hog_bias=args.hog_bias)
 
 
-def resume_if_possible(args, model, trainer):
+def build_schedule(args, model):
+    """The lr schedule (and FreezeOut, which also freezes units) with the optimizer's param groups."""
+    if not args.how_scale:
+        return WarmupCosine(args), param_groups_weight_decay(model, args.weight_decay)
+    schedule = FreezeOutSchedule(len(model.blocks) + 1, args.how_scale, args.t_0, args.epochs, args.warmup_epochs,
+                                 args.lr, args.min_lr, args.scale_lr, layerwise=not args.non_layerwise_lr)
+    freezeout = FreezeOut(model, schedule)
+    print('FreezeOut freeze epochs: ' + ', '.join(f'{at:.2f}' for at, t in zip(schedule.freeze_at, schedule.t) if t < 1))
+    return freezeout, freezeout.param_groups(args.weight_decay)
+
+
+def resume_if_possible(args, model, trainer, schedule):
     path = args.resume or (latest_checkpoint(args.output_dir) if args.auto_resume and args.output_dir else None)
     if not path:
         return
-    ckpt = load_checkpoint(path, model, trainer.optimizer, trainer.scaler)
+
+    def refreeze(ckpt):  # the optimizer state was saved without the frozen units' groups
+        frozen = ckpt.get('extra', {}).get('frozen_units', 0)
+        if frozen:
+            schedule.freeze(trainer.optimizer, frozen)
+
+    ckpt = load_checkpoint(path, model, trainer.optimizer, trainer.scaler, before_optimizer=refreeze)
     args.start_epoch = ckpt['epoch'] + 1
     trainer.num_updates = ckpt.get('step', 0)
     print(f'resumed from {path} (epoch {ckpt["epoch"]} done, {trainer.num_updates} optimizer steps)')
@@ -122,17 +149,21 @@ def main(args):
     print(f'base lr: {args.lr * 256 / eff_batch_size:.2e}  actual lr: {args.lr:.2e}  accumulate grad iterations: '
           f'{args.accum_iter}  effective batch size: {eff_batch_size}')
 
-    param_groups = param_groups_weight_decay(model, args.weight_decay)
+    schedule, param_groups = build_schedule(args, model)
     optimizer = torch.optim.AdamW(param_groups, lr=args.lr, betas=(0.9, 0.95), fused=True)
     trainer = TrainStep(model, optimizer, device, args.amp, args.accum_iter, args.clip_grad, args.max_nonfinite)
-    resume_if_possible(args, model, trainer)
+    resume_if_possible(args, model, trainer, schedule)
 
     model_without_ddp = model
     if args.compile:
         model.compile()
     if args.distributed:
-        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda' else None)
-        trainer.model = model
+        def wrap_ddp():  # after a freeze too: frozen parameters are then neither bucketed nor all-reduced
+            trainer.model = DistributedDataParallel(
+                model_without_ddp, device_ids=[device.index] if device.type == 'cuda' else None)
+        wrap_ddp()
+        if isinstance(schedule, FreezeOut):
+            schedule.on_freeze.append(wrap_ddp)
     log_writer = make_log_writer(args.log_dir)
     vis_imgs, vis_noise = fixed_vis_batch(ImageFolderOrFlat(dataset.root, vis_transform(args.input_size)),
                                           num_patches=model_without_ddp.grid_size ** 2)
@@ -141,17 +172,19 @@ def main(args):
     start_time = time.time()
     for epoch in range(args.start_epoch, args.epochs):
         loader.sampler.set_epoch(epoch)
-        stats = train_one_epoch(model, loader, trainer, device, epoch, args, log_writer)
+        stats = train_one_epoch(loader, trainer, device, epoch, args, log_writer, schedule)
         last = epoch + 1 == args.epochs
         if args.output_dir:
             save_checkpoint(args.output_dir, epoch, trainer.num_updates, args, model_without_ddp, optimizer,
-                            trainer.scaler, keep=epoch % args.save_freq == 0 or last)
+                            trainer.scaler, extra={'frozen_units': model_without_ddp.frozen_units},
+                            keep=epoch % args.save_freq == 0 or last)
         if is_main_process() and args.vis_freq and (epoch % args.vis_freq == 0 or last):
             save_mim_pictures(model_without_ddp, vis_imgs.to(device), vis_noise.to(device), args.output_dir,
                               epoch, log_writer)
         epoch_time = stats.pop('epoch_time')
         append_log_line(args.output_dir, {**{f'train_{k}': v for k, v in stats.items()}, 'epoch': epoch,
-                                          'epoch_time': epoch_time, 'skipped_steps': int(trainer.skipped)})
+                                          'epoch_time': epoch_time, 'skipped_steps': int(trainer.skipped),
+                                          'active_units': len(model_without_ddp.blocks) + 1 - model_without_ddp.frozen_units})
         if log_writer is not None:
             log_writer.flush()
     print(f'training time {datetime.timedelta(seconds=int(time.time() - start_time))}')

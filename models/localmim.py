@@ -6,6 +6,7 @@ that predicts HOG histograms at 4x, 2x, 1x and 0.5x the patch grid. The loss is 
 of the MSE on masked positions. Parameter names equal the official `models_mim.py`, so released
 checkpoints load with strict=True in both directions.
 """
+import contextlib
 from functools import partial
 
 import torch
@@ -169,15 +170,31 @@ class MaskedAutoencoderViT(nn.Module):
         mask = torch.gather(mask, 1, ids_restore)
         return x_masked, mask, ids_restore
 
+    # FreezeOut units: 0 = patch embedding + cls token, i >= 1 = block i-1. The first `frozen_units`
+    # run without autograd, and stage k (tap norm, decoder, HOG target, loss) is skipped once the
+    # block it reads, unit ID[k] + 1, is frozen: it could no longer teach the encoder anything.
+    frozen_units = 0
+
+    def active_stages(self):
+        return [k for k, tap in enumerate(self.ID) if tap + 1 >= self.frozen_units]
+
+    def forward_prefix(self, imgs, mask_ratio, noise=None):
+        """Embedding, masking, cls token and the frozen blocks: (tokens, mask, ids_restore)."""
+        with torch.no_grad() if self.frozen_units else contextlib.nullcontext():
+            x = self.patch_embed(imgs) + self.pos_embed[:, 1:]
+            x, mask, ids_restore = self.random_masking(x, mask_ratio, noise)
+            cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
+            x = torch.cat([cls, x], dim=1)
+            for blk in self.blocks[:max(self.frozen_units - 1, 0)]:
+                x = blk(x)
+        return x, mask, ids_restore
+
     def forward_encoder(self, imgs, mask_ratio, noise=None):
-        """Returns the 4 tapped latents [B, 1 + visible, D], the patch mask [B, L] and ids_restore."""
-        x = self.patch_embed(imgs) + self.pos_embed[:, 1:]
-        x, mask, ids_restore = self.random_masking(x, mask_ratio, noise)
-        cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
-        x = torch.cat([cls, x], dim=1)
+        """The tapped latents [B, 1 + visible, D] (None for skipped stages), patch mask [B, L], ids_restore."""
+        x, mask, ids_restore = self.forward_prefix(imgs, mask_ratio, noise)
         latents = [None] * len(self.ID)
-        for i, blk in enumerate(self.blocks):
-            x = blk(x)
+        for i in range(max(self.frozen_units - 1, 0), len(self.blocks)):
+            x = self.blocks[i](x)
             for k, tap in enumerate(self.ID):
                 if tap == i:
                     latents[k] = self.norm[k](x)
@@ -190,18 +207,18 @@ class MaskedAutoencoderViT(nn.Module):
         return (loss * mask).sum() / mask.sum()
 
     def predict(self, imgs, mask_ratio=0.75, noise=None):
-        """Patch mask [B, L] and, per scale, (prediction, HOG target, mask) on that scale's grid."""
+        """Patch mask [B, L] and, per scale, (prediction, HOG target, mask) on that scale's grid
+        (None for a stage skipped by FreezeOut)."""
         latents, mask, ids_restore = self.forward_encoder(imgs, mask_ratio, noise)
         outputs = [(self.decoder[k](latents[k], ids_restore), self.HOG(imgs, k), self.recal_mask(mask, k))
-                   for k in range(len(self.scale))]
+                   if latents[k] is not None else None for k in range(len(self.scale))]
         return mask, outputs
 
     def forward(self, imgs, mask_ratio=0.75, noise=None):
-        """Total loss (sum over scales) and a dict of the per-scale losses for logging."""
+        """Total loss (sum over the active scales) and a dict of the per-scale losses for logging."""
         _, outputs = self.predict(imgs, mask_ratio, noise)
-        losses = [self.forward_loss(pred, target, m) for pred, target, m in outputs]
-        logs = {f'loss_scale{s:g}': l.detach() for s, l in zip(self.scale, losses)}
-        return sum(losses), logs
+        losses = {f'loss_scale{s:g}': self.forward_loss(*out) for s, out in zip(self.scale, outputs) if out is not None}
+        return sum(losses.values()), {name: loss.detach() for name, loss in losses.items()}
 
 
 def _create(pretrained, **kwargs):

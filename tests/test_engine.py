@@ -73,7 +73,7 @@ def run_epochs(model, dataset, args, world=1, rank=0, epochs=1, wrap=None, max_n
     losses = []
     for epoch in range(epochs):
         sampler.set_epoch(epoch)
-        losses.append(train_one_epoch(net, loader, trainer, torch.device('cpu'), epoch, args)['loss'])
+        losses.append(train_one_epoch(loader, trainer, torch.device('cpu'), epoch, args)['loss'])
     return losses, trainer
 
 

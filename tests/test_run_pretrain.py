@@ -89,10 +89,10 @@ def test_resume_is_bit_exact(tmp_path, monkeypatch):
 
     real_epoch = run_pretrain.train_one_epoch
 
-    def stop_at_epoch_1(model, loader, trainer, device, epoch, *a, **kw):
+    def stop_at_epoch_1(loader, trainer, device, epoch, *a, **kw):
         if epoch == 1:
             raise Interrupted
-        return real_epoch(model, loader, trainer, device, epoch, *a, **kw)
+        return real_epoch(loader, trainer, device, epoch, *a, **kw)
 
     monkeypatch.setattr(run_pretrain, 'train_one_epoch', stop_at_epoch_1)
     with pytest.raises(Interrupted):

@@ -96,8 +96,9 @@ def latest_checkpoint(output_dir):
     return best
 
 
-def load_checkpoint(path, model, optimizer=None, scaler=None, strict=True):
-    """Restores model (+ optimizer, scaler, RNG when given); returns the checkpoint dict."""
+def load_checkpoint(path, model, optimizer=None, scaler=None, strict=True, before_optimizer=None):
+    """Restores model (+ optimizer, scaler, RNG when given); returns the checkpoint dict.
+    `before_optimizer(ckpt)` may reshape the optimizer (e.g. re-apply frozen units) to the saved layout."""
     if path.startswith('https://'):
         ckpt = torch.hub.load_state_dict_from_url(path, map_location='cpu', check_hash=True)
     else:
@@ -112,6 +113,8 @@ def load_checkpoint(path, model, optimizer=None, scaler=None, strict=True):
         raise RuntimeError(f'checkpoint {path} does not fit this model ({first[:300]}); '
                            f'check --model and its flags (e.g. --hog_nbins, --hog_bias, --input_size)') from None
     if optimizer is not None and ckpt.get('optimizer') is not None:
+        if before_optimizer is not None:
+            before_optimizer(ckpt)
         optimizer.load_state_dict(ckpt['optimizer'])
         if scaler is not None and ckpt.get('scaler') is not None:
             scaler.load_state_dict(ckpt['scaler'])

@@ -16,3 +16,16 @@ def adjust_learning_rate(optimizer, epoch, args):
     for group in optimizer.param_groups:
         group['lr'] = lr * group.get('lr_scale', 1.0)
     return lr
+
+
+class WarmupCosine:
+    """The baseline schedule as the engine uses it: `adjust(optimizer, epoch)` at each window start."""
+
+    def __init__(self, args):
+        self.args = args
+
+    def adjust(self, optimizer, epoch):
+        return adjust_learning_rate(optimizer, epoch, self.args)
+
+    def metrics(self):
+        return {}

@@ -9,7 +9,7 @@ import time
 
 import torch
 
-from util.dist import all_reduce_sum, get_world_size
+from util.dist import all_reduce_sum
 
 
 class MetricLogger:
@@ -18,19 +18,17 @@ class MetricLogger:
         self.print_freq = max(1, print_freq)
         self.header = header
         self.images_per_step = images_per_step  # over all processes
-        self.on_print = []  # callbacks(step, window_means: dict, images_per_s: float)
-        self._window, self._total = {}, {}
-        self._window_n, self._total_n = 0, 0
+        self.on_print = []  # callbacks(step, window_means: dict, images_per_s, seconds_per_step)
+        self._window, self._total = {}, {}  # name -> [sum, count]; a metric may skip steps (frozen stages)
         self.last_window = {}
 
     def update(self, **values):
         """Adds one step's values (tensors stay on their device; floats are kept as floats)."""
         for name, value in values.items():
             value = value.detach().float() if torch.is_tensor(value) else float(value)
-            self._window[name] = self._window.get(name, 0.0) + value
-            self._total[name] = self._total.get(name, 0.0) + value
-        self._window_n += 1
-        self._total_n += 1
+            for sums in (self._window, self._total):
+                total, count = sums.get(name, (0.0, 0))
+                sums[name] = (total + value, count + 1)
 
     def log_every(self, iterable):
         """Yields the batches of `iterable`, timing data wait vs the rest, and prints on print steps."""
@@ -48,34 +46,33 @@ class MetricLogger:
             yield batch
             steps_in_window += 1
             if (step + 1) % self.print_freq == 0 or step + 1 == self.num_steps:
-                self.last_window = {k: float(v) for k, v in self._window.items()}  # the host sync
-                self.last_window = {k: v / max(self._window_n, 1) for k, v in self.last_window.items()}
+                self.last_window = {k: float(v) / n for k, (v, n) in self._window.items()}  # the host sync
                 now = time.perf_counter()
                 elapsed = now - window_start
                 images_per_s = steps_in_window * self.images_per_step / max(elapsed, 1e-9)
                 eta = (now - start) / (step + 1) * (self.num_steps - step - 1)
-                self._print(step, eta, images_per_s, data_wait / max(elapsed, 1e-9))
+                self._print(step, eta, images_per_s, elapsed / steps_in_window, data_wait / max(elapsed, 1e-9))
                 for callback in self.on_print:
-                    callback(step, self.last_window, images_per_s)
-                self._window, self._window_n = {}, 0
+                    callback(step, self.last_window, images_per_s, elapsed / steps_in_window)
+                self._window = {}
                 window_start, data_wait, steps_in_window = now, 0.0, 0
         self.epoch_time = time.perf_counter() - start
 
-    def _print(self, step, eta, images_per_s, data_share):
-        total = {k: float(v) / max(self._total_n, 1) for k, v in self._total.items()}
+    def _print(self, step, eta, images_per_s, seconds_per_step, data_share):
+        total = {k: float(v) / n for k, (v, n) in self._total.items()}
         metrics = '  '.join(f'{k}: {v:.4g} ({total[k]:.4g})' for k, v in self.last_window.items())
         mem = f'  mem: {torch.cuda.max_memory_allocated() / 2 ** 20:.0f}MB' if torch.cuda.is_available() else ''
         width = len(str(self.num_steps))
         print(f'{self.header} [{step + 1:>{width}}/{self.num_steps}]  eta: {datetime.timedelta(seconds=int(eta))}  '
-              f'{metrics}  img/s: {images_per_s:.1f}  data: {100 * data_share:.0f}%{mem}', flush=True)
+              f'{metrics}  img/s: {images_per_s:.1f}  s/step: {seconds_per_step:.3f}  data: {100 * data_share:.0f}%{mem}', flush=True)
 
     def global_averages(self, device):
         """Epoch means over all steps of all processes (one all-reduce)."""
         names = sorted(self._total)
         if not names:
             return {}
-        sums = torch.stack([torch.as_tensor(self._total[k], dtype=torch.float64, device=device).reshape(())
-                            for k in names] + [torch.tensor(float(self._total_n), dtype=torch.float64, device=device)])
-        sums = all_reduce_sum(sums).tolist()
-        count = sums[-1] if get_world_size() > 1 else self._total_n
-        return {k: s / max(count, 1) for k, s in zip(names, sums)}
+        sums = torch.stack([torch.as_tensor(self._total[k][0], dtype=torch.float64, device=device).reshape(())
+                            for k in names])
+        counts = torch.tensor([float(self._total[k][1]) for k in names], dtype=torch.float64, device=device)
+        sums, counts = all_reduce_sum(sums).tolist(), all_reduce_sum(counts).tolist()
+        return {k: s / n for k, s, n in zip(names, sums, counts)}

@@ -77,7 +77,10 @@ def mim_figure(model, imgs, noise, mask_ratio=0.75, min_cell_px=6):
     pix_mask = F.interpolate(mask.float().cpu().view(b, 1, g, g), size=(H, W), mode='nearest')
     masked = rgb * (1 - pix_mask) + 0.5 * pix_mask
     figures = {}
-    for k, (s, (pred, target, _)) in enumerate(zip(model.scale, outputs)):
+    for k, (s, output) in enumerate(zip(model.scale, outputs)):
+        if output is None:  # stage skipped by FreezeOut
+            continue
+        pred, target, _ = output
         h, w = model.target_grid(k)
         cell = max(min_cell_px, math.ceil(H / h), math.ceil(W / w))
         hogs = [render_hog(x.cpu(), model.hog_nbins, cell).expand(-1, 3, -1, -1) for x in (target, pred)]

@@ -23,9 +23,11 @@ def tensorboard_callback(log_writer, epoch, steps_per_epoch):
     return write
 
 
-def train_one_epoch(data_loader, trainer, device, epoch, args, log_writer=None, schedule=None, hooks=()):
+def train_one_epoch(data_loader, trainer, device, epoch, args, log_writer=None, schedule=None, hooks=(),
+                    prepare_inputs=None):
     """`schedule.adjust(optimizer, epoch)` sets the lrs at each window start (default: warmup + cosine);
-    it may also change the model (FreezeOut), so every step uses `trainer.model`."""
+    it may also change the model (FreezeOut), so every step uses `trainer.model`.
+    `prepare_inputs(samples, targets, mask_ratio)` may add model inputs (FreezeOut's feature cache)."""
     schedule = schedule or WarmupCosine(args)
     trainer.model.train()
     steps = len(data_loader)
@@ -34,14 +36,15 @@ def train_one_epoch(data_loader, trainer, device, epoch, args, log_writer=None, 
     meter.on_print.append(lambda *_: trainer.check())
     if log_writer is not None:
         meter.on_print.append(tensorboard_callback(log_writer, epoch, steps))
-    for step, (samples, _) in enumerate(meter.log_every(data_loader)):
+    for step, (samples, targets) in enumerate(meter.log_every(data_loader)):
         if step % trainer.accum_iter == 0:
             lr = schedule.adjust(trainer.optimizer, step / steps + epoch)
         samples = samples.to(device, non_blocking=True)
         update = trainer.is_update(step)
         with trainer.no_sync_unless(update):
             with trainer.autocast():
-                out = trainer.model(samples, mask_ratio=args.mask_ratio)
+                extra = prepare_inputs(samples, targets, args.mask_ratio) if prepare_inputs else {}
+                out = trainer.model(samples, mask_ratio=args.mask_ratio, **extra)
             loss, logs = out if isinstance(out, tuple) else (out, {})
             trainer.backward(loss)
         if update:

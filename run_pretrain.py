@@ -24,6 +24,7 @@ from util.dist import get_world_size, init_distributed_mode, is_main_process
 from util.mim_vis import fixed_vis_batch, save_mim_pictures, vis_transform
 from util.runtime import (append_log_line, build_train_loader, make_log_writer, run_cli,
                           seed_everything)
+from util.freeze_cache import FixedViews, FrozenPrefixCache
 from util.freezeout import FreezeOut, FreezeOutSchedule
 from util.lr_sched import WarmupCosine
 from util.train_step import TrainStep
@@ -64,6 +65,11 @@ def get_args_parser():
     parser.add_argument('--scale_lr', action='store_true', help='FreezeOut: peak lr of unit i is lr / t_i')
     parser.add_argument('--non_layerwise_lr', action='store_true',
                         help='FreezeOut: keep the global warmup + cosine and freeze abruptly at t_i')
+    parser.add_argument('--freeze_cache', action='store_true',
+                        help='FreezeOut: reuse frozen-prefix outputs per sample; fixes each sample\'s crop, flip '
+                             'and mask for the whole run (that is what makes reuse exact)')
+    parser.add_argument('--freeze_cache_dir', default=None, help='keep the cache in this folder (default: memory)')
+    parser.add_argument('--freeze_cache_gb', type=float, default=8.0, help='size limit of the cache')
     parser.add_argument('--max_nonfinite', type=int, default=5,
                         help='stop after this many non-finite steps in a row (they are skipped); 0 = never')
 
@@ -137,8 +143,10 @@ def main(args):
     if args.output_dir:
         os.makedirs(args.output_dir, exist_ok=True)
 
+    if args.freeze_cache and not args.how_scale:
+        raise ValueError('--freeze_cache caches frozen FreezeOut units: give --how_scale too')
     dataset = build_pretrain_dataset(args.data_path, args.input_size)
-    loader = build_train_loader(dataset, args)
+    loader = build_train_loader(FixedViews(dataset, args.seed) if args.freeze_cache else dataset, args)
     model = build_model(args).to(device)
     print(f'{args.model}: {sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.1f}M trainable '
           f'parameters; {len(dataset)} images from {dataset.root}')
@@ -164,6 +172,8 @@ def main(args):
         wrap_ddp()
         if isinstance(schedule, FreezeOut):
             schedule.on_freeze.append(wrap_ddp)
+    cache = (FrozenPrefixCache(model_without_ddp, args.seed, int(args.freeze_cache_gb * 2 ** 30),
+                               args.freeze_cache_dir) if args.freeze_cache else None)
     log_writer = make_log_writer(args.log_dir)
     vis_imgs, vis_noise = fixed_vis_batch(ImageFolderOrFlat(dataset.root, vis_transform(args.input_size)),
                                           num_patches=model_without_ddp.grid_size ** 2)
@@ -172,7 +182,8 @@ def main(args):
     start_time = time.time()
     for epoch in range(args.start_epoch, args.epochs):
         loader.sampler.set_epoch(epoch)
-        stats = train_one_epoch(loader, trainer, device, epoch, args, log_writer, schedule)
+        stats = train_one_epoch(loader, trainer, device, epoch, args, log_writer, schedule,
+                                prepare_inputs=cache.forward_kwargs if cache else None)
         last = epoch + 1 == args.epochs
         if args.output_dir:
             save_checkpoint(args.output_dir, epoch, trainer.num_updates, args, model_without_ddp, optimizer,

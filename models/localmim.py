@@ -189,9 +189,10 @@ class MaskedAutoencoderViT(nn.Module):
                 x = blk(x)
         return x, mask, ids_restore
 
-    def forward_encoder(self, imgs, mask_ratio, noise=None):
-        """The tapped latents [B, 1 + visible, D] (None for skipped stages), patch mask [B, L], ids_restore."""
-        x, mask, ids_restore = self.forward_prefix(imgs, mask_ratio, noise)
+    def forward_encoder(self, imgs, mask_ratio, noise=None, prefix=None):
+        """The tapped latents [B, 1 + visible, D] (None for skipped stages), patch mask [B, L], ids_restore.
+        `prefix`: a `forward_prefix` result computed earlier (FreezeOut's feature cache)."""
+        x, mask, ids_restore = prefix if prefix is not None else self.forward_prefix(imgs, mask_ratio, noise)
         latents = [None] * len(self.ID)
         for i in range(max(self.frozen_units - 1, 0), len(self.blocks)):
             x = self.blocks[i](x)
@@ -206,17 +207,17 @@ class MaskedAutoencoderViT(nn.Module):
         loss = (pred.float() - target).pow(2).mean(dim=-1)
         return (loss * mask).sum() / mask.sum()
 
-    def predict(self, imgs, mask_ratio=0.75, noise=None):
+    def predict(self, imgs, mask_ratio=0.75, noise=None, prefix=None):
         """Patch mask [B, L] and, per scale, (prediction, HOG target, mask) on that scale's grid
         (None for a stage skipped by FreezeOut)."""
-        latents, mask, ids_restore = self.forward_encoder(imgs, mask_ratio, noise)
+        latents, mask, ids_restore = self.forward_encoder(imgs, mask_ratio, noise, prefix)
         outputs = [(self.decoder[k](latents[k], ids_restore), self.HOG(imgs, k), self.recal_mask(mask, k))
                    if latents[k] is not None else None for k in range(len(self.scale))]
         return mask, outputs
 
-    def forward(self, imgs, mask_ratio=0.75, noise=None):
+    def forward(self, imgs, mask_ratio=0.75, noise=None, prefix=None):
         """Total loss (sum over the active scales) and a dict of the per-scale losses for logging."""
-        _, outputs = self.predict(imgs, mask_ratio, noise)
+        _, outputs = self.predict(imgs, mask_ratio, noise, prefix)
         losses = {f'loss_scale{s:g}': self.forward_loss(*out) for s, out in zip(self.scale, outputs) if out is not None}
         return sum(losses.values()), {name: loss.detach() for name, loss in losses.items()}
 

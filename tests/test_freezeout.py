@@ -207,3 +207,29 @@ def test_ddp_across_freeze_events_matches_one_process(tmp_path):
     assert ddp['losses'] == pytest.approx(single, rel=1e-5)
     for k, v in model.state_dict().items():
         torch.testing.assert_close(ddp['state'][k], v, rtol=1e-3, atol=2e-4)
+
+
+FREEZEOUT_SEED_COMMANDS = [  # seed 001, after `run_pretrain.py`
+    ('--epochs 100 --batch_size 256 --warmup_epochs 10 --blr 2e-4 --world_size 4 --accum_iter 2 '
+     '--model MIM_vit_base_patch16 --data_path /raid/utku/datasets/imagenet/classification/train/image_folders '
+     '--output_dir full_pretrain_out_freezeout_linear_t0_5 --log_dir full_pretrain_out_freezeout_linear_t0_5 '
+     '--how_scale linear --t_0 0.5', dict(how_scale='linear', t_0=0.5, accum_iter=2, batch_size=256)),
+    ('--epochs 100 --batch_size 256 --warmup_epochs 10 --blr 2e-4 --world_size 8 --accum_iter 1 '
+     '--model MIM_vit_base_patch16 --data_path /raid/utku/datasets/imagenet/classification/train/image_folders '
+     '--output_dir full_pretrain_out_freezeout_cubic_t0_8_fast --log_dir full_pretrain_out_freezeout_cubic_t0_8_fast '
+     '--how_scale cubic --t_0 0.8', dict(how_scale='cubic', t_0=0.8, world_size=8)),
+    ('--epochs 3 --batch_size 2 --warmup_epochs 0 --blr 2e-4 --world_size 4 --accum_iter 1 --model MIM_vit_base_patch16 '
+     '--data_path /raid/utku/datasets/imagenet/classification/train/demo_dataset --output_dir debug --log_dir debug '
+     '--how_scale linear --t_0 0.5', dict(epochs=3, batch_size=2, warmup_epochs=0, how_scale='linear')),
+    ('--epochs 100 --batch_size 128 --warmup_epochs 10 --blr 2e-4 --world_size 2 --accum_iter 4 '
+     '--model MIM_vit_base_patch16 --data_path /raid/utku/datasets/imagenet/classification/train/image_folders '
+     '--output_dir full_pretrain_out_freezeout_cubic_t0_8_fast --log_dir full_pretrain_out_freezeout_cubic_t0_8_fast '
+     '--how_scale cubic --t_0 0.8', dict(batch_size=128, accum_iter=4, how_scale='cubic', t_0=0.8)),
+]
+
+
+@pytest.mark.parametrize('line,expected', FREEZEOUT_SEED_COMMANDS)
+def test_freezeout_seed_commands_parse(line, expected):
+    args = run_pretrain.get_args_parser().parse_args(line.split() + ['--local-rank=0'])
+    assert all(getattr(args, k) == v for k, v in expected.items())
+    assert not args.scale_lr and not args.non_layerwise_lr

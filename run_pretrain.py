@@ -125,6 +125,9 @@ def resume_if_possible(args, model, trainer, schedule):
 
     def refreeze(ckpt):  # the optimizer state was saved without the frozen units' groups
         frozen = ckpt.get('extra', {}).get('frozen_units', 0)
+        if frozen and not isinstance(schedule, FreezeOut):
+            raise ValueError(f'{path} was trained with FreezeOut ({frozen} frozen units): resume it with the '
+                             f'same --how_scale and --t_0')
         if frozen:
             schedule.freeze(trainer.optimizer, frozen)
 

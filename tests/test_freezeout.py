@@ -158,6 +158,8 @@ def test_resume_across_a_freeze_equals_uninterrupted(tmp_path, monkeypatch):
     logs = read_log(tmp_path / 'straight' / 'log.txt')
     assert [e['active_units'] for e in logs] == [13, 9, 3]
     assert [e['train_loss'] for e in logs] == [e['train_loss'] for e in read_log(tmp_path / 'resumed' / 'log.txt')]
+    with pytest.raises(ValueError, match='same --how_scale'):  # a FreezeOut checkpoint needs FreezeOut to resume
+        run_pretrain.main(pretrain_args(data, tmp_path / 'straight', '--epochs', '4', '--num_workers', '0'))
 
 
 def run_freezeout_epochs(model, world=1, rank=0, batch_size=4, wrap=None):

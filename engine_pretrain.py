@@ -23,12 +23,18 @@ def tensorboard_callback(log_writer, epoch, steps_per_epoch):
     return write
 
 
+def masked_modeling_loss(args):
+    """The default `compute_loss`: the model takes the images and returns its loss (and logs)."""
+    return lambda model, samples, targets: model(samples, mask_ratio=args.mask_ratio)
+
+
 def train_one_epoch(data_loader, trainer, device, epoch, args, log_writer=None, schedule=None, hooks=(),
-                    prepare_inputs=None):
+                    compute_loss=None):
     """`schedule.adjust(optimizer, epoch)` sets the lrs at each window start (default: warmup + cosine);
     it may also change the model (FreezeOut), so every step uses `trainer.model`.
-    `prepare_inputs(samples, targets, mask_ratio)` may add model inputs (FreezeOut's feature cache)."""
+    `compute_loss(model, samples, targets)` -> loss or (loss, logs), run under autocast."""
     schedule = schedule or WarmupCosine(args)
+    compute_loss = compute_loss or masked_modeling_loss(args)
     trainer.model.train()
     steps = len(data_loader)
     meter = MetricLogger(steps, args.print_freq, f'Epoch: [{epoch}]',
@@ -43,8 +49,7 @@ def train_one_epoch(data_loader, trainer, device, epoch, args, log_writer=None, 
         update = trainer.is_update(step)
         with trainer.no_sync_unless(update):
             with trainer.autocast():
-                extra = prepare_inputs(samples, targets, args.mask_ratio) if prepare_inputs else {}
-                out = trainer.model(samples, mask_ratio=args.mask_ratio, **extra)
+                out = compute_loss(trainer.model, samples, targets)
             loss, logs = out if isinstance(out, tuple) else (out, {})
             trainer.backward(loss)
         if update:

@@ -186,7 +186,7 @@ def main(args):
     for epoch in range(args.start_epoch, args.epochs):
         loader.sampler.set_epoch(epoch)
         stats = train_one_epoch(loader, trainer, device, epoch, args, log_writer, schedule,
-                                prepare_inputs=cache.forward_kwargs if cache else None)
+                                compute_loss=cache.compute_loss(args.mask_ratio) if cache else None)
         last = epoch + 1 == args.epochs
         if args.output_dir:
             save_checkpoint(args.output_dir, epoch, trainer.num_updates, args, model_without_ddp, optimizer,

@@ -92,3 +92,8 @@ class FrozenPrefixCache:
                 if cached[row] is None:
                     self._store(int(index), tuple(t[row] for t in prefix))
         return {'noise': noise, 'prefix': prefix}
+
+    def compute_loss(self, mask_ratio):
+        """The engine's `compute_loss` with this cache: batches from `FixedViews` carry sample indices."""
+        return lambda model, samples, indices: model(samples, mask_ratio=mask_ratio,
+                                                     **self.forward_kwargs(samples, indices, mask_ratio))

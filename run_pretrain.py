@@ -167,6 +167,8 @@ def main(args):
 
     model_without_ddp = model
     if args.compile:
+        if args.how_scale:  # each freeze changes requires_grad and the no-grad prefix: one recompile each
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 4 * len(model.blocks))
         model.compile()
     if args.distributed:
         def wrap_ddp():  # after a freeze too: frozen parameters are then neither bucketed nor all-reduced

@@ -1,15 +1,15 @@
 """FreezeOut cost model: step time and FLOPs at every frozen depth, and the whole-run saving of a schedule.
 
 For each frozen depth k (k leading units frozen: unit 0 = patch embedding + cls token, unit i = block
-i-1; the last block never freezes) the model is frozen exactly as training does it (`FreezeOut.freeze`
-on a fused AdamW over `FreezeOut.param_groups`), then one optimizer step (forward + backward + AdamW
-via `TrainStep`, synthetic batch on the device) is timed; the median over --steps is reported. The
-FLOPs of one forward + backward are counted at each depth; the FLOP cost model predicts
-time_k = time_0 * flops_k / flops_0. The schedule (--how_scale, --t_0, --epochs, --warmup_epochs)
-gives the fraction of the run spent at each depth, hence the predicted saving of the whole run.
+i-1; the last block never freezes) the model is frozen as training does it (`FreezeOut.freeze`, fused
+AdamW over `FreezeOut.param_groups`) and optimizer steps (`TrainStep`, synthetic batch on the device)
+are timed: median over --steps, lowest over --rounds. FLOP cost model: time_k = time_0 * flops_k /
+flops_0 (FLOPs of one forward + backward); the affine variant adds a constant per-step term fitted
+on the first and last depth. The schedule gives the fraction of the run at each depth, hence the saving.
 
     # CPU
     python bench/bench_freezeout.py --model MIM_vit_tiny_patch16 --input_size 64 --batch_size 16
+    # (on a small or shared CPU, --threads 1 --rounds 3 gives much steadier numbers)
     # GPU (add --json results.jsonl to keep the result)
     python bench/bench_freezeout.py --batch_size 128 --amp bf16
 
@@ -49,6 +49,7 @@ def get_args():
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     p.add_argument('--warmup', type=int, default=None, help='untimed steps per depth (default 5; CPU: 2)')
     p.add_argument('--steps', type=int, default=None, help='timed steps per depth (default 20; CPU: 5)')
+    p.add_argument('--rounds', type=int, default=1, help='sweeps over all depths (fresh model each), best kept')
     p.add_argument('--threads', type=int, default=None, help='torch.set_num_threads')
     p.add_argument('--how_scale', choices=sorted(SCALE_FNS), default='cubic')
     p.add_argument('--t_0', type=float, default=0.8)
@@ -81,29 +82,20 @@ def analytic_saving(schedule, beta=2.0):
 
 
 def time_steps(step, n, device):
-    """Seconds of each of n steps: CUDA events (one sync after the last), perf_counter on the host."""
-    if device.type == 'cuda':
-        torch.cuda.synchronize(device)
-        events = [torch.cuda.Event(enable_timing=True) for _ in range(n + 1)]
-        events[0].record()
-        for e in events[1:]:
-            step()
-            e.record()
-        torch.cuda.synchronize(device)
-        return [a.elapsed_time(b) / 1e3 for a, b in zip(events, events[1:])]
+    """Seconds of each of n steps (on CUDA, synchronised just before and after each one)."""
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == 'cuda' else (lambda: None)
     times = []
     for _ in range(n):
+        sync()
         start = time.perf_counter()
         step()
+        sync()
         times.append(time.perf_counter() - start)
     return times
 
 
-def main():
-    args = get_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
+def sweep(args, device, count_flops):
+    """A fresh model frozen deeper and deeper: one row per depth (FLOPs only when count_flops)."""
     model = timm.create_model(args.model, img_size=args.input_size).to(device).train()
     num_units = len(model.blocks) + 1
     schedule = FreezeOutSchedule(num_units, args.how_scale, args.t_0, args.epochs, args.warmup_epochs, 1e-4, 0.0)
@@ -115,7 +107,8 @@ def main():
         optimizer = torch.optim.AdamW(groups, lr=1e-4, betas=(0.9, 0.95))
     trainer = TrainStep(model, optimizer, device, amp=args.amp)
     imgs = torch.randn(args.batch_size, 3, args.input_size, args.input_size, device=device)
-    if args.compile:
+    if args.compile:  # each depth recompiles (requires_grad, no-grad prefix): keep dynamo from giving up
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 4 * num_units)
         model.compile()
 
     def step():
@@ -130,52 +123,61 @@ def main():
             with contextlib.redirect_stdout(None):  # FreezeOut's own log line, once per depth
                 freezeout.freeze(optimizer, k)
         # model.forward: eager even after model.compile(), so FlopCounterMode sees every op
-        flops = count_step_flops(model.forward, trainer, imgs, args.mask_ratio)
+        flops = count_step_flops(model.forward, trainer, imgs, args.mask_ratio) if count_flops else None
         for _ in range(args.warmup):
             step()
-        step_s = statistics.median(time_steps(step, args.steps, device))
         rows.append({'frozen': k, 'active_units': num_units - k, 'active_stages': len(model.active_stages()),
-                     'gflop_per_image': flops / args.batch_size / 1e9, 'flops': flops, 's_per_step': step_s})
-        print(f'depth {k:2d}: {step_s:.4f} s/step, {flops / args.batch_size / 1e9:.3f} GFLOP/img', flush=True)
+                     'flops': flops, 's_per_step': statistics.median(time_steps(step, args.steps, device))})
+        print(f"depth {k:2d}: {rows[-1]['s_per_step']:.4f} s/step", flush=True)
+    return rows, schedule, trainer.fused
 
-    t0, f0 = rows[0]['s_per_step'], rows[0]['flops']
-    # Affine refinement: a constant per-step overhead c (optimizer, launches, masking, HOG...) fitted on
-    # the shallowest and deepest depth, time = c + (t0 - c) * flops / flops_0.
-    tl, fl = rows[-1]['s_per_step'], rows[-1]['flops']
+
+def main():
+    args = get_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    # Rounds: a fresh model each, frozen 0, 1, 2, ...; per depth the best round's median is kept, since
+    # a round caught by a passing load spike (shared machine) can only read slower.
+    sweeps = [sweep(args, device, count_flops=r == 0) for r in range(args.rounds)]
+    (rows, schedule, fused), frac = sweeps[0], depth_fractions(sweeps[0][1])
+    for k, r in enumerate(rows):
+        r['s_per_step_rounds'] = [s[0][k]['s_per_step'] for s in sweeps]
+        r['s_per_step'] = min(r['s_per_step_rounds'])
+        r['gflop_per_image'], r['run_fraction'] = r['flops'] / args.batch_size / 1e9, frac[k]
+    t0, f0, tl, fl = rows[0]['s_per_step'], rows[0]['flops'], rows[-1]['s_per_step'], rows[-1]['flops']
+    # Affine refinement: a constant per-step term c fitted on the shallowest and the deepest depth,
+    # time_k = c + (time_0 - c) * flops_k / flops_0. c > 0: fixed overheads (optimizer, launches);
+    # c < 0: what freezing skips costs more than its FLOPs say (e.g. the HOG targets of skipped stages).
     c = (tl * f0 - t0 * fl) / (f0 - fl)
-    frac = depth_fractions(schedule)
-    total_steps = args.epochs * args.steps_per_epoch
-    print(f'\n{args.model} | {args.input_size}px | batch {args.batch_size} | {args.amp} | {device} '
-          f"{'compiled' if args.compile else 'eager'} | median of {args.steps} steps per depth")
+    print(f'\n{args.model} | {args.input_size}px | batch {args.batch_size} | {args.amp} | {device} | '
+          f"{'compiled' if args.compile else 'eager'} | median of {args.steps} steps, best of {args.rounds} round(s)")
     print(' k  units stages  GFLOP/img  meas s/step  FLOP s/step  err %  affine s/step  err %   run %     steps')
-    for r, fr in zip(rows, frac):
-        r['flop_model_s'] = t0 * r['flops'] / f0
-        r['affine_model_s'] = c + (t0 - c) * r['flops'] / f0
-        r['run_fraction'] = fr
-        err = lambda m: 100 * (r['s_per_step'] - m) / m  # noqa: E731
+    for r in rows:
+        r['flop_model_s'], r['affine_model_s'] = t0 * r['flops'] / f0, c + (t0 - c) * r['flops'] / f0
+        err = [100 * (r['s_per_step'] - m) / m for m in (r['flop_model_s'], r['affine_model_s'])]
+        steps = r['run_fraction'] * args.epochs * args.steps_per_epoch
         print(f"{r['frozen']:2d} {r['active_units']:6d} {r['active_stages']:6d} {r['gflop_per_image']:10.3f} "
-              f"{r['s_per_step']:12.4f} {r['flop_model_s']:12.4f} {err(r['flop_model_s']):6.1f} "
-              f"{r['affine_model_s']:14.4f} {err(r['affine_model_s']):6.1f} {100 * fr:7.2f} {fr * total_steps:9.0f}")
+              f"{r['s_per_step']:12.4f} {r['flop_model_s']:12.4f} {err[0]:6.1f} {r['affine_model_s']:14.4f} "
+              f"{err[1]:6.1f} {100 * r['run_fraction']:7.2f} {steps:9.0f}")
 
-    saving = {'measured': 1 - sum(fr * r['s_per_step'] for fr, r in zip(frac, rows)) / t0,
-              'flop_model': 1 - sum(fr * r['flops'] for fr, r in zip(frac, rows)) / f0,
+    saving = {'measured': 1 - sum(r['run_fraction'] * r['s_per_step'] for r in rows) / t0,
+              'flop_model': 1 - sum(r['run_fraction'] * r['flops'] for r in rows) / f0,
               'analytic_encoder_beta2': analytic_saving(schedule)}
     equal_epochs = args.epochs * (1 - saving['measured'])
-    print(f'\naffine overhead term c = {c:.4f} s/step ({100 * c / t0:.1f}% of the depth-0 step)')
-    print(f'schedule: {args.how_scale}, t_0 {args.t_0}, {args.epochs:g} epochs, {args.warmup_epochs:g} warmup; '
-          f'first freeze at epoch {schedule.freeze_at[0]:.2f}')
-    print(f"(a) predicted saving, measured per-depth times: {saving['measured']:.1%}")
-    print(f"(b) predicted saving, FLOP model:                {saving['flop_model']:.1%}")
-    print(f"(c) analytic encoder-only estimate (beta = 2):   {saving['analytic_encoder_beta2']:.1%} "
-          f'(spec 2.3: about 14.5% for 12 blocks, cubic 0.8, 10/100 warmup)')
-    print(f'(d) equal-cost baseline: {equal_epochs:.1f} epochs '
-          f'(warmup {args.warmup_epochs * equal_epochs / args.epochs:.1f} to keep the warmup fraction)')
+    print(f'\naffine term c = {c:.4f} s/step ({100 * c / t0:.1f}% of the depth-0 step)\n'
+          f'schedule: {args.how_scale}, t_0 {args.t_0}, {args.epochs:g} epochs, {args.warmup_epochs:g} warmup; '
+          f'first freeze at epoch {schedule.freeze_at[0]:.2f}\n'
+          f"(a) predicted saving, measured per-depth times: {saving['measured']:.1%}\n"
+          f"(b) predicted saving, FLOP model:                {saving['flop_model']:.1%}\n"
+          f"(c) analytic encoder-only estimate (beta = 2):   {saving['analytic_encoder_beta2']:.1%} "
+          f'(spec 2.3: about 14.5% for 12 blocks, cubic 0.8, 10/100 warmup)\n'
+          f'(d) equal-cost baseline: {equal_epochs:.1f} epochs '
+          f'(warmup {args.warmup_epochs * equal_epochs / args.epochs:.1f} epochs keeps the warmup fraction)')
     if args.json:
-        res = {'model': args.model, 'device': torch.cuda.get_device_name(device) if device.type == 'cuda'
-               else f'cpu ({torch.get_num_threads()} threads)', 'batch_size': args.batch_size,
-               'input_size': args.input_size, 'amp': args.amp, 'compile': args.compile, 'fused_adamw': trainer.fused,
-               'warmup': args.warmup, 'steps': args.steps, 'how_scale': args.how_scale, 't_0': args.t_0,
-               'epochs': args.epochs, 'warmup_epochs': args.warmup_epochs, 'affine_overhead_s': c,
+        cuda = device.type == 'cuda'
+        res = {**vars(args), 'device': torch.cuda.get_device_name(device) if cuda
+               else f'cpu ({torch.get_num_threads()} threads)', 'fused_adamw': fused, 'affine_term_s': c,
                'depths': rows, 'saving': saving, 'equal_cost_epochs': equal_epochs, 'torch': torch.__version__}
         with open(args.json, 'a') as f:
             f.write(json.dumps(res) + '\n')

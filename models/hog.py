@@ -30,7 +30,7 @@ class HOGLayer(nn.Module):
         """[B, C, H, W] -> [B, C * nbins, H / pool, W / pool] (or `out_size` cells when given)."""
         b, c, h, w = x.shape
         grad = self.conv(x.reshape(b * c, 1, h, w))
-        magnitude = grad.norm(dim=1, keepdim=True)
+        magnitude = torch.hypot(grad[:, 0:1], grad[:, 1:2])  # = the 2-norm over the pair; much faster on CPU
         phase = torch.atan2(grad[:, 0:1], grad[:, 1:2])
         bins = torch.remainder(torch.floor(phase / self.max_angle * self.nbins), self.nbins).long()
         hist = torch.zeros(b * c, self.nbins, h, w, dtype=magnitude.dtype, device=x.device)

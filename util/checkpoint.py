@@ -68,8 +68,9 @@ def all_rng_states():
     return states
 
 
-def save_checkpoint(output_dir, epoch, step, args, model, optimizer, scaler=None, extra=None, keep=False):
-    """Writes checkpoint-last.pth and, when `keep`, checkpoint-{epoch}.pth. Call on every rank."""
+def save_checkpoint(output_dir, epoch, step, args, model, optimizer, scaler=None, extra=None, keep=False, best=False):
+    """Writes checkpoint-last.pth, and checkpoint-{epoch}.pth when `keep`, checkpoint-best.pth when `best`.
+    Call on every rank."""
     rng = all_rng_states()
     if not is_main_process():
         return
@@ -79,6 +80,8 @@ def save_checkpoint(output_dir, epoch, step, args, model, optimizer, scaler=None
     atomic_save(state, os.path.join(output_dir, LAST))
     if keep:
         atomic_save(state, os.path.join(output_dir, f'checkpoint-{epoch}.pth'))
+    if best:
+        atomic_save(state, os.path.join(output_dir, 'checkpoint-best.pth'))
 
 
 def latest_checkpoint(output_dir):

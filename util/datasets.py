@@ -114,3 +114,31 @@ def build_pretrain_dataset(data_path, input_size):
     """The pretraining data set: the `train` split of `data_path`, with the LocalMIM transform."""
     return ImageFolderOrFlat(resolve_image_root(data_path, 'train'),
                              transform=build_pretrain_transform(input_size))
+
+
+def build_finetune_transform(is_train, args):
+    """Fine-tuning: timm's RandAugment/random-erasing pipeline (bicubic); linear probing: crop + flip only;
+    evaluation: resize to input/0.875 (up to 224 px inputs), centre crop."""
+    from timm.data import create_transform
+    normalize = transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
+    if is_train and args.linprobe:
+        return transforms.Compose([transforms.RandomResizedCrop(args.input_size, interpolation=InterpolationMode.BICUBIC),
+                                   transforms.RandomHorizontalFlip(), transforms.ToTensor(), normalize])
+    if is_train:
+        return create_transform(args.input_size, is_training=True, color_jitter=args.color_jitter,
+                                auto_augment=None if args.aa in (None, '', 'none') else args.aa,
+                                interpolation='bicubic', re_prob=args.reprob,
+                                re_mode=args.remode, re_count=args.recount, mean=IMAGENET_DEFAULT_MEAN,
+                                std=IMAGENET_DEFAULT_STD)
+    crop_pct = 224 / 256 if args.input_size <= 224 else 1.0
+    return transforms.Compose([transforms.Resize(int(args.input_size / crop_pct), interpolation=InterpolationMode.BICUBIC),
+                               transforms.CenterCrop(args.input_size), transforms.ToTensor(), normalize])
+
+
+def build_finetune_dataset(is_train, args):
+    """`train/` or `val/` class folders of --data_path (`demo`: the demo data's held-out split)."""
+    split = 'train' if is_train else 'val'
+    root = resolve_image_root(args.data_path, split)
+    if root.name != split:
+        raise FileNotFoundError(f'--data_path {args.data_path}: fine-tuning needs train/ and val/ class folders inside')
+    return ImageFolderOrFlat(root, transform=build_finetune_transform(is_train, args))

@@ -1,0 +1,226 @@
+"""Fine-tuning and linear probing of pretrained encoders (LocalMIM / MAE ViTs, SparK CNNs, any timm classifier).
+
+    python run_finetune.py --data_path demo --model vit_tiny_patch16 --finetune output_demo/checkpoint-last.pth ...
+    torchrun --nproc_per_node=8 run_finetune.py --batch_size 128 --model vit_base_patch16 --finetune ckpt.pth ...
+    python run_finetune.py --linprobe --cls_token --batch_size 512 --blr 0.1 --weight_decay 0 --epochs 90 ...
+
+Flags and defaults are the official ones (MAE/LocalMIM run_finetune.py); see README.md for what differs.
+"""
+import argparse
+import datetime
+import os
+import time
+
+import timm
+import torch
+import torch.nn as nn
+from timm.data import Mixup
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.optim import Lars, param_groups_layer_decay
+from torch.nn.parallel import DistributedDataParallel
+
+import models
+from engine_finetune import ModelEmaHook, evaluate, train_one_epoch
+from util.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from util.datasets import build_finetune_dataset
+from util.dist import get_world_size, init_distributed_mode
+from util.pretrained import load_pretrained
+from util.runtime import append_log_line, build_train_loader, make_log_writer, run_cli, seed_everything
+from util.samplers import build_eval_loader
+from util.train_step import AMP_DTYPES, TrainStep
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser('fine-tuning / linear probing', add_help=True)
+    parser.add_argument('--batch_size', default=64, type=int, help='batch size per GPU')
+    parser.add_argument('--epochs', default=50, type=int)
+    parser.add_argument('--accum_iter', default=1, type=int)
+    parser.add_argument('--model', default='vit_large_patch16', type=str, metavar='MODEL',
+                        help='vit_{tiny,small,base,large}_patch16, vit_huge_patch14, or any timm classifier')
+    parser.add_argument('--input_size', default=224, type=int)
+    parser.add_argument('--drop_path', type=float, default=0.1, metavar='PCT')
+    parser.add_argument('--clip_grad', type=float, default=None, metavar='NORM')
+    parser.add_argument('--weight_decay', type=float, default=0.05)
+    parser.add_argument('--lr', type=float, default=None, metavar='LR')
+    parser.add_argument('--blr', type=float, default=1e-3, metavar='LR',
+                        help='base learning rate: absolute_lr = base_lr * total_batch_size / 256')
+    parser.add_argument('--layer_decay', type=float, default=0.75, help='layer-wise lr decay (ViT: MAE\'s groups)')
+    parser.add_argument('--min_lr', type=float, default=1e-6, metavar='LR')
+    parser.add_argument('--warmup_epochs', type=int, default=5, metavar='N')
+    # augmentation (timm)
+    parser.add_argument('--color_jitter', type=float, default=None, metavar='PCT')
+    parser.add_argument('--aa', type=str, default='rand-m9-mstd0.5-inc1', metavar='NAME')
+    parser.add_argument('--smoothing', type=float, default=0.1)
+    parser.add_argument('--reprob', type=float, default=0.25, metavar='PCT')
+    parser.add_argument('--remode', type=str, default='pixel')
+    parser.add_argument('--recount', type=int, default=1)
+    parser.add_argument('--resplit', action='store_true', default=False)
+    parser.add_argument('--mixup', type=float, default=0)
+    parser.add_argument('--cutmix', type=float, default=0)
+    parser.add_argument('--cutmix_minmax', type=float, nargs='+', default=None)
+    parser.add_argument('--mixup_prob', type=float, default=1.0)
+    parser.add_argument('--mixup_switch_prob', type=float, default=0.5)
+    parser.add_argument('--mixup_mode', type=str, default='batch')
+    # what to start from and how to pool
+    parser.add_argument('--finetune', default='', help='pretrained checkpoint (ours, LocalMIM, MAE, SparK encoder)')
+    parser.add_argument('--global_pool', action='store_true')
+    parser.set_defaults(global_pool=True)
+    parser.add_argument('--cls_token', action='store_false', dest='global_pool', help='cls token instead of mean pool')
+    parser.add_argument('--linprobe', action='store_true',
+                        help='train only a linear head (BatchNorm without affine + Linear) with LARS on frozen features')
+    parser.add_argument('--model_ema', action='store_true', help='keep (and evaluate) an EMA of the weights')
+    parser.add_argument('--model_ema_decay', type=float, default=0.9999)
+    # data, outputs, runtime
+    parser.add_argument('--data_path', default='./dataset/ImageNet/', type=str, help="train/ and val/ inside, or 'demo'")
+    parser.add_argument('--nb_classes', default=1000, type=int)
+    parser.add_argument('--output_dir', default='./output/MAE_ViT_B_Finetune')
+    parser.add_argument('--log_dir', default=None)
+    parser.add_argument('--device', default='cuda')
+    parser.add_argument('--seed', default=0, type=int)
+    parser.add_argument('--resume', default='')
+    parser.add_argument('--auto_resume', action='store_true')
+    parser.add_argument('--no_auto_resume', action='store_false', dest='auto_resume')
+    parser.set_defaults(auto_resume=True)
+    parser.add_argument('--start_epoch', default=0, type=int, metavar='N')
+    parser.add_argument('--eval', action='store_true', help='only evaluate (the --resume checkpoint)')
+    parser.add_argument('--dist_eval', action='store_true', default=False,
+                        help='split evaluation across processes (each sample counted once)')
+    parser.add_argument('--num_workers', default=10, type=int)
+    parser.add_argument('--pin_mem', action='store_true')
+    parser.add_argument('--no_pin_mem', action='store_false', dest='pin_mem')
+    parser.set_defaults(pin_mem=True)
+    parser.add_argument('--amp', default=None, choices=['bf16', 'fp16', 'none'],
+                        help='autocast dtype (default: bf16 on GPU, none on CPU; official: fp16)')
+    parser.add_argument('--compile', action='store_true')
+    parser.add_argument('--print_freq', default=50, type=int)
+    parser.add_argument('--save_freq', default=20, type=int, help='keep checkpoint-<epoch>.pth every N epochs')
+    parser.add_argument('--max_nonfinite', type=int, default=5)
+    parser.add_argument('--world_size', default=1, type=int)
+    parser.add_argument('--local_rank', '--local-rank', default=-1, type=int)
+    parser.add_argument('--dist_on_itp', action='store_true')
+    parser.add_argument('--dist_url', default='env://')
+    return parser
+
+
+def build_model(args):
+    if not timm.is_model(args.model):
+        raise ValueError(f'unknown --model {args.model} (a timm classifier or vit_*_patch16 / vit_huge_patch14)')
+    kwargs = dict(num_classes=args.nb_classes, drop_path_rate=args.drop_path)
+    if args.model in models.vit.FINETUNE_VITS:
+        kwargs.update(global_pool=args.global_pool, img_size=args.input_size)
+    model = timm.create_model(args.model, **kwargs)
+    if args.finetune and not args.eval:
+        load_pretrained(model, args.finetune)
+    if args.linprobe:
+        head = model.get_classifier()
+        classifier_name = next(name for name, module in model.named_modules() if module is head)
+        nn.init.trunc_normal_(head.weight, std=0.01)
+        model.requires_grad_(False)
+        probe = nn.Sequential(nn.BatchNorm1d(head.in_features, affine=False, eps=1e-6), head)
+        parent, _, leaf = classifier_name.rpartition('.')
+        setattr(model.get_submodule(parent) if parent else model, leaf, probe)
+        probe.requires_grad_(True)
+    return model
+
+
+def build_optimizer(args, model):
+    if args.linprobe:  # MAE's linear probe: LARS on the head only
+        return Lars([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=args.weight_decay)
+    groups = param_groups_layer_decay(model, args.weight_decay, no_weight_decay_list=model.no_weight_decay()
+                                      if hasattr(model, 'no_weight_decay') else (), layer_decay=args.layer_decay)
+    return torch.optim.AdamW(groups, lr=args.lr, fused=True)
+
+
+def build_criterion(args, mixup_fn):
+    if mixup_fn is not None:  # smoothing happens inside Mixup
+        return SoftTargetCrossEntropy()
+    return LabelSmoothingCrossEntropy(args.smoothing) if args.smoothing > 0 else nn.CrossEntropyLoss()
+
+
+def build_mixup(args):
+    if not (args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None):
+        return None
+    return Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
+                 prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
+                 label_smoothing=args.smoothing, num_classes=args.nb_classes)
+
+
+def main(args):
+    init_distributed_mode(args)
+    args.amp = args.amp or ('bf16' if args.device.startswith('cuda') else 'none')
+    device = torch.device(args.device)
+    seed_everything(args.seed)
+    torch.backends.cudnn.benchmark = True
+    if args.output_dir:
+        os.makedirs(args.output_dir, exist_ok=True)
+
+    dataset_val = build_finetune_dataset(False, args)
+    val_loader = build_eval_loader(dataset_val, args.batch_size, args.num_workers,
+                                   args.pin_mem and torch.cuda.is_available(), args.dist_eval)
+    model = build_model(args).to(device)
+    eff_batch_size = args.batch_size * args.accum_iter * get_world_size()
+    if args.lr is None:
+        args.lr = args.blr * eff_batch_size / 256
+    print(f'{args.model}: {sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.2f}M trainable '
+          f'parameters; actual lr {args.lr:.2e}, effective batch size {eff_batch_size}')
+
+    optimizer = build_optimizer(args, model)
+    trainer = TrainStep(model, optimizer, device, args.amp, args.accum_iter, args.clip_grad, args.max_nonfinite)
+    path = args.resume or (latest_checkpoint(args.output_dir) if args.auto_resume and args.output_dir else None)
+    ckpt = load_checkpoint(path, model, None if args.eval else optimizer, trainer.scaler) if path else None
+    ema = ModelEmaHook(model, args.model_ema_decay) if args.model_ema else None  # starts from the loaded weights
+    max_accuracy = 0.0
+    if ckpt:
+        if ema is not None and ckpt.get('extra', {}).get('ema'):
+            ema.load_state_dict(ckpt['extra']['ema'])
+        if not args.eval:
+            args.start_epoch, trainer.num_updates = ckpt['epoch'] + 1, ckpt.get('step', 0)
+            max_accuracy = ckpt.get('extra', {}).get('max_accuracy', 0.0)
+        print(f'resumed from {path} (epoch {ckpt["epoch"]})')
+    elif args.eval:
+        raise ValueError('--eval needs a checkpoint: give --resume PATH')
+
+    amp_dtype = AMP_DTYPES[args.amp]
+    if args.eval:
+        evaluate(val_loader, model, device, amp_dtype)
+        return
+
+    model_without_ddp = model
+    if args.compile:
+        model.compile()
+    if args.distributed:
+        trainer.model = DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda' else None)
+    train_loader = build_train_loader(build_finetune_dataset(True, args), args)
+    mixup_fn = build_mixup(args)
+    criterion = build_criterion(args, mixup_fn)
+    log_writer = make_log_writer(args.log_dir)
+
+    print(f'start training for {args.epochs} epochs from epoch {args.start_epoch}')
+    start_time = time.time()
+    for epoch in range(args.start_epoch, args.epochs):
+        train_loader.sampler.set_epoch(epoch)
+        train_stats = train_one_epoch(train_loader, trainer, device, epoch, args, criterion, mixup_fn, log_writer,
+                                      hooks=[ema] if ema else ())
+        test_stats = evaluate(val_loader, model_without_ddp, device, amp_dtype)
+        log = {**{f'train_{k}': v for k, v in train_stats.items()}, **{f'test_{k}': v for k, v in test_stats.items()}}
+        if ema is not None:
+            log.update({f'test_ema_{k}': v for k, v in evaluate(val_loader, ema.module, device, amp_dtype).items()})
+        best = test_stats['acc1'] > max_accuracy
+        max_accuracy = max(max_accuracy, test_stats['acc1'])
+        print(f'accuracy of the network on {len(dataset_val)} test images: {test_stats["acc1"]:.1f}% '
+              f'(max {max_accuracy:.2f}%)')
+        if args.output_dir:
+            extra = {'max_accuracy': max_accuracy, 'ema': ema.state_dict() if ema else None}
+            save_checkpoint(args.output_dir, epoch, trainer.num_updates, args, model_without_ddp, optimizer,
+                            trainer.scaler, extra=extra, keep=epoch % args.save_freq == 0 or epoch + 1 == args.epochs,
+                            best=best)
+        if log_writer is not None:
+            for key in ('acc1', 'acc5', 'loss'):
+                log_writer.add_scalar(f'perf/test_{key}', test_stats[key], epoch)
+            log_writer.flush()
+        append_log_line(args.output_dir, {**log, 'epoch': epoch, 'max_accuracy': max_accuracy})
+    print(f'training time {datetime.timedelta(seconds=int(time.time() - start_time))}')
+
+
+if __name__ == '__main__':
+    run_cli(main, get_args_parser())

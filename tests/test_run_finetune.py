@@ -1,0 +1,123 @@
+"""run_finetune.py: MAE's layer-decay groups, seed commands, demo pretrain -> fine-tune / probe, resume."""
+import json
+import shlex
+
+import pytest
+import timm
+import torch
+
+import models  # noqa: F401
+import run_finetune
+import run_pretrain
+from util.checkpoint import LAST
+
+SEED_FINETUNE = [  # seed 001, after `run_finetune.py`
+    '--batch_size 128 --model vit_base_patch16 --finetune /path/to/checkpoint.pth --epochs 100 --warmup_epochs 20 '
+    '--lr 2e-3 --min_lr 1e-5 --layer_decay 0.65 --weight_decay 0.05 --drop_path 0.1 --reprob 0.25 --mixup 0.8 '
+    '--cutmix 1.0 --dist_eval --data_path /path/to/imagenet/ --output_dir /output_dir/',
+    '--world_size 4 --accum_iter 2 --batch_size 128 --model vit_base_patch16 --finetune '
+    '/raid/home_yedek/utku/freezeout_localmim_rho/ViT/full_pretrain_out_freezeout_cubic_t0_8_fast/checkpoint-99.pth '
+    '--epochs 100 --warmup_epochs 20 --lr 4e-3 --min_lr 1e-6 --layer_decay 0.75 --weight_decay 0.05 --drop_path 0.1 '
+    '--reprob 0.25 --mixup 0.8 --cutmix 1.0 --dist_eval --data_path /raid/utku/datasets/imagenet/classification/ '
+    '--output_dir full_finetune_out_freezeout_cubic_t0_8_fast/ --log_dir full_finetune_out_freezeout_cubic_t0_8_fast',
+]
+
+
+@pytest.mark.parametrize('line', SEED_FINETUNE)
+def test_seed_finetune_commands_parse(line):
+    args = run_finetune.get_args_parser().parse_args(shlex.split(line) + ['--local-rank=1'])
+    assert args.model == 'vit_base_patch16' and args.mixup == 0.8 and args.cutmix == 1.0 and args.dist_eval
+    assert args.global_pool and args.smoothing == 0.1 and args.aa == 'rand-m9-mstd0.5-inc1' and args.local_rank == 1
+    assert args.layer_decay in (0.65, 0.75) and args.epochs == 100 and args.warmup_epochs == 20
+
+
+def mae_layer_id(name, num_layers):
+    """spec 2.4: 0 for cls_token, pos_embed, patch_embed; j + 1 for blocks.j; num_layers otherwise."""
+    if name in ('cls_token', 'pos_embed') or name.startswith('patch_embed'):
+        return 0
+    if name.startswith('blocks.'):
+        return int(name.split('.')[1]) + 1
+    return num_layers
+
+
+@pytest.mark.parametrize('global_pool', [True, False])
+def test_layer_decay_groups_equal_mae_formula(global_pool):
+    model = timm.create_model('vit_tiny_patch16', img_size=32, num_classes=5, global_pool=global_pool)
+    args = run_finetune.get_args_parser().parse_args(['--layer_decay', '0.65', '--weight_decay', '0.05'])
+    args.lr = 1e-3
+    optimizer = run_finetune.build_optimizer(args, model)
+    names = {id(p): n for n, p in model.named_parameters()}
+    got = {names[id(p)]: (g['lr_scale'], g['weight_decay']) for g in optimizer.param_groups for p in g['params']}
+    num_layers = len(model.blocks) + 1
+    expected = {n: (0.65 ** (num_layers - mae_layer_id(n, num_layers)),
+                    0.0 if p.ndim == 1 or n in ('pos_embed', 'cls_token') else 0.05)
+                for n, p in model.named_parameters()}
+    assert got.keys() == expected.keys()
+    for n in expected:
+        assert got[n] == pytest.approx(expected[n], rel=1e-12), n
+    assert len({(s, wd) for s, wd in got.values()}) == len(optimizer.param_groups) == 2 * (num_layers + 1)
+
+
+def finetune_args(out, *extra):
+    argv = ['--data_path', 'demo', '--model', 'vit_tiny_patch16', '--input_size', '32', '--batch_size', '16',
+            '--epochs', '4', '--warmup_epochs', '1', '--blr', '2e-3', '--nb_classes', '6', '--num_workers', '0',
+            '--device', 'cpu', '--output_dir', str(out), '--print_freq', '100', '--drop_path', '0', '--reprob', '0',
+            '--aa', 'none', '--layer_decay', '0.9', *extra]
+    return run_finetune.get_args_parser().parse_args(argv)
+
+
+@pytest.fixture(scope='module')
+def demo_pretrained(tmp_path_factory):
+    """A short demo pretraining of the tiny LocalMIM ViT at 32 px (its checkpoint is what we fine-tune)."""
+    root = tmp_path_factory.mktemp('pre')
+    mp = pytest.MonkeyPatch()
+    mp.setenv('DEMO_DATA_ROOT', str(root / 'demo'))
+    args = run_pretrain.get_args_parser().parse_args(
+        ['--data_path', 'demo', '--model', 'MIM_vit_tiny_patch16', '--input_size', '32', '--batch_size', '48',
+         '--epochs', '1', '--warmup_epochs', '0', '--num_workers', '0', '--device', 'cpu', '--vis_freq', '0',
+         '--output_dir', str(root / 'out')])
+    run_pretrain.main(args)
+    yield root / 'out' / LAST
+    mp.undo()
+
+
+def accuracies(out):
+    return [json.loads(line)['test_acc1'] for line in open(out / 'log.txt')]
+
+
+@pytest.mark.parametrize('mode', [[], ['--cls_token'], ['--linprobe', '--blr', '0.5', '--weight_decay', '0']])
+def test_demo_pretrain_then_finetune_beats_chance(tmp_path, monkeypatch, demo_pretrained, mode):
+    monkeypatch.setenv('DEMO_DATA_ROOT', str(demo_pretrained.parents[1] / 'demo'))
+    out = tmp_path / 'ft'
+    run_finetune.main(finetune_args(out, '--finetune', str(demo_pretrained), *mode))
+    acc = accuracies(out)
+    assert len(acc) == 4 and max(acc) > 100 / 6 + 15  # six classes: chance is 16.7%
+    assert (out / 'checkpoint-best.pth').exists() and (out / 'checkpoint-3.pth').exists()
+    # --eval with --resume only evaluates
+    args = finetune_args(tmp_path / 'eval', '--eval', '--resume', str(out / LAST), *mode)
+    run_finetune.main(args)
+    assert not (tmp_path / 'eval' / 'log.txt').exists()
+
+
+def test_resume_equals_uninterrupted_with_ema(tmp_path, monkeypatch, demo_pretrained):
+    monkeypatch.setenv('DEMO_DATA_ROOT', str(demo_pretrained.parents[1] / 'demo'))
+    flags = ('--epochs', '2', '--model_ema', '--model_ema_decay', '0.9', '--mixup', '0.8', '--cutmix', '1.0')
+    run_finetune.main(finetune_args(tmp_path / 'straight', *flags))
+    real_epoch = run_finetune.train_one_epoch
+
+    def stop_at_epoch_1(loader, trainer, device, epoch, *a, **kw):
+        if epoch == 1:
+            raise KeyboardInterrupt
+        return real_epoch(loader, trainer, device, epoch, *a, **kw)
+
+    monkeypatch.setattr(run_finetune, 'train_one_epoch', stop_at_epoch_1)
+    with pytest.raises(KeyboardInterrupt):
+        run_finetune.main(finetune_args(tmp_path / 'resumed', *flags))
+    monkeypatch.setattr(run_finetune, 'train_one_epoch', real_epoch)
+    run_finetune.main(finetune_args(tmp_path / 'resumed', *flags))
+    a = torch.load(tmp_path / 'straight' / LAST, weights_only=True)
+    b = torch.load(tmp_path / 'resumed' / LAST, weights_only=True)
+    assert a['epoch'] == b['epoch'] == 1
+    assert all(torch.equal(a['model'][k], b['model'][k]) for k in a['model'])
+    assert all(torch.equal(a['extra']['ema'][k], b['extra']['ema'][k]) for k in a['extra']['ema'])
+    assert not all(torch.equal(a['extra']['ema'][k], a['model'][k]) for k in a['model'])

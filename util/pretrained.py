@@ -1,0 +1,186 @@
+"""Initialise a fine-tuning model from a pretraining checkpoint (`--finetune`), with a report.
+
+The official loader (MAE / LocalMIM `main_finetune.py`, spec §2.3) drops a differing head, resamples
+`pos_embed`, loads with strict=False and asserts that exactly the head and `fc_norm` are missing. That
+assertion fails for LocalMIM checkpoints in cls-token mode (they have tap norms `norm.0..3`, no final
+`norm`). Here every checkpoint key is either loaded or dropped for a stated reason, the only keys a
+model may lack are its classifier and its final norm (both initialised, and said so), and anything
+else -- a missing encoder tensor, a shape that differs, a key nobody expects -- is one clear error.
+
+Works for the ViTs of `models/vit.py` (LocalMIM and MAE checkpoints) and for timm CNNs fed a SparK
+encoder checkpoint (timm key layout, no classifier).
+"""
+import argparse
+import os
+import re
+from collections import Counter
+
+import torch
+import torch.nn as nn
+from timm.layers import resample_abs_pos_embed, trunc_normal_
+from timm.models.vision_transformer import VisionTransformer
+
+# Keys that only the pretraining model has: MAE's decoder (`decoder_embed`, `decoder_blocks`, ...,
+# `mask_token`), LocalMIM's per-tap decoders and HOG layers and its tap norms `norm.0` .. `norm.3`.
+PRETRAIN_ONLY = re.compile(r'^(decoder[._]|hog_enc\.|mask_token$|norm\.\d+\.)')
+# Final norms a model may have that a checkpoint lacks (LocalMIM has no `norm`, nobody pretrains
+# `fc_norm`, a SparK ConvNeXt encoder has no `head.norm`); a checkpoint's copy the model does not
+# use (MAE's `norm` under global pooling) is dropped.
+FINAL_NORMS = ('fc_norm.', 'norm.', 'head.norm.')
+CLASSIFIERS = ('head.fc.', 'fc.', 'head.')  # fallbacks when a model has no get_classifier()
+HEAD_STD = 2e-5  # MAE: trunc_normal_(model.head.weight, std=2e-5)
+
+
+def read_state_dict(path):
+    """The model state dict of a checkpoint file: `ckpt['model']`, `['state_dict']`, `['module']` or
+    the raw dict; tensors only, a DDP `module.` prefix stripped."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f'--finetune {path}: no such checkpoint file')
+    try:
+        # Official MAE/LocalMIM checkpoints store `args` as an argparse Namespace: allow just that.
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            ckpt = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:  # noqa: BLE001 -- any unpickling failure gets the same fallback
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
+        reason = next((line for line in lines if 'Unpickler error' in line), lines[0]).split(' Please use')[0][:200]
+        print(f'load_pretrained: {path} cannot be read with weights_only=True ({reason}); reading it with '
+              f'weights_only=False, which runs arbitrary pickled code: only do this for files you trust')
+        ckpt = torch.load(path, map_location='cpu', weights_only=False)
+    if not isinstance(ckpt, dict):
+        raise ValueError(f'checkpoint {path} holds a {type(ckpt).__name__}, not a state dict')
+    state = ckpt
+    for key in ('model', 'state_dict', 'module'):
+        if isinstance(ckpt.get(key), dict):
+            state = ckpt[key]
+            break
+    state = {(k[len('module.'):] if k.startswith('module.') else k): v
+             for k, v in state.items() if isinstance(v, torch.Tensor)}
+    if not state:
+        raise ValueError(f'checkpoint {path} holds no tensors under model/state_dict/module or at the top level '
+                         f'(top-level keys: {", ".join(map(str, list(ckpt)[:10]))})')
+    return state
+
+
+def _classifier_prefixes(model, model_keys):
+    """Prefixes of the model's classifier keys ('head.' for a ViT, 'fc.' for a ResNet, 'head.fc.' for a
+    timm ConvNeXt), found through timm's get_classifier()."""
+    if hasattr(model, 'get_classifier'):
+        clf = model.get_classifier()
+        names = [name for name, mod in model.named_modules() if mod is clf and name]
+        if names:
+            return tuple(n + '.' for n in names)
+    for prefix in CLASSIFIERS:
+        if any(k.startswith(prefix) for k in model_keys):
+            return (prefix,)
+    return ()
+
+
+def _describe(model):
+    name = type(model).__name__
+    if isinstance(model, VisionTransformer):
+        pool = 'global pool' if model.global_pool == 'avg' else f'{model.global_pool} pool'
+        name += f'(embed_dim {model.embed_dim}, depth {len(model.blocks)}, {pool})'
+    return name
+
+
+def _resample_pos_embed(posemb, model):
+    """Checkpoint pos_embed -> the model's patch grid (bicubic, prefix rows unchanged), as MAE's
+    interpolate_pos_embed; returns (tensor, 'AxB -> CxD') or (posemb, None) when nothing to do."""
+    target = model.pos_embed
+    if posemb.shape == target.shape or posemb.ndim != 3 or posemb.shape[-1] != target.shape[-1]:
+        return posemb, None  # equal, or a width mismatch that the shape check reports
+    new_size = list(model.patch_embed.grid_size)
+    num_prefix = target.shape[1] - new_size[0] * new_size[1]
+    old = posemb.shape[1] - num_prefix
+    side = int(round(old ** 0.5))
+    if old <= 0 or side * side != old:
+        return posemb, None
+    # antialias/align_corners off: F.interpolate's defaults, which MAE's interpolate_pos_embed uses
+    resampled = resample_abs_pos_embed(posemb, new_size, old_size=[side, side], num_prefix_tokens=num_prefix,
+                                       interpolation='bicubic', antialias=False, align_corners=False)
+    return resampled, f'{side}x{side} -> {new_size[0]}x{new_size[1]}'
+
+
+def _group(key):
+    """A short prefix for the printed report: 'decoder.*', 'norm.<tap>.*', 'decoder_embed.*'."""
+    first = key.split('.')[0]
+    if PRETRAIN_ONLY.match(key) and first == 'norm':
+        return 'norm.<tap>.*'
+    return first + ('.*' if '.' in key else '')
+
+
+def load_pretrained(model, path, verbose=True):
+    """Loads the encoder of checkpoint `path` into `model` (strict about everything but the classifier
+    and the final norm). Returns {'loaded', 'dropped', 'initialised', 'resampled'}: lists of keys."""
+    if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        model = model.module
+    state = read_state_dict(path)
+    model_state = model.state_dict()
+    clf_prefixes = _classifier_prefixes(model, model_state)
+    is_clf = lambda k: k.startswith(clf_prefixes) if clf_prefixes else False  # noqa: E731
+    is_norm = lambda k: k.startswith(FINAL_NORMS) and not PRETRAIN_ONLY.match(k)  # noqa: E731
+
+    dropped, reasons, resampled, notes = [], Counter(), [], []
+    kept = {}
+    for k, v in state.items():
+        if PRETRAIN_ONLY.match(k):
+            dropped.append(k)
+            reasons[_group(k)] += 1
+        elif is_clf(k) and (k not in model_state or v.shape != model_state[k].shape):
+            dropped.append(k)  # a pretraining head, or another number of classes
+            reasons[f'{_group(k)} (classifier, shape {list(v.shape)})'] += 1
+        elif is_norm(k) and k not in model_state:
+            dropped.append(k)  # e.g. MAE's final norm under global pooling (which uses fc_norm)
+            reasons[f'{k.rsplit(".", 1)[0]}.* (not used by this model)'] += 1
+        else:
+            kept[k] = v
+
+    if 'pos_embed' in kept and 'pos_embed' in model_state and hasattr(model, 'patch_embed'):
+        kept['pos_embed'], how = _resample_pos_embed(kept['pos_embed'], model)
+        if how:
+            resampled.append('pos_embed')
+            notes.append(f'pos_embed {how}')
+
+    missing = [k for k in model_state if k not in kept and not is_clf(k) and not is_norm(k)]
+    unexpected = [k for k in kept if k not in model_state]
+    mismatched = [f'{k} {list(v.shape)} vs {list(model_state[k].shape)}'
+                  for k, v in kept.items() if k in model_state and v.shape != model_state[k].shape]
+    if missing or unexpected or mismatched:
+        parts = []
+        for what, keys in (('missing', missing), ('unexpected', unexpected), ('shape mismatch', mismatched)):
+            if keys:
+                more = ', ...' if len(keys) > 3 else ''
+                parts.append(f'{what} {", ".join(keys[:3])}{more} ({len(keys)} keys)')
+        raise ValueError(f'checkpoint {path} does not fit model {_describe(model)}: {"; ".join(parts)}')
+
+    result = model.load_state_dict(kept, strict=False)
+    assert not result.unexpected_keys, result.unexpected_keys  # checked above
+    initialised = list(result.missing_keys)
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        head = [k for k in initialised if is_clf(k)]
+        if head:
+            if isinstance(model, VisionTransformer) and isinstance(model.head, nn.Linear):
+                trunc_normal_(model.head.weight, std=HEAD_STD)
+                nn.init.zeros_(model.head.bias)
+                notes.append(f'{", ".join(head)}: trunc_normal std {HEAD_STD:g}, bias 0 (as MAE)')
+            else:
+                notes.append(f'{", ".join(head)}: the model\'s own init')
+        norms = [k for k in initialised if is_norm(k)]
+        for k in norms:
+            if k.endswith('.weight'):
+                params[k].fill_(1.0)
+            elif k.endswith('.bias'):
+                params[k].zero_()
+        if norms:
+            why = ' (a LocalMIM checkpoint has no final norm)' if any(k.startswith('norm.') for k in norms) else ''
+            notes.append(f'{", ".join(norms)}: weight 1, bias 0{why}')
+
+    report = {'loaded': [k for k in kept], 'dropped': dropped, 'initialised': initialised, 'resampled': resampled}
+    if verbose:
+        groups = ', '.join(f'{g} {n}' for g, n in reasons.most_common(6))
+        print(f'load_pretrained {path} -> {_describe(model)}: loaded {len(kept)} tensors, dropped {len(dropped)}'
+              f'{f" ({groups})" if groups else ""}, initialised {len(initialised)}, resampled {len(resampled)}')
+        for note in notes:
+            print(f'  {note}')
+    return report

@@ -1,0 +1,51 @@
+"""Evaluation data loading in which every validation sample is counted exactly once.
+
+torch's DistributedSampler pads the index list to a multiple of the world size, so with
+`--dist_eval` the official code evaluates a few duplicated images whenever the validation set
+does not divide evenly (50,000 images on 3, 6 or 7 GPUs). `UnpaddedDistributedSampler` hands out
+strided, disjoint shards instead; some ranks get one sample fewer, which is harmless because
+`engine_finetune.evaluate` all-reduces sums only once, after its loop.
+
+`evaluate` reads from the loader's sampler whether the ranks hold disjoint shards (sums are
+all-reduced) or each holds the whole set (sums stay local): `build_eval_loader` is the one place that
+decides, so the two cannot disagree.
+"""
+from torch.utils.data import DataLoader, Sampler, SequentialSampler
+
+from util.dist import get_rank, get_world_size
+
+
+class UnpaddedDistributedSampler(Sampler):
+    """Rank r gets indices r, r + W, r + 2W, ...: no padding, no duplicates, no shuffling."""
+
+    def __init__(self, dataset, num_replicas=None, rank=None):
+        self.num_replicas = get_world_size() if num_replicas is None else num_replicas
+        self.rank = get_rank() if rank is None else rank
+        if not 0 <= self.rank < self.num_replicas:
+            raise ValueError(f'rank {self.rank} is not in [0, {self.num_replicas})')
+        self.indices = range(self.rank, len(dataset), self.num_replicas)
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self):
+        return len(self.indices)
+
+    def set_epoch(self, epoch):
+        """The order never changes; kept so entry scripts may call it on every sampler."""
+
+
+def is_sharded(data_loader):
+    """True when the loader's sampler gives this rank only its part of the set (num_replicas > 1)."""
+    return getattr(getattr(data_loader, 'sampler', None), 'num_replicas', 1) > 1
+
+
+def build_eval_loader(dataset, batch_size, num_workers, pin_memory, dist_eval):
+    """With `dist_eval` under DDP each rank evaluates a disjoint shard; otherwise every rank evaluates the
+    whole set in order (the results then agree without communication)."""
+    if dist_eval and get_world_size() > 1:
+        sampler = UnpaddedDistributedSampler(dataset)
+    else:
+        sampler = SequentialSampler(dataset)
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+                      pin_memory=pin_memory, drop_last=False)

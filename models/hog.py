@@ -26,15 +26,22 @@ class HOGLayer(nn.Module):
         self.conv.requires_grad_(False)
 
     @torch.no_grad()
-    def forward(self, x, out_size=None):
-        """[B, C, H, W] -> [B, C * nbins, H / pool, W / pool] (or `out_size` cells when given)."""
+    def histogram(self, x):
+        """[B, C, H, W] -> per-pixel histograms [B * C, nbins, H, W] (magnitude in the pixel's bin)."""
         b, c, h, w = x.shape
         grad = self.conv(x.reshape(b * c, 1, h, w))
         magnitude = torch.hypot(grad[:, 0:1], grad[:, 1:2])  # = the 2-norm over the pair; much faster on CPU
         phase = torch.atan2(grad[:, 0:1], grad[:, 1:2])
         bins = torch.remainder(torch.floor(phase / self.max_angle * self.nbins), self.nbins).long()
         hist = torch.zeros(b * c, self.nbins, h, w, dtype=magnitude.dtype, device=x.device)
-        hist.scatter_(1, bins, magnitude)
+        return hist.scatter_(1, bins, magnitude)
+
+    @torch.no_grad()
+    def forward(self, x, out_size=None, hist=None):
+        """[B, C, H, W] -> [B, C * nbins, H / pool, W / pool] (or `out_size` cells when given).
+        `hist`: this image's `histogram`, when already computed by a layer with the same filters."""
+        b, c, h, w = x.shape
+        hist = self.histogram(x) if hist is None else hist
         if out_size is None or out_size == (h // self.pool, w // self.pool):
             hist = F.avg_pool2d(hist, self.pool, self.pool)
         else:  # cells of a non-integer size (e.g. ViT-H/14 at 224 px): average adaptive windows

@@ -140,11 +140,20 @@ class MaskedAutoencoderViT(nn.Module):
         side = int(self.grid_size * self.scale[k])
         return side, side
 
-    def HOG(self, imgs, k):
-        """[B, 3, H, W] -> [B, h * w, 3 * nbins] HOG target of scale k, always in float32."""
+    def HOG(self, imgs, k, hist=None):
+        """[B, 3, H, W] -> [B, h * w, 3 * nbins] HOG target of scale k, always in float32.
+        `hist`: the per-pixel histograms, shared by all scales when the HOG filters have no bias."""
         with torch.autocast(imgs.device.type, enabled=False):
-            hog = self.hog_enc[k](imgs.float(), out_size=self.target_grid(k))
+            hog = self.hog_enc[k](imgs.float(), out_size=self.target_grid(k), hist=hist)
         return hog.flatten(2).transpose(1, 2)
+
+    def shared_histogram(self, imgs):
+        """Per-pixel histograms computed once for every scale, or None when each scale's filter has its own
+        (random, frozen) bias (--hog_bias): the four scales then differ before pooling."""
+        if self.hog_enc[0].conv.bias is not None:
+            return None
+        with torch.autocast(imgs.device.type, enabled=False):
+            return self.hog_enc[0].histogram(imgs.float())
 
     def recal_mask(self, mask, k):
         """Patch mask [B, L] -> mask on scale k's grid: repeated blocks (scale >= 1) or 2x2 means."""
@@ -211,7 +220,8 @@ class MaskedAutoencoderViT(nn.Module):
         """Patch mask [B, L] and, per scale, (prediction, HOG target, mask) on that scale's grid
         (None for a stage skipped by FreezeOut)."""
         latents, mask, ids_restore = self.forward_encoder(imgs, mask_ratio, noise, prefix)
-        outputs = [(self.decoder[k](latents[k], ids_restore), self.HOG(imgs, k), self.recal_mask(mask, k))
+        hist = self.shared_histogram(imgs)
+        outputs = [(self.decoder[k](latents[k], ids_restore), self.HOG(imgs, k, hist), self.recal_mask(mask, k))
                    if latents[k] is not None else None for k in range(len(self.scale))]
         return mask, outputs
 

@@ -200,3 +200,12 @@ def test_sincos_pos_embed_layout():
     expected = [np.sin(c), np.sin(c / 100), np.cos(c), np.cos(c / 100),
                 np.sin(r), np.sin(r / 100), np.cos(r), np.cos(r / 100)]
     np.testing.assert_allclose(emb[1 + r * 3 + c], expected, rtol=0, atol=1e-15)
+
+
+def test_shared_histogram_gives_the_per_scale_targets_exactly():
+    model = timm.create_model('MIM_vit_tiny_patch16', img_size=64)
+    imgs = torch.randn(2, 3, 64, 64)
+    hist = model.shared_histogram(imgs)
+    for k in range(4):
+        assert torch.equal(model.HOG(imgs, k, hist), model.HOG(imgs, k))
+    assert timm.create_model('MIM_vit_tiny_patch16', img_size=64, hog_bias=True).shared_histogram(imgs) is None

@@ -146,3 +146,12 @@ def test_demo_build_losing_the_race_returns_the_winner(tmp_path, monkeypatch):
     assert demo_imagefolder(root) == root
     assert [p.name for p in tmp_path.iterdir()] == ['images']  # loser's temp folder removed
     assert [p.name for p in (root / 'train').iterdir()] == ['winner']
+
+
+def test_randaugment_posterize_at_top_magnitude_does_not_crash():
+    import util.datasets  # noqa: F401  (patches timm's posterize)
+    from timm.data import auto_augment
+    img = Image.new('RGB', (8, 8), (200, 100, 50))
+    out = auto_augment.NAME_TO_OP['PosterizeIncreasing'](img, 0)
+    assert out.size == img.size and out.getextrema() == ((0, 0), (0, 0), (0, 0))
+    assert auto_augment.NAME_TO_OP['Posterize'](img, 4).getpixel((0, 0)) == (192, 96, 48)

@@ -9,7 +9,7 @@ import warnings
 from pathlib import Path
 
 from PIL import Image
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, auto_augment
 from torchvision import transforms
 from torchvision.datasets import VisionDataset
 from torchvision.datasets.folder import (IMG_EXTENSIONS, find_classes, has_file_allowed_extension,
@@ -114,6 +114,19 @@ def build_pretrain_dataset(data_path, input_size):
     """The pretraining data set: the `train` split of `data_path`, with the LocalMIM transform."""
     return ImageFolderOrFlat(resolve_image_root(data_path, 'train'),
                              transform=build_pretrain_transform(input_size))
+
+
+def _posterize_zero_bits_ok(img, bits_to_keep, **kwargs):
+    """timm's RandAugment asks for 0 bits at the top magnitude (m9 + noise reaches 10); Pillow >= 12
+    refuses 0 (older Pillow returned a black image). Keep the old meaning instead of crashing mid-run."""
+    if bits_to_keep <= 0:
+        return Image.new(img.mode, img.size)
+    return _timm_posterize(img, bits_to_keep, **kwargs)
+
+
+_timm_posterize = auto_augment.posterize
+auto_augment.NAME_TO_OP.update({name: _posterize_zero_bits_ok for name in auto_augment.NAME_TO_OP
+                                if name.startswith('Posterize')})
 
 
 def build_finetune_transform(is_train, args):

@@ -3,6 +3,7 @@ import json
 import os
 import random
 import sys
+import traceback
 
 import numpy as np
 import torch
@@ -54,4 +55,6 @@ def run_cli(main, parser):
     try:
         main(args)
     except (FileNotFoundError, ValueError, NonFiniteLossError) as error:
-        sys.exit(f'{os.path.basename(sys.argv[0])}: error: {error}')
+        origin = traceback.extract_tb(error.__traceback__)[-1]  # so a bug is not mistaken for a bad flag
+        sys.exit(f'{os.path.basename(sys.argv[0])}: error: {error} '
+                 f'[{os.path.basename(origin.filename)}:{origin.lineno}]')

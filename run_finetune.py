@@ -123,10 +123,26 @@ def build_model(args):
     return model
 
 
+class StageGrouping:
+    """A CNN as timm's layer-decay grouping sees it, with its coarse matcher: one lr scale per stage
+    (stem, stages, head) rather than per block, which would shrink a ResNet-50 stem's lr by decay^17."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def group_matcher(self, coarse=False):
+        return self.model.group_matcher(coarse=True)
+
+    def named_parameters(self, *args, **kwargs):
+        return self.model.named_parameters(*args, **kwargs)
+
+
 def build_optimizer(args, model):
     if args.linprobe:  # MAE's linear probe: LARS on the head only
         return Lars([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=args.weight_decay)
-    groups = param_groups_layer_decay(model, args.weight_decay, no_weight_decay_list=model.no_weight_decay()
+    grouped = model if args.model in models.vit.FINETUNE_VITS or not hasattr(model, 'group_matcher') \
+        else StageGrouping(model)  # ViTs: MAE's per-block decay
+    groups = param_groups_layer_decay(grouped, args.weight_decay, no_weight_decay_list=model.no_weight_decay()
                                       if hasattr(model, 'no_weight_decay') else (), layer_decay=args.layer_decay)
     return torch.optim.AdamW(groups, lr=args.lr, fused=True)
 

@@ -121,3 +121,18 @@ def test_resume_equals_uninterrupted_with_ema(tmp_path, monkeypatch, demo_pretra
     assert all(torch.equal(a['model'][k], b['model'][k]) for k in a['model'])
     assert all(torch.equal(a['extra']['ema'][k], b['extra']['ema'][k]) for k in a['extra']['ema'])
     assert not all(torch.equal(a['extra']['ema'][k], a['model'][k]) for k in a['model'])
+
+
+@pytest.mark.parametrize('name,stages', [('resnet18', ['conv1', 'layer1', 'layer2', 'layer3', 'layer4', 'fc']),
+                                         ('convnext_atto', ['stem', 'stages.0', 'stages.1', 'stages.2', 'stages.3',
+                                                            'head'])])
+def test_cnn_layer_decay_is_stagewise(name, stages):
+    model = timm.create_model(name, num_classes=5)
+    args = run_finetune.get_args_parser().parse_args(['--model', name, '--layer_decay', '0.5'])
+    args.lr = 1e-3
+    optimizer = run_finetune.build_optimizer(args, model)
+    names = {id(p): n for n, p in model.named_parameters()}
+    scale = {names[id(p)]: g['lr_scale'] for g in optimizer.param_groups for p in g['params']}
+    assert len(scale) == sum(1 for _ in model.parameters())
+    for depth, stage in enumerate(stages):  # one scale per stage, halving towards the input
+        assert {s for n, s in scale.items() if n.startswith(stage + '.')} == {0.5 ** (len(stages) - 1 - depth)}

@@ -8,7 +8,6 @@ Flags and defaults are the official ones (MAE/LocalMIM run_finetune.py); see REA
 """
 import argparse
 import datetime
-import os
 import time
 
 import timm
@@ -23,9 +22,9 @@ import models
 from engine_finetune import ModelEmaHook, evaluate, train_one_epoch
 from util.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from util.datasets import build_finetune_dataset
-from util.dist import get_world_size, init_distributed_mode
+from util.dist import get_world_size
 from util.pretrained import load_pretrained
-from util.runtime import append_log_line, build_train_loader, make_log_writer, run_cli, seed_everything
+from util.runtime import append_log_line, build_train_loader, make_log_writer, run_cli, setup_run
 from util.samplers import build_eval_loader
 from util.train_step import AMP_DTYPES, TrainStep
 
@@ -162,13 +161,7 @@ def build_mixup(args):
 
 
 def main(args):
-    init_distributed_mode(args)
-    args.amp = args.amp or ('bf16' if args.device.startswith('cuda') else 'none')
-    device = torch.device(args.device)
-    seed_everything(args.seed)
-    torch.backends.cudnn.benchmark = True
-    if args.output_dir:
-        os.makedirs(args.output_dir, exist_ok=True)
+    device = setup_run(args)
 
     dataset_val = build_finetune_dataset(False, args)
     val_loader = build_eval_loader(dataset_val, args.batch_size, args.num_workers,

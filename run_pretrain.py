@@ -8,7 +8,6 @@ Flags and defaults are the official ones; see README.md for what differs and why
 """
 import argparse
 import datetime
-import os
 import time
 
 import timm
@@ -16,14 +15,14 @@ import torch
 from timm.optim import param_groups_weight_decay
 from torch.nn.parallel import DistributedDataParallel
 
-import models
+import models  # noqa: F401  (registers the models with timm)
 from engine_pretrain import train_one_epoch
 from util.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from util.datasets import ImageFolderOrFlat, build_pretrain_dataset
-from util.dist import get_world_size, init_distributed_mode, is_main_process
+from util.dist import get_world_size, is_main_process
 from util.mim_vis import fixed_vis_batch, save_mim_pictures, vis_transform
 from util.runtime import (append_log_line, build_train_loader, make_log_writer, run_cli,
-                          seed_everything)
+                          setup_run)
 from util.freeze_cache import FixedViews, FrozenPrefixCache
 from util.freezeout import FreezeOut, FreezeOutSchedule
 from util.lr_sched import WarmupCosine
@@ -138,13 +137,7 @@ def resume_if_possible(args, model, trainer, schedule):
 
 
 def main(args):
-    init_distributed_mode(args)
-    args.amp = args.amp or ('bf16' if args.device.startswith('cuda') else 'none')
-    device = torch.device(args.device)
-    seed_everything(args.seed)
-    torch.backends.cudnn.benchmark = True
-    if args.output_dir:
-        os.makedirs(args.output_dir, exist_ok=True)
+    device = setup_run(args)
 
     if args.freeze_cache and not args.how_scale:
         raise ValueError('--freeze_cache caches frozen FreezeOut units: give --how_scale too')

@@ -19,7 +19,6 @@ baseline with --epochs set to it and the same warmup *fraction* (--warmup_epochs
 factor), fine-tune both checkpoints with the same recipe, and compare fine-tuned accuracy (and the
 measured total wall-clock of the two pretraining runs, which should match).
 """
-import argparse
 import contextlib
 import json
 import os
@@ -33,36 +32,20 @@ import timm  # noqa: E402
 import torch  # noqa: E402
 
 import models  # noqa: E402,F401  (registers MIM_vit_*)
-from bench.bench_pretrain import count_step_flops  # noqa: E402
+from bench.bench_pretrain import count_step_flops, finish_args, step_parser  # noqa: E402
 from util.freezeout import SCALE_FNS, FreezeOut, FreezeOutSchedule  # noqa: E402
 from util.train_step import TrainStep  # noqa: E402
 
 
 def get_args():
-    p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    p.add_argument('--model', default='MIM_vit_base_patch16')
-    p.add_argument('--batch_size', type=int, default=64)
-    p.add_argument('--input_size', type=int, default=224)
-    p.add_argument('--mask_ratio', type=float, default=0.75)
-    p.add_argument('--amp', choices=['bf16', 'fp16', 'none'], default=None, help='default: bf16 on CUDA, none on CPU')
-    p.add_argument('--compile', action='store_true', help='model.compile() in place (recompiles at each depth)')
-    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
-    p.add_argument('--warmup', type=int, default=None, help='untimed steps per depth (default 5; CPU: 2)')
-    p.add_argument('--steps', type=int, default=None, help='timed steps per depth (default 20; CPU: 5)')
+    p = step_parser(cpu_warmup=2, cpu_steps=5)  # --warmup/--steps are per depth here
     p.add_argument('--rounds', type=int, default=1, help='sweeps over all depths (fresh model each), best kept')
-    p.add_argument('--threads', type=int, default=None, help='torch.set_num_threads')
     p.add_argument('--how_scale', choices=sorted(SCALE_FNS), default='cubic')
     p.add_argument('--t_0', type=float, default=0.8)
     p.add_argument('--epochs', type=float, default=100)
     p.add_argument('--warmup_epochs', type=float, default=10)
     p.add_argument('--steps_per_epoch', type=int, default=1000, help='only for the step counts printed')
-    p.add_argument('--json', default=None, help='append the result to this file as one JSON line')
-    args = p.parse_args()
-    cuda = torch.device(args.device).type == 'cuda'
-    args.amp = args.amp or ('bf16' if cuda else 'none')
-    args.warmup = args.warmup if args.warmup is not None else (5 if cuda else 2)
-    args.steps = args.steps if args.steps is not None else (20 if cuda else 5)
-    return args
+    return finish_args(p.parse_args())
 
 
 def depth_fractions(schedule):

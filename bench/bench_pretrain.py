@@ -48,7 +48,8 @@ CPU_SDPA_FLOPS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _s
                   torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _sdpa_bwd_flops}
 
 
-def get_args():
+def step_parser(cpu_warmup, cpu_steps):
+    """Flags of a timed LocalMIM training step, shared by the benchmarks; `finish_args` fills the defaults."""
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     p.add_argument('--model', default='MIM_vit_base_patch16')
     p.add_argument('--batch_size', type=int, default=64)
@@ -57,18 +58,27 @@ def get_args():
     p.add_argument('--amp', choices=['bf16', 'fp16', 'none'], default=None, help='default: bf16 on CUDA, none on CPU')
     p.add_argument('--compile', action='store_true', help='model.compile() in place (state-dict keys unchanged)')
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
-    p.add_argument('--warmup', type=int, default=None, help='untimed steps (default 5; CPU: 1)')
-    p.add_argument('--steps', type=int, default=None, help='timed steps (default 20; CPU: 3)')
+    p.add_argument('--warmup', type=int, default=None, help=f'untimed steps (default 5; CPU: {cpu_warmup})')
+    p.add_argument('--steps', type=int, default=None, help=f'timed steps (default 20; CPU: {cpu_steps})')
     p.add_argument('--threads', type=int, default=None, help='torch.set_num_threads')
-    p.add_argument('--count_flops', action='store_true', help='count FLOPs also off CUDA')
-    p.add_argument('--peak_tflops', type=float, default=None, help='peak of this device for the dtype used')
     p.add_argument('--json', default=None, help='append the result to this file as one JSON line')
-    args = p.parse_args()
+    p.set_defaults(cpu_warmup=cpu_warmup, cpu_steps=cpu_steps)
+    return p
+
+
+def finish_args(args):
     cuda = torch.device(args.device).type == 'cuda'
     args.amp = args.amp or ('bf16' if cuda else 'none')
-    args.warmup = args.warmup if args.warmup is not None else (5 if cuda else 1)
-    args.steps = args.steps if args.steps is not None else (20 if cuda else 3)
+    args.warmup = args.warmup if args.warmup is not None else (5 if cuda else args.cpu_warmup)
+    args.steps = args.steps if args.steps is not None else (20 if cuda else args.cpu_steps)
     return args
+
+
+def get_args():
+    p = step_parser(cpu_warmup=1, cpu_steps=3)
+    p.add_argument('--count_flops', action='store_true', help='count FLOPs also off CUDA')
+    p.add_argument('--peak_tflops', type=float, default=None, help='peak of this device for the dtype used')
+    return finish_args(p.parse_args())
 
 
 def count_step_flops(model, trainer, imgs, mask_ratio):

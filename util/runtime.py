@@ -9,8 +9,19 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
-from util.dist import get_rank, get_world_size, is_main_process
+from util.dist import get_rank, get_world_size, init_distributed_mode, is_main_process
 from util.train_step import NonFiniteLossError
+
+
+def setup_run(args):
+    """Process group, default autocast dtype, per-rank seeds, output folder: the start of every entry script."""
+    init_distributed_mode(args)
+    args.amp = args.amp or ('bf16' if args.device.startswith('cuda') else 'none')
+    seed_everything(args.seed)
+    torch.backends.cudnn.benchmark = True
+    if args.output_dir:
+        os.makedirs(args.output_dir, exist_ok=True)
+    return torch.device(args.device)
 
 
 def seed_everything(seed):

@@ -32,9 +32,8 @@ import timm  # noqa: E402
 import torch  # noqa: E402
 
 import models  # noqa: E402,F401  (registers MIM_vit_*)
-from bench.bench_pretrain import count_step_flops, finish_args, step_parser  # noqa: E402
+from bench.bench_pretrain import count_step_flops, finish_args, step_parser, training_step  # noqa: E402
 from util.freezeout import SCALE_FNS, FreezeOut, FreezeOutSchedule  # noqa: E402
-from util.train_step import TrainStep  # noqa: E402
 
 
 def get_args():
@@ -84,21 +83,11 @@ def sweep(args, device, count_flops):
     schedule = FreezeOutSchedule(num_units, args.how_scale, args.t_0, args.epochs, args.warmup_epochs, 1e-4, 0.0)
     freezeout = FreezeOut(model, schedule)
     groups = freezeout.param_groups(0.05)
-    try:  # fused where the device has a fused AdamW kernel, as in training
-        optimizer = torch.optim.AdamW(groups, lr=1e-4, betas=(0.9, 0.95), fused=True)
-    except RuntimeError:
-        optimizer = torch.optim.AdamW(groups, lr=1e-4, betas=(0.9, 0.95))
-    trainer = TrainStep(model, optimizer, device, amp=args.amp)
-    imgs = torch.randn(args.batch_size, 3, args.input_size, args.input_size, device=device)
+    trainer, imgs, step = training_step(model, groups, args, device)
+    optimizer = trainer.optimizer
     if args.compile:  # each depth recompiles (requires_grad, no-grad prefix): keep dynamo from giving up
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 4 * num_units)
         model.compile()
-
-    def step():
-        with trainer.autocast():
-            loss, _ = model(imgs, mask_ratio=args.mask_ratio)
-        trainer.backward(loss)
-        trainer.step()
 
     rows = []
     for k in range(num_units):  # k = 0 .. num_units - 1: the last unit (block) never freezes

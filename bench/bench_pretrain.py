@@ -100,14 +100,8 @@ def peak_flops(device, amp, override_tflops):
     return None if peak is None else peak / (2 if amp == 'none' else 1)
 
 
-def main():
-    args = get_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    cuda = device.type == 'cuda'
-    model = timm.create_model(args.model, img_size=args.input_size).to(device).train()
-    groups = param_groups_weight_decay(model, 0.05)
+def training_step(model, groups, args, device):
+    """(TrainStep over AdamW, synthetic batch, closure running one optimizer step as the engine does)."""
     try:  # fused where the device has a fused AdamW kernel, as in training
         optimizer = torch.optim.AdamW(groups, lr=1e-4, betas=(0.9, 0.95), fused=True)
     except RuntimeError:
@@ -115,15 +109,25 @@ def main():
     trainer = TrainStep(model, optimizer, device, amp=args.amp)
     imgs = torch.randn(args.batch_size, 3, args.input_size, args.input_size, device=device)
 
-    flops = count_step_flops(model, trainer, imgs, args.mask_ratio) if cuda or args.count_flops else None
-    if args.compile:
-        model.compile()
-
     def step():
         with trainer.autocast():
             loss, _ = model(imgs, mask_ratio=args.mask_ratio)
         trainer.backward(loss)
         trainer.step()
+    return trainer, imgs, step
+
+
+def main():
+    args = get_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    cuda = device.type == 'cuda'
+    model = timm.create_model(args.model, img_size=args.input_size).to(device).train()
+    trainer, imgs, step = training_step(model, param_groups_weight_decay(model, 0.05), args, device)
+    flops = count_step_flops(model, trainer, imgs, args.mask_ratio) if cuda or args.count_flops else None
+    if args.compile:
+        model.compile()
 
     for _ in range(args.warmup):
         step()

@@ -1,0 +1,278 @@
+"""SparK masked image modelling for CNNs: LightDecoder, densify layers, mask tokens and loss
+(spec `specs/spark.md` sections 2-4, 8).
+
+Pieces
+  LightDecoder(up_sample_ratio, width=768, sbn=True)
+      log2(ratio) UNet blocks (ConvTranspose 2x up, conv3x3-BN-ReLU6-conv3x3-BN), channels halving
+      from `width`; features are ADDED before each block (smallest scale first); final 1x1 conv to
+      3 channels. State-dict keys of the official decoder: dec.{i}.up_sample.*, dec.{i}.conv.{0,1,3,4}.*,
+      proj.*.
+  SparK(sparse_encoder, dense_decoder, mask_ratio=0.6, densify_norm='bn', sbn=False)
+      mask(B, device, generator=None) -> bool [B, 1, f, f], True = visible, exactly len_keep =
+          round(f*f*(1 - mask_ratio)) visible per sample (CPU torch.rand + argsort, as official).
+      forward(inp, active_b1ff=None, vis=False) -> scalar loss, or with vis=True the triple
+          (inp, masked inp, reconstruction with visible patches copied from inp); all three stay in
+          the (ImageNet-)normalised space of `inp`: the predicted normalised patches are mapped back
+          with the TRUE per-patch mean/std of inp, as the official code does. De-normalise for display.
+      Loss: per-patch normalised targets of the UNMASKED input (mean, std = sqrt(unbiased var + 1e-6),
+          patch flattened row, col, channel), per-patch mean squared error, averaged over all masked
+          patches of the batch (sum / (count + 1e-8)).
+      State-dict keys equal the official SparK module's: sparse_encoder.sp_cnn.*, dense_decoder.*,
+      densify_norms.{i}.*, densify_projs.{i}.* (level 0 absent when Identity), mask_tokens.{i},
+      and the unused deprecated buffers imn_m, imn_s, norm_black (kept so official checkpoints load
+      strictly). Index i = 0 is the SMALLEST (1/32) feature map.
+      state_dict(with_config=True) adds 'config'; load_state_dict pops and checks it.
+  build_spark(model_name, input_size=224, mask_ratio=0.6, sbn=False, dp=0.0)
+      timm CNN (num_classes=0, global_pool='', drop_path_rate=dp) -> SparseEncoder -> SparK with
+      LightDecoder(downsample ratio, width 768); densify norm 'bn' for ResNets, 'ln' for ConvNeXts.
+      Unlike the official table, dp is used as given (dp=0 means no drop path).
+  encoder_state_dict(spark)
+      The encoder weights in timm key layout (`<model>_1kpretrained.pth`), loadable with
+      strict=False into timm.create_model(name) with only the classifier missing.
+
+Differences from the official code (documented): the active mask is not a module global (the
+encoder and the densify norms hold their own); ConvNeXts are timm's ConvNeXt (timm key names under
+sparse_encoder.sp_cnn, not the official FB ConvNeXt names), so official ConvNeXt spark_style
+checkpoints need a key mapping; ResNet checkpoints load as is. The encoder's channel list is not
+consumed by the constructor (no "build twice" quirk).
+"""
+import math
+import sys
+
+import timm
+import torch
+import torch.nn as nn
+from timm.layers import trunc_normal_
+
+from models.spark_sparse import ActiveMask, SparseBatchNorm2d, SparseEncoder, SparseLayerNorm2d, \
+    SparseSyncBatchNorm2d
+
+SPARK_MODELS = ('resnet18', 'resnet34', 'resnet50', 'resnet101', 'resnet152', 'resnet200',
+                'convnext_tiny', 'convnext_small', 'convnext_base', 'convnext_large')
+
+
+# ---------------------------------------------------------------- decoder (spec 2)
+
+class UNetBlock(nn.Module):
+    def __init__(self, cin, cout, bn2d):
+        super().__init__()
+        self.up_sample = nn.ConvTranspose2d(cin, cin, kernel_size=4, stride=2, padding=1, bias=True)
+        self.conv = nn.Sequential(
+            nn.Conv2d(cin, cin, kernel_size=3, stride=1, padding=1, bias=False), bn2d(cin),
+            nn.ReLU6(inplace=True),
+            nn.Conv2d(cin, cout, kernel_size=3, stride=1, padding=1, bias=False), bn2d(cout),
+        )
+
+    def forward(self, x):
+        return self.conv(self.up_sample(x))
+
+
+class LightDecoder(nn.Module):
+    def __init__(self, up_sample_ratio, width=768, sbn=True):
+        super().__init__()
+        n = round(math.log2(up_sample_ratio))
+        if up_sample_ratio < 2 or 2 ** n != up_sample_ratio:
+            raise ValueError(f'up_sample_ratio must be a power of 2 (>= 2), got {up_sample_ratio}')
+        self.width = width
+        channels = [width // 2 ** i for i in range(n + 1)]
+        bn2d = nn.SyncBatchNorm if sbn else nn.BatchNorm2d
+        self.dec = nn.ModuleList([UNetBlock(cin, cout, bn2d) for cin, cout in zip(channels[:-1], channels[1:])])
+        self.proj = nn.Conv2d(channels[-1], 3, kernel_size=1, stride=1, bias=True)
+        self.initialize()
+
+    def forward(self, to_dec):
+        """to_dec: list of feature maps, SMALLEST first (None entries skipped) -> [B, 3, H, W]."""
+        x = 0
+        for i, block in enumerate(self.dec):
+            if i < len(to_dec) and to_dec[i] is not None:
+                x = x + to_dec[i]
+            x = block(x)
+        return self.proj(x)
+
+    def initialize(self):
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                trunc_normal_(m.weight, std=.02)
+                if m.bias is not None:
+                    nn.init.constant_(m.bias, 0.)
+            elif isinstance(m, nn.ConvTranspose2d):
+                nn.init.kaiming_normal_(m.weight, mode='fan_out', nonlinearity='relu')
+                if m.bias is not None:
+                    nn.init.constant_(m.bias, 0.)
+            elif isinstance(m, (nn.BatchNorm2d, nn.SyncBatchNorm)):
+                nn.init.constant_(m.weight, 1.)
+                nn.init.constant_(m.bias, 0.)
+
+
+# ---------------------------------------------------------------- SparK (spec 3)
+
+def patchify(bchw, p):
+    """[B, C, h*p, w*p] -> [B, h*w, p*p*C] (patches row-major; inside a patch row, col, channel)."""
+    B, C, H, W = bchw.shape
+    h, w = H // p, W // p
+    x = bchw.reshape(B, C, h, p, w, p).permute(0, 2, 4, 3, 5, 1)    # B h w p q C
+    return x.reshape(B, h * w, p * p * C)
+
+
+def unpatchify(bln, p, h, w, C=3):
+    """Exact inverse of patchify."""
+    B = bln.shape[0]
+    x = bln.reshape(B, h, w, p, p, C).permute(0, 5, 1, 3, 2, 4)      # B C h p w q
+    return x.reshape(B, C, h * p, w * p)
+
+
+class SparK(nn.Module):
+    def __init__(self, sparse_encoder, dense_decoder, mask_ratio=0.6, densify_norm='bn', sbn=False):
+        super().__init__()
+        if not 0.0 <= mask_ratio < 1.0:
+            raise ValueError(f'mask_ratio must be in [0, 1), got {mask_ratio}')
+        input_size = sparse_encoder.input_size
+        self.downsample_ratio = sparse_encoder.get_downsample_ratio()
+        self.fmap_h = self.fmap_w = input_size // self.downsample_ratio
+        self.mask_ratio = mask_ratio
+        self.len_keep = round(self.fmap_h * self.fmap_w * (1 - mask_ratio))
+        self.sparse_encoder = sparse_encoder
+        self.dense_decoder = dense_decoder
+        self.sbn = sbn
+        self.densify_norm_str = densify_norm.lower()
+        enc_chs = list(sparse_encoder.get_feature_map_channels())
+        self.hierarchy = len(enc_chs)
+        self.holder = ActiveMask()     # mask for the sparse densify norms (set only during forward)
+
+        self.mask_tokens = nn.ParameterList()
+        self.densify_norms = nn.ModuleList()
+        self.densify_projs = nn.ModuleList()
+        d_width = dense_decoder.width
+        for i in range(self.hierarchy):
+            e_width = enc_chs[-1 - i]                  # i = 0: the smallest (1/32) map
+            p = nn.Parameter(torch.zeros(1, e_width, 1, 1))
+            trunc_normal_(p, mean=0., std=.02, a=-.02, b=.02)
+            self.mask_tokens.append(p)
+            if self.densify_norm_str == 'bn':
+                norm = (SparseSyncBatchNorm2d if sbn else SparseBatchNorm2d)(e_width, holder=self.holder)
+            elif self.densify_norm_str == 'ln':
+                norm = SparseLayerNorm2d(e_width, eps=1e-6, holder=self.holder)
+            else:
+                norm = nn.Identity()
+            self.densify_norms.append(norm)
+            if i == 0 and e_width == d_width:
+                proj = nn.Identity()
+            else:
+                k = 1 if i == 0 else 3
+                proj = nn.Conv2d(e_width, d_width, kernel_size=k, stride=1, padding=k // 2, bias=True)
+            self.densify_projs.append(proj)
+            d_width //= 2
+
+        # deprecated, never used; registered only so official checkpoints load with strict=True
+        self.register_buffer('imn_m', torch.tensor((0.485, 0.456, 0.406)).view(1, 3, 1, 1))
+        self.register_buffer('imn_s', torch.tensor((0.229, 0.224, 0.225)).view(1, 3, 1, 1))
+        self.register_buffer('norm_black', torch.zeros(1, 3, input_size, input_size))
+
+    # ------------------------------------------------------------ masking
+    def mask(self, B, device, generator=None):
+        """bool [B, 1, f, f] with exactly len_keep True (visible) per sample; drawn on the CPU."""
+        h, w = self.fmap_h, self.fmap_w
+        idx = torch.rand(B, h * w, generator=generator).argsort(dim=1)
+        idx = idx[:, :self.len_keep].to(device)
+        return torch.zeros(B, h * w, dtype=torch.bool, device=device).scatter_(1, idx, True).view(B, 1, h, w)
+
+    # ------------------------------------------------------------ forward
+    def forward(self, inp_bchw, active_b1ff=None, vis=False):
+        B, C, H, W = inp_bchw.shape
+        r = self.downsample_ratio
+        if H % r or W % r:
+            raise ValueError(f'input {H}x{W} is not divisible by the downsample ratio {r}')
+        h, w = H // r, W // r
+        if active_b1ff is None:
+            if (h, w) != (self.fmap_h, self.fmap_w):
+                raise ValueError(f'input {H}x{W} differs from input_size {self.fmap_h * r}; pass active_b1ff')
+            active_b1ff = self.mask(B, inp_bchw.device)
+        else:
+            if tuple(active_b1ff.shape) != (B, 1, h, w):
+                raise ValueError(f'active_b1ff must have shape {(B, 1, h, w)}, got {tuple(active_b1ff.shape)}')
+            active_b1ff = active_b1ff.to(device=inp_bchw.device, dtype=torch.bool)
+        active_b1hw = active_b1ff.repeat_interleave(r, 2).repeat_interleave(r, 3)
+        masked_bchw = inp_bchw * active_b1hw.to(inp_bchw.dtype)
+
+        # encode (largest first) -> smallest first
+        fea_bcffs = list(self.sparse_encoder(masked_bchw, active_b1ff))
+        fea_bcffs.reverse()
+
+        # densify: sparse norm -> mask token at masked positions -> projection
+        to_dec = []
+        self.holder.set(active_b1ff)
+        try:
+            for i, bcff in enumerate(fea_bcffs):
+                if bcff is not None:
+                    fh, fw = bcff.shape[-2:]
+                    cur_active = active_b1ff.repeat_interleave(fh // h, 2).repeat_interleave(fw // w, 3)
+                    bcff = self.densify_norms[i](bcff)
+                    bcff = torch.where(cur_active, bcff, self.mask_tokens[i].to(bcff.dtype).expand_as(bcff))
+                    bcff = self.densify_projs[i](bcff)
+                to_dec.append(bcff)
+        finally:
+            self.holder.clear()
+
+        rec_bchw = self.dense_decoder(to_dec)
+        inp, rec = patchify(inp_bchw, r), patchify(rec_bchw, r)    # [B, L, r*r*C]
+        mean = inp.mean(dim=-1, keepdim=True)
+        std = (inp.var(dim=-1, keepdim=True) + 1e-6) ** .5
+        target = (inp - mean) / std
+        l2 = (rec - target).pow(2).mean(dim=-1)                     # [B, L]
+        non_active = active_b1ff.logical_not().view(B, h * w).to(l2.dtype)
+        loss = (l2 * non_active).sum() / (non_active.sum() + 1e-8)
+
+        if not vis:
+            return loss
+        rec_denorm = unpatchify(rec * std + mean, r, h, w, C)
+        rec_or_inp = torch.where(active_b1hw, inp_bchw, rec_denorm)
+        return inp_bchw, masked_bchw, rec_or_inp
+
+    # ------------------------------------------------------------ helpers (spec 3.4)
+    def get_config(self):
+        return {
+            'mask_ratio': self.mask_ratio, 'densify_norm_str': self.densify_norm_str, 'sbn': self.sbn,
+            'hierarchy': self.hierarchy, 'sparse_encoder.input_size': self.sparse_encoder.input_size,
+            'dense_decoder.width': self.dense_decoder.width,
+        }
+
+    def state_dict(self, *args, with_config=False, **kwargs):
+        state = super().state_dict(*args, **kwargs)
+        if with_config:
+            state['config'] = self.get_config()
+        return state
+
+    def load_state_dict(self, state_dict, strict=True, **kwargs):
+        state_dict = dict(state_dict)
+        config = state_dict.pop('config', None)
+        ret = super().load_state_dict(state_dict, strict=strict, **kwargs)
+        if config is not None:
+            mine = self.get_config()
+            for k, v in config.items():
+                if mine.get(k) != v:
+                    msg = f'config mismatch: {k}={v!r} in the checkpoint, {mine.get(k)!r} in this model'
+                    if strict:
+                        raise AttributeError(msg)
+                    print(msg, file=sys.stderr)
+        return ret
+
+
+# ---------------------------------------------------------------- builders
+
+def build_spark(model_name, input_size=224, mask_ratio=0.6, sbn=False, dp=0.0):
+    if model_name not in SPARK_MODELS:
+        raise ValueError(f'unknown SparK model {model_name!r}; accepted: {", ".join(SPARK_MODELS)}')
+    ratio = 32
+    if input_size % ratio:
+        raise ValueError(f'input_size={input_size} is not divisible by the downsample ratio {ratio} '
+                         f'of {model_name}')
+    cnn = timm.create_model(model_name, pretrained=False, num_classes=0, global_pool='', drop_path_rate=dp)
+    encoder = SparseEncoder(cnn, input_size, sbn=sbn)
+    decoder = LightDecoder(encoder.get_downsample_ratio(), width=768, sbn=sbn)
+    densify_norm = 'bn' if 'resnet' in model_name else 'ln'
+    return SparK(encoder, decoder, mask_ratio=mask_ratio, densify_norm=densify_norm, sbn=sbn)
+
+
+def encoder_state_dict(spark):
+    """Encoder weights in timm key layout (detached clones), as `<model>_1kpretrained.pth` holds."""
+    return {k: v.detach().clone() for k, v in spark.sparse_encoder.sp_cnn.state_dict().items()}

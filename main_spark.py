@@ -1,0 +1,240 @@
+"""SparK masked pretraining of timm CNNs, with the official flags and defaults (spec 5.1).
+
+    python main_spark.py --exp_name=demo --data_path=demo --model=resnet18 --bs=8 --input_size=64
+    python -m torch.distributed.launch --nproc_per_node=8 main_spark.py --exp_name=<name> \\
+        --data_path=/path/to/imagenet --model=resnet50 --bs=512          # or torchrun --nnodes ...
+
+`--bs` is the GLOBAL batch (per process: bs // world size); lr = base_lr * bs / 256. Booleans take
+`--sbn=False` like the official Tap parser. Outputs in `--exp_dir` (default `output_<exp_name>/`):
+`<model>_still_pretraining.pth` (resumable; auto-resumed), `<model>_1kpretrained.pth` (encoder, timm
+keys), `pretrain_log.txt`, TensorBoard in `tensorboard_log/`. Differences from the official code: the
+shared loader (shuffled, drop_last, per-epoch DistributedSampler) instead of the infinite wrap-around
+sampler, optional --amp, and our checkpoint format.
+"""
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+
+import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.optim import Lamb
+from torch.nn.parallel import DistributedDataParallel
+from torchvision import transforms
+from torchvision.transforms import InterpolationMode
+
+from engine_pretrain import train_one_epoch
+from models.spark import build_spark, encoder_state_dict
+from util.checkpoint import all_rng_states, atomic_save, load_checkpoint, plain_args
+from util.datasets import ImageFolderOrFlat, resolve_image_root
+from util.dist import get_world_size, is_main_process
+from util.runtime import build_train_loader, make_log_writer, run_cli, setup_run
+from util.spark_sched import SparkSchedule, spark_param_groups
+from util.train_step import TrainStep
+
+REPO = os.path.dirname(os.path.abspath(__file__))
+
+
+def str2bool(value):
+    if isinstance(value, bool):
+        return value
+    if value.lower() in ('true', '1', 'yes', 'y', 't'):
+        return True
+    if value.lower() in ('false', '0', 'no', 'n', 'f'):
+        return False
+    raise argparse.ArgumentTypeError(f'expected True or False, got {value!r}')
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser('SparK pre-training', add_help=True)
+    # environment
+    p.add_argument('--exp_name', default='your_exp_name', type=str)
+    p.add_argument('--exp_dir', default=None, type=str, help='output folder (default: output_<exp_name>)')
+    p.add_argument('--data_path', default='imagenet_data_path', type=str,
+                   help="'demo', an ImageNet folder (train/ inside), a folder of class folders or of images")
+    p.add_argument('--init_weight', default='', type=str, help='load model weights only (strict=False)')
+    p.add_argument('--resume_from', default='', type=str, help='a <model>_still_pretraining.pth to resume')
+    # SparK / encoder
+    p.add_argument('--mask', default=0.6, type=float, help='mask ratio')
+    p.add_argument('--model', default='resnet50', type=str)
+    p.add_argument('--input_size', default=224, type=int)
+    p.add_argument('--sbn', default=True, type=str2bool, nargs='?', const=True,
+                   help='SyncBatchNorm (forced False when not distributed)')
+    # data
+    p.add_argument('--bs', default=4096, type=int, help='GLOBAL batch size')
+    p.add_argument('--dataloader_workers', '--num_workers', dest='num_workers', default=8, type=int)
+    # optimization
+    p.add_argument('--dp', default=0.0, type=float, help='drop path rate')
+    p.add_argument('--base_lr', default=2e-4, type=float, help='lr = base_lr * bs / 256')
+    p.add_argument('--wd', default=0.04, type=float, help='initial weight decay')
+    p.add_argument('--wde', default=0.2, type=float, help='final weight decay (0: = wd)')
+    p.add_argument('--ep', default=1600, type=int)
+    p.add_argument('--wp_ep', default=40, type=int)
+    p.add_argument('--clip', default=5, type=int, help='grad-norm clip (LAMB: its global-norm clip)')
+    p.add_argument('--opt', default='lamb', choices=['sgd', 'adamw', 'lamb'])
+    p.add_argument('--ada', default=0.0, type=float, help='beta2 (0: 0.95 ResNets, 0.999 ConvNeXts)')
+    p.add_argument('--lr', default=None, type=float, help='overwritten by base_lr * bs / 256 (as official)')
+    # ours
+    p.add_argument('--amp', default='none', choices=['bf16', 'fp16', 'none'], help='default fp32 like official')
+    p.add_argument('--print_freq', default=100, type=int)
+    p.add_argument('--log_dir', default=None, help='TensorBoard folder (default: <exp_dir>/tensorboard_log)')
+    p.add_argument('--device', default='cuda')
+    p.add_argument('--seed', default=0, type=int)
+    p.add_argument('--auto_resume', default=True, type=str2bool, nargs='?', const=True)
+    p.add_argument('--pin_mem', default=True, type=str2bool, nargs='?', const=True)
+    p.add_argument('--local_rank', '--local-rank', default=-1, type=int)
+    p.add_argument('--dist_url', default='env://')
+    return p
+
+
+def per_process_batch(bs, world_size):
+    if bs <= 0 or bs % world_size:
+        raise ValueError(f'--bs={bs} is the GLOBAL batch size and must be a positive multiple of the '
+                         f'number of processes ({world_size})')
+    return bs // world_size
+
+
+def exp_dir_of(args):
+    path = args.exp_dir or f'output_{args.exp_name}'
+    head, base = os.path.split(os.path.normpath(path))
+    return os.path.join(head, re.sub(r'[^0-9a-zA-Z\-]', '_', base))
+
+
+def data_root(data_path):
+    if str(data_path) != 'demo':
+        path = os.path.normpath(os.path.expanduser(str(data_path)))
+        if os.path.basename(path) in ('train', 'val'):
+            data_path = os.path.dirname(path)
+    return resolve_image_root(data_path, 'train')
+
+
+def spark_transform(input_size):
+    return transforms.Compose([
+        transforms.RandomResizedCrop(input_size, scale=(0.67, 1.0), interpolation=InterpolationMode.BICUBIC),
+        transforms.RandomHorizontalFlip(), transforms.ToTensor(),
+        transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)])
+
+
+def git_info():
+    def git(*cmd):
+        try:
+            return subprocess.run(['git', *cmd], cwd=REPO, capture_output=True, text=True,
+                                  check=True).stdout.strip()
+        except (OSError, subprocess.CalledProcessError):
+            return '[unknown]'
+    return git('rev-parse', 'HEAD'), git('log', '-1', '--format=%s')
+
+
+def build_optimizer(args, model):
+    groups = spark_param_groups(model)
+    if args.opt == 'sgd':
+        return torch.optim.SGD(groups, lr=args.lr, momentum=0.9, nesterov=True, weight_decay=0.0)
+    if args.opt == 'adamw':
+        return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, args.ada), weight_decay=0.0)
+    # timm Lamb: global L2 grad norm > max_grad_norm -> every grad scaled by max_grad_norm / norm
+    return Lamb(groups, lr=args.lr, betas=(0.9, args.ada), weight_decay=0.0, max_grad_norm=5.0)
+
+
+def log_line(path, obj, blank=False):
+    if is_main_process():
+        with open(path, 'a') as f:
+            f.write(json.dumps(obj) + '\n' + ('\n' if blank else ''))
+
+
+def save_outputs(args, epoch, trainer, model, optimizer, stats):
+    rng = all_rng_states()
+    if not is_main_process():
+        return
+    state = {'model': model.state_dict(), 'optimizer': optimizer.state_dict(),
+             'scaler': trainer.scaler.state_dict() if trainer.scaler is not None else None,
+             'epoch': epoch, 'step': trainer.num_updates, 'args': plain_args(args), 'rng': rng,
+             'extra': {'min_loss': stats['min_loss'], 'last_loss': stats['last_loss'], 'arch': args.model,
+                       'input_size': args.input_size, 'is_pretrain': True}}
+    atomic_save(state, os.path.join(args.exp_dir, f'{args.model}_still_pretraining.pth'))
+    atomic_save(encoder_state_dict(model), os.path.join(args.exp_dir, f'{args.model}_1kpretrained.pth'))
+
+
+def resume(args, model, trainer):
+    path = args.resume_from
+    auto = os.path.join(args.exp_dir, f'{args.model}_still_pretraining.pth')
+    if not path and args.auto_resume and os.path.isfile(auto):
+        path = auto
+    if not path:
+        return float('inf')
+    ckpt = load_checkpoint(path, model, trainer.optimizer, trainer.scaler)
+    args.start_epoch = ckpt['epoch'] + 1
+    trainer.num_updates = ckpt.get('step', 0)
+    print(f'resumed from {path} (epoch {ckpt["epoch"]} done)')
+    return ckpt.get('extra', {}).get('min_loss', float('inf'))
+
+
+def fmt_time(seconds):
+    seconds = int(seconds)
+    return f'{seconds // 3600}h{seconds % 3600 // 60:02d}m{seconds % 60:02d}s'
+
+
+def main(args):
+    args.exp_dir = args.output_dir = exp_dir_of(args)
+    args.cmd = ' '.join(sys.argv)
+    device = setup_run(args)
+    world = get_world_size()
+    args.batch_size = per_process_batch(args.bs, world)
+    args.glb_batch_size = args.batch_size * world
+    args.lr = args.base_lr * args.glb_batch_size / 256
+    if not args.distributed:
+        args.sbn = False
+    if not args.ada:
+        args.ada = 0.95 if 'resnet' in args.model else (0.999 if 'convnext' in args.model else 0.0)
+    args.start_epoch = 0
+
+    model = build_spark(args.model, args.input_size, args.mask, args.sbn, args.dp).to(device)  # bad model: ValueError
+    dataset = ImageFolderOrFlat(data_root(args.data_path), transform=spark_transform(args.input_size))
+    loader = build_train_loader(dataset, args)
+    if args.init_weight:
+        state = torch.load(args.init_weight, map_location='cpu', weights_only=True)
+        state = state.get('module', state.get('model', state))
+        print(f'init_weight {args.init_weight}: {model.load_state_dict(state, strict=False)}')
+    optimizer = build_optimizer(args, model)
+    clip = None if args.opt == 'lamb' else float(args.clip)  # LAMB clips inside its step
+    trainer = TrainStep(model, optimizer, device, args.amp, 1, clip, max_nonfinite=1)
+    min_loss = resume(args, model, trainer)
+    if args.distributed:
+        trainer.model = DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda' else None,
+                                                find_unused_parameters=False, broadcast_buffers=False)
+    schedule = SparkSchedule(args.lr, args.wd, args.wde, args.ep, args.wp_ep, len(loader))
+    log_writer = make_log_writer(args.log_dir or os.path.join(args.exp_dir, 'tensorboard_log'))
+    log_txt = os.path.join(args.exp_dir, 'pretrain_log.txt')
+    if args.start_epoch == 0 or not os.path.exists(log_txt):
+        commit_id, commit_msg = git_info()
+        log_line(log_txt, {'name': args.exp_name, 'cmd': args.cmd, 'git_commit_id': commit_id,
+                           'git_commit_msg': commit_msg, 'model': args.model}, blank=True)
+    print(f'{args.model}: {len(dataset)} images from {dataset.root}; global batch {args.glb_batch_size}, '
+          f'lr {args.lr:.3e}, {len(loader)} iterations per epoch')
+
+    start = time.time()
+    for epoch in range(args.start_epoch, args.ep):
+        loader.sampler.set_epoch(epoch)
+        stats = train_one_epoch(loader, trainer, device, epoch, args, log_writer, schedule,
+                                compute_loss=lambda m, samples, targets: m(samples))
+        last_loss = float(stats['loss'])
+        min_loss = min(min_loss, last_loss)
+        save_outputs(args, epoch, trainer, model, optimizer, {'min_loss': min_loss, 'last_loss': last_loss})
+        remain = (time.time() - start) / (epoch + 1 - args.start_epoch) * (args.ep - epoch - 1)
+        log_line(log_txt, {'cur_ep': f'{epoch + 1}/{args.ep}', 'last_L': last_loss, 'min_L': min_loss,
+                           'rema': fmt_time(remain),
+                           'fini': time.strftime('%m-%d %H:%M', time.localtime(time.time() + remain))})
+        print(f'[*] [ep {epoch + 1}/{args.ep}] Min/Last Recon Loss: {min_loss:.4f}/{last_loss:.4f}, '
+              f'Remain: {fmt_time(remain)}')
+        if log_writer is not None:
+            log_writer.add_scalar('pt_train/min_loss', min_loss, epoch)
+            log_writer.add_scalar('pt_train/last_loss', last_loss, epoch)
+            log_writer.add_scalar('pt_z_burnout/rest_hours', remain / 3600, epoch)
+            log_writer.flush()
+    print(f'training time {fmt_time(time.time() - start)}; min loss {min_loss:.4f}')
+
+
+if __name__ == '__main__':
+    run_cli(main, get_args_parser())

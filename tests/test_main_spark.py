@@ -1,0 +1,179 @@
+"""main_spark.py: SparK schedules (spec 5.2), param groups (5.3), LAMB clipping (5.4), flags, run, resume."""
+import json
+import math
+import shlex
+
+import numpy as np
+import pytest
+import timm
+import torch
+from PIL import Image
+
+import main_spark
+from models.spark import build_spark
+from util.spark_sched import SparkSchedule, spark_lr, spark_param_groups, spark_wd
+
+
+def test_lr_schedule_matches_spec():
+    iters, peak = 313, 3.2e-3
+    wp_it, max_it = 40 * iters, 1600 * iters
+    assert (wp_it, max_it) == (12520, 500800)
+    assert spark_lr(0, wp_it, max_it, peak) == pytest.approx(1.6e-5)  # 0.5% of the peak at it 0
+    assert spark_lr(wp_it // 2, wp_it, max_it, peak) == pytest.approx(peak * (0.005 + 0.995 * 0.5))
+    assert spark_lr(wp_it, wp_it, max_it, peak) == pytest.approx(peak)
+    mid = wp_it + (max_it - 1 - wp_it) / 2
+    assert spark_lr(mid, wp_it, max_it, peak) == pytest.approx(peak * (0.001 + 0.999 * 0.5))
+    assert spark_lr(max_it - 1, wp_it, max_it, peak) == pytest.approx(peak * 0.001)
+
+
+def test_wd_schedule_rises_from_wd_to_wde():
+    max_it = 1600 * 313
+    assert spark_wd(0, max_it, 0.04, 0.2) == pytest.approx(0.04)
+    assert spark_wd((max_it - 1) / 2, max_it, 0.04, 0.2) == pytest.approx(0.12)
+    assert spark_wd(max_it - 1, max_it, 0.04, 0.2) == pytest.approx(0.2)
+    values = [spark_wd(it, max_it, 0.04, 0.2) for it in range(0, max_it, 10000)]
+    assert values == sorted(values)
+    ratio = 1234 / (max_it - 1)
+    assert spark_wd(1234, max_it, 0.04, 0.2) == pytest.approx(0.2 + (0.04 - 0.2) * (0.5 + 0.5 * math.cos(math.pi * ratio)))
+
+
+def test_schedule_object_sets_groups():
+    model = build_spark('resnet18', 64)
+    groups = spark_param_groups(model)
+    decay = {id(p) for p in groups[0]['params']}
+    names = {n for n, p in model.named_parameters() if id(p) not in decay}
+    assert any(n.startswith('mask_token') for n in names) and all(
+        p.ndim == 1 or n.endswith('.bias') or 'mask_token' in n for n, p in model.named_parameters() if n in names)
+    assert all(p.ndim > 1 for p in groups[0]['params'])
+    groups[1]['lr_scale'] = 0.5
+    opt = torch.optim.SGD(groups, lr=1.0)
+    sched = SparkSchedule(peak_lr=1e-3, wd=0.04, wde=0.2, ep=10, wp_ep=2, iters_per_epoch=5)
+    lr = sched.adjust(opt, 1.4)  # it 7 < warmup 10
+    assert lr == pytest.approx(1e-3 * (0.005 + 0.995 * 7 / 10))
+    assert opt.param_groups[0]['lr'] == lr and opt.param_groups[1]['lr'] == pytest.approx(lr * 0.5)
+    assert opt.param_groups[0]['weight_decay'] == pytest.approx(spark_wd(7, 50, 0.04, 0.2))
+    assert opt.param_groups[1]['weight_decay'] == 0.0
+    assert sched.metrics() == {'wd': pytest.approx(spark_wd(7, 50, 0.04, 0.2))}
+    assert SparkSchedule(1e-3, 0.04, 0.0, 10, 2, 5).wde == 0.04  # `wde or wd`
+
+
+def lamb_update(grads, max_grad_norm):
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(4, 3)), torch.nn.Parameter(torch.randn(5))]
+    before = [p.detach().clone() for p in params]
+    opt = timm.optim.Lamb([{'params': params[:1], 'weight_decay': 0.05}, {'params': params[1:], 'weight_decay': 0.0}],
+                          lr=0.1, betas=(0.9, 0.95), max_grad_norm=max_grad_norm)
+    for p, g in zip(params, grads):
+        p.grad = g.clone()
+    opt.step()
+    return [p.detach() - b for p, b in zip(params, before)]
+
+
+def test_lamb_clips_the_global_norm_at_5():
+    args = main_spark.get_args_parser().parse_args(['--model=resnet18'])
+    args.lr, args.ada = 1e-3, 0.95
+    opt = main_spark.build_optimizer(args, torch.nn.Linear(3, 2))
+    assert isinstance(opt, timm.optim.Lamb) and opt.defaults['max_grad_norm'] == 5.0
+    torch.manual_seed(1)
+    grads = [torch.randn(4, 3) * 1e3, torch.randn(5) * 1e3]
+    norm = torch.linalg.vector_norm(torch.cat([g.flatten() for g in grads]))
+    clipped = lamb_update(grads, 5.0)
+    prescaled = lamb_update([g * 5.0 / norm for g in grads], None)
+    assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-7) for a, b in zip(clipped, prescaled))
+    small = [g * 1e-3 for g in grads]  # norm < 5: untouched
+    assert all(torch.allclose(a, b) for a, b in zip(lamb_update(small, 5.0), lamb_update(small, None)))
+
+
+@pytest.mark.parametrize('launcher_flag', ['--local-rank=3', '--local_rank=3', None])
+def test_seed_command_parses(launcher_flag):
+    line = '--exp_name=my_exp --data_path=/path/to/imagenet --model=resnet50 --bs=512'
+    args = main_spark.get_args_parser().parse_args(shlex.split(line) + ([launcher_flag] if launcher_flag else []))
+    assert (args.exp_name, args.data_path, args.model, args.bs) == ('my_exp', '/path/to/imagenet', 'resnet50', 512)
+    assert args.local_rank == (3 if launcher_flag else -1)
+    assert main_spark.exp_dir_of(args) == 'output_my_exp'
+    assert (args.mask, args.input_size, args.sbn, args.num_workers, args.dp, args.base_lr, args.wd, args.wde,
+            args.ep, args.wp_ep, args.clip, args.opt, args.ada, args.amp, args.resume_from, args.init_weight) == \
+        (0.6, 224, True, 8, 0.0, 2e-4, 0.04, 0.2, 1600, 40, 5, 'lamb', 0.0, 'none', '', '')
+
+
+def test_tap_style_booleans_and_384_recipe():
+    parse = main_spark.get_args_parser().parse_args
+    assert parse(['--sbn=False']).sbn is False and parse(['--sbn=True']).sbn is True and parse(['--sbn']).sbn
+    args = parse(shlex.split('--model=convnext_large --input_size=384 --mask=0.75 --bs=2048 --base_lr=4e-4'))
+    assert (args.input_size, args.mask, args.bs, args.base_lr) == (384, 0.75, 2048, 4e-4)
+    with pytest.raises(SystemExit):
+        parse(['--sbn=maybe'])
+
+
+def test_per_process_batch():
+    assert main_spark.per_process_batch(512, 8) == 64
+    with pytest.raises(ValueError, match='multiple of the number of processes'):
+        main_spark.per_process_batch(500, 8)
+
+
+def run_args(data, out, *extra):
+    argv = ['--exp_name=t', f'--exp_dir={out}', f'--data_path={data}', '--model=resnet18', '--input_size=32',
+            '--bs=4', '--ep=2', '--wp_ep=1', '--num_workers=0', '--device=cpu', '--print_freq=1', *extra]
+    return main_spark.get_args_parser().parse_args(argv)
+
+
+class Interrupted(Exception):
+    pass
+
+
+@pytest.fixture(scope='module')
+def runs(tmp_path_factory):
+    """One straight 2-epoch run, and one interrupted after epoch 0 then auto-resumed (1 step per epoch)."""
+    tmp = tmp_path_factory.mktemp('spark')
+    data = tmp / 'imgs' / 'train'
+    data.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(data / f'{i}.png')
+    main_spark.main(run_args(data, tmp / 'straight'))  # trailing 'train' is stripped, then <path>/train used
+    real = main_spark.train_one_epoch
+
+    def stop_at_epoch_1(loader, trainer, device, epoch, *a, **kw):
+        if epoch == 1:
+            raise Interrupted
+        return real(loader, trainer, device, epoch, *a, **kw)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(main_spark, 'train_one_epoch', stop_at_epoch_1)
+        with pytest.raises(Interrupted):
+            main_spark.main(run_args(data, tmp / 'resumed'))
+    main_spark.main(run_args(data, tmp / 'resumed'))
+    return tmp
+
+
+def test_run_writes_outputs_and_encoder_loads_into_timm(runs):
+    out = runs / 'straight'
+    ckpt = torch.load(out / 'resnet18_still_pretraining.pth', weights_only=True)
+    assert ckpt['epoch'] == 1 and ckpt['step'] == 2 and ckpt['optimizer']['state']
+    encoder = torch.load(out / 'resnet18_1kpretrained.pth', weights_only=True)
+    result = timm.create_model('resnet18').load_state_dict(encoder, strict=False)
+    assert sorted(result.missing_keys) == ['fc.bias', 'fc.weight'] and not result.unexpected_keys
+    lines = (out / 'pretrain_log.txt').read_text().splitlines()
+    head = json.loads(lines[0])
+    assert head['model'] == 'resnet18' and head['git_commit_id'] and 'cmd' in head and lines[1] == ''
+    epochs = [json.loads(line) for line in lines[2:]]
+    assert [e['cur_ep'] for e in epochs] == ['1/2', '2/2'] and all('rema' in e and 'last_L' in e for e in epochs)
+    assert any((out / 'tensorboard_log').iterdir())
+
+
+def test_resume_equals_uninterrupted_run(runs):
+    a = torch.load(runs / 'straight' / 'resnet18_still_pretraining.pth', weights_only=True)
+    b = torch.load(runs / 'resumed' / 'resnet18_still_pretraining.pth', weights_only=True)
+    assert a['epoch'] == b['epoch'] == 1 and a['step'] == b['step'] == 2
+    assert all(torch.equal(a['model'][k], b['model'][k]) for k in a['model'])
+    for pid, state in a['optimizer']['state'].items():
+        assert all(torch.equal(state[k], b['optimizer']['state'][pid][k]) for k in state if torch.is_tensor(state[k]))
+    log = (runs / 'resumed' / 'pretrain_log.txt').read_text().splitlines()
+    assert [json.loads(x)['cur_ep'] for x in log[2:]] == ['1/2', '2/2']
+
+
+def test_bad_model_and_input_size(tmp_path):
+    with pytest.raises(ValueError, match='unknown SparK model'):
+        build_spark('resnet7', 64)
+    with pytest.raises(ValueError, match='not divisible'):
+        build_spark('resnet18', 70)

@@ -28,10 +28,10 @@ from torchvision.transforms import InterpolationMode
 
 from engine_pretrain import train_one_epoch
 from models.spark import build_spark, encoder_state_dict
-from util.checkpoint import all_rng_states, atomic_save, load_checkpoint, plain_args
+from util.checkpoint import atomic_save, load_checkpoint, save_checkpoint
 from util.datasets import ImageFolderOrFlat, resolve_image_root
 from util.dist import get_world_size, is_main_process
-from util.runtime import build_train_loader, make_log_writer, run_cli, setup_run
+from util.runtime import build_train_loader, make_log_writer, run_cli, setup_run, tee_console
 from util.spark_sched import SparkSchedule, spark_param_groups
 from util.train_step import TrainStep
 
@@ -145,16 +145,12 @@ def log_line(path, obj, blank=False):
 
 
 def save_outputs(args, epoch, trainer, model, optimizer, stats):
-    rng = all_rng_states()
-    if not is_main_process():
-        return
-    state = {'model': model.state_dict(), 'optimizer': optimizer.state_dict(),
-             'scaler': trainer.scaler.state_dict() if trainer.scaler is not None else None,
-             'epoch': epoch, 'step': trainer.num_updates, 'args': plain_args(args), 'rng': rng,
-             'extra': {'min_loss': stats['min_loss'], 'last_loss': stats['last_loss'], 'arch': args.model,
-                       'input_size': args.input_size, 'is_pretrain': True}}
-    atomic_save(state, os.path.join(args.exp_dir, f'{args.model}_still_pretraining.pth'))
-    atomic_save(encoder_state_dict(model), os.path.join(args.exp_dir, f'{args.model}_1kpretrained.pth'))
+    """The resumable checkpoint (our format) and the encoder in timm key layout, both written atomically."""
+    extra = {**stats, 'arch': args.model, 'input_size': args.input_size, 'is_pretrain': True}
+    save_checkpoint(args.exp_dir, epoch, trainer.num_updates, args, model, optimizer, trainer.scaler, extra=extra,
+                    name=f'{args.model}_still_pretraining.pth')
+    if is_main_process():
+        atomic_save(encoder_state_dict(model), os.path.join(args.exp_dir, f'{args.model}_1kpretrained.pth'))
 
 
 def resume(args, model, trainer):
@@ -214,6 +210,11 @@ def main(args):
     print(f'{args.model}: {len(dataset)} images from {dataset.root}; global batch {args.glb_batch_size}, '
           f'lr {args.lr:.3e}, {len(loader)} iterations per epoch')
 
+    with tee_console(args.exp_dir):
+        train(args, model, loader, trainer, optimizer, schedule, log_writer, log_txt, min_loss, device)
+
+
+def train(args, model, loader, trainer, optimizer, schedule, log_writer, log_txt, min_loss, device):
     start = time.time()
     for epoch in range(args.start_epoch, args.ep):
         loader.sampler.set_epoch(epoch)

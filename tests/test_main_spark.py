@@ -159,6 +159,7 @@ def test_run_writes_outputs_and_encoder_loads_into_timm(runs):
     epochs = [json.loads(line) for line in lines[2:]]
     assert [e['cur_ep'] for e in epochs] == ['1/2', '2/2'] and all('rema' in e and 'last_L' in e for e in epochs)
     assert any((out / 'tensorboard_log').iterdir())
+    assert '[*] [ep 2/2]' in (out / 'stdout_backup.txt').read_text() and (out / 'stderr_backup.txt').exists()
 
 
 def test_resume_equals_uninterrupted_run(runs):

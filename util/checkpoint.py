@@ -68,16 +68,17 @@ def all_rng_states():
     return states
 
 
-def save_checkpoint(output_dir, epoch, step, args, model, optimizer, scaler=None, extra=None, keep=False, best=False):
-    """Writes checkpoint-last.pth, and checkpoint-{epoch}.pth when `keep`, checkpoint-best.pth when `best`.
-    Call on every rank."""
+def save_checkpoint(output_dir, epoch, step, args, model, optimizer, scaler=None, extra=None, keep=False, best=False,
+                    name=LAST):
+    """Writes `name` (checkpoint-last.pth), and checkpoint-{epoch}.pth when `keep`, checkpoint-best.pth when
+    `best`. Call on every rank."""
     rng = all_rng_states()
     if not is_main_process():
         return
     state = {'model': model.state_dict(), 'optimizer': optimizer.state_dict(),
              'scaler': scaler.state_dict() if scaler is not None else None,
              'epoch': epoch, 'step': step, 'args': plain_args(args), 'rng': rng, 'extra': extra or {}}
-    atomic_save(state, os.path.join(output_dir, LAST))
+    atomic_save(state, os.path.join(output_dir, name))
     if keep:
         atomic_save(state, os.path.join(output_dir, f'checkpoint-{epoch}.pth'))
     if best:

@@ -1,4 +1,5 @@
 """Run plumbing shared by every entry script: seeding, the training loader, logs, clean errors."""
+import contextlib
 import json
 import os
 import random
@@ -69,3 +70,38 @@ def run_cli(main, parser):
         origin = traceback.extract_tb(error.__traceback__)[-1]  # so a bug is not mistaken for a bad flag
         sys.exit(f'{os.path.basename(sys.argv[0])}: error: {error} '
                  f'[{os.path.basename(origin.filename)}:{origin.lineno}]')
+
+
+class _Tee:
+    """A text stream that also appends everything written to it to a file."""
+
+    def __init__(self, stream, path):
+        self.stream, self.file = stream, open(path, 'a', buffering=1)
+
+    def write(self, text):
+        self.file.write(text)
+        return self.stream.write(text)
+
+    def flush(self):
+        self.file.flush()
+        self.stream.flush()
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
+@contextlib.contextmanager
+def tee_console(folder):
+    """Copies the main process's stdout and stderr into folder/stdout_backup.txt and stderr_backup.txt."""
+    if not is_main_process():
+        yield
+        return
+    saved = sys.stdout, sys.stderr
+    sys.stdout = _Tee(sys.stdout, os.path.join(folder, 'stdout_backup.txt'))
+    sys.stderr = _Tee(sys.stderr, os.path.join(folder, 'stderr_backup.txt'))
+    try:
+        yield
+    finally:
+        for tee in (sys.stdout, sys.stderr):
+            tee.file.close()
+        sys.stdout, sys.stderr = saved

@@ -16,6 +16,7 @@ from timm.layers import PatchEmbed
 from timm.models import register_model
 from timm.models.vision_transformer import Block
 
+from models.factory import model_kwargs
 from models.hog import HOGLayer
 from util.pos_embed import get_2d_sincos_pos_embed
 
@@ -233,10 +234,7 @@ class MaskedAutoencoderViT(nn.Module):
 
 
 def _create(pretrained, **kwargs):
-    if pretrained:
-        raise ValueError('no pretrained LocalMIM weights are downloaded; load a checkpoint with --resume')
-    for timm_only in ('pretrained_cfg', 'pretrained_cfg_overlay', 'cache_dir'):
-        kwargs.pop(timm_only, None)
+    kwargs = model_kwargs(pretrained, kwargs, 'load a LocalMIM checkpoint with --resume')
     return MaskedAutoencoderViT(decoder_embed_dim=256, decoder_depth=1, decoder_num_heads=8, mlp_ratio=4,
                                 norm_layer=partial(nn.LayerNorm, eps=1e-6), **kwargs)
 

@@ -20,6 +20,8 @@ import torch.nn as nn
 from timm.models import register_model
 from timm.models.vision_transformer import VisionTransformer
 
+from models.factory import model_kwargs
+
 
 FINETUNE_VITS = ('vit_tiny_patch16', 'vit_small_patch16', 'vit_base_patch16', 'vit_large_patch16', 'vit_huge_patch14')
 
@@ -33,11 +35,7 @@ class FinetuneViT(VisionTransformer):
 
 
 def _create(pretrained, global_pool=True, **kwargs):
-    if pretrained:
-        raise ValueError('no pretrained ViT weights are downloaded; pass a pretraining checkpoint with '
-                         '--finetune (loaded by util.pretrained.load_pretrained)')
-    for timm_only in ('pretrained_cfg', 'pretrained_cfg_overlay', 'cache_dir'):
-        kwargs.pop(timm_only, None)
+    kwargs = model_kwargs(pretrained, kwargs, 'pass a pretraining checkpoint with --finetune')
     if isinstance(global_pool, bool):
         global_pool = 'avg' if global_pool else 'token'
     if global_pool not in ('avg', 'token'):

@@ -13,7 +13,8 @@ import models  # noqa: F401
 import run_pretrain
 from engine_pretrain import train_one_epoch
 from test_engine import MIMWithPerSampleMask, _free_port, engine_args, image_data
-from test_run_pretrain import Interrupted, pretrain_args, write_images
+from run_helpers import killed_at_epoch
+from test_run_pretrain import pretrain_args, write_images
 from util.checkpoint import LAST
 from util.freezeout import FreezeOut, FreezeOutSchedule, unit_parameters
 from util.lr_sched import cosine_lr
@@ -135,21 +136,12 @@ def test_t0_one_is_the_baseline_bit_for_bit(tmp_path):
         [e['train_loss'] for e in read_log(tmp_path / 'fo' / 'log.txt')]
 
 
-def test_resume_across_a_freeze_equals_uninterrupted(tmp_path, monkeypatch):
+def test_resume_across_a_freeze_equals_uninterrupted(tmp_path):
     data = write_images(tmp_path / 'flat', 8)  # 2 steps per epoch; units 0..3 freeze in epoch 1, 4..9 in epoch 2
     flags = ('--epochs', '3', '--warmup_epochs', '0', '--how_scale', 'linear', '--t_0', '0.3', '--num_workers', '0')
     run_pretrain.main(pretrain_args(data, tmp_path / 'straight', *flags))
-    real_epoch = run_pretrain.train_one_epoch
-
-    def stop_at_epoch_2(loader, trainer, device, epoch, *a, **kw):
-        if epoch == 2:
-            raise Interrupted
-        return real_epoch(loader, trainer, device, epoch, *a, **kw)
-
-    monkeypatch.setattr(run_pretrain, 'train_one_epoch', stop_at_epoch_2)
-    with pytest.raises(Interrupted):
+    with killed_at_epoch(run_pretrain, 2):
         run_pretrain.main(pretrain_args(data, tmp_path / 'resumed', *flags))
-    monkeypatch.setattr(run_pretrain, 'train_one_epoch', real_epoch)
     run_pretrain.main(pretrain_args(data, tmp_path / 'resumed', *flags))
     a = torch.load(tmp_path / 'straight' / LAST, weights_only=True)
     b = torch.load(tmp_path / 'resumed' / LAST, weights_only=True)

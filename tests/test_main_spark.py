@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 import main_spark
+from run_helpers import killed_at_epoch
 from models.spark import build_spark
 from util.spark_sched import SparkSchedule, spark_lr, spark_param_groups, spark_wd
 
@@ -117,10 +118,6 @@ def run_args(data, out, *extra):
     return main_spark.get_args_parser().parse_args(argv)
 
 
-class Interrupted(Exception):
-    pass
-
-
 @pytest.fixture(scope='module')
 def runs(tmp_path_factory):
     """One straight 2-epoch run, and one interrupted after epoch 0 then auto-resumed (1 step per epoch)."""
@@ -131,17 +128,8 @@ def runs(tmp_path_factory):
     for i in range(4):
         Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(data / f'{i}.png')
     main_spark.main(run_args(data, tmp / 'straight'))  # trailing 'train' is stripped, then <path>/train used
-    real = main_spark.train_one_epoch
-
-    def stop_at_epoch_1(loader, trainer, device, epoch, *a, **kw):
-        if epoch == 1:
-            raise Interrupted
-        return real(loader, trainer, device, epoch, *a, **kw)
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(main_spark, 'train_one_epoch', stop_at_epoch_1)
-        with pytest.raises(Interrupted):
-            main_spark.main(run_args(data, tmp / 'resumed'))
+    with killed_at_epoch(main_spark, 1):
+        main_spark.main(run_args(data, tmp / 'resumed'))
     main_spark.main(run_args(data, tmp / 'resumed'))
     return tmp
 

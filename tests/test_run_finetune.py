@@ -9,6 +9,7 @@ import torch
 import models  # noqa: F401
 import run_finetune
 import run_pretrain
+from run_helpers import killed_at_epoch
 from util.checkpoint import LAST
 
 SEED_FINETUNE = [  # seed 001, after `run_finetune.py`
@@ -103,17 +104,8 @@ def test_resume_equals_uninterrupted_with_ema(tmp_path, monkeypatch, demo_pretra
     monkeypatch.setenv('DEMO_DATA_ROOT', str(demo_pretrained.parents[1] / 'demo'))
     flags = ('--epochs', '2', '--model_ema', '--model_ema_decay', '0.9', '--mixup', '0.8', '--cutmix', '1.0')
     run_finetune.main(finetune_args(tmp_path / 'straight', *flags))
-    real_epoch = run_finetune.train_one_epoch
-
-    def stop_at_epoch_1(loader, trainer, device, epoch, *a, **kw):
-        if epoch == 1:
-            raise KeyboardInterrupt
-        return real_epoch(loader, trainer, device, epoch, *a, **kw)
-
-    monkeypatch.setattr(run_finetune, 'train_one_epoch', stop_at_epoch_1)
-    with pytest.raises(KeyboardInterrupt):
+    with killed_at_epoch(run_finetune, 1):
         run_finetune.main(finetune_args(tmp_path / 'resumed', *flags))
-    monkeypatch.setattr(run_finetune, 'train_one_epoch', real_epoch)
     run_finetune.main(finetune_args(tmp_path / 'resumed', *flags))
     a = torch.load(tmp_path / 'straight' / LAST, weights_only=True)
     b = torch.load(tmp_path / 'resumed' / LAST, weights_only=True)

@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 import run_pretrain
+from run_helpers import killed_at_epoch
 from util.checkpoint import LAST
 
 REPO = Path(__file__).resolve().parents[1]
@@ -79,25 +80,12 @@ def pretrain_args(data, out, *extra):
     return run_pretrain.get_args_parser().parse_args(argv)
 
 
-class Interrupted(Exception):
-    pass
-
-
-def test_resume_is_bit_exact(tmp_path, monkeypatch):
+def test_resume_is_bit_exact(tmp_path):
     data = write_images(tmp_path / 'flat', 8)  # flat folder: 2 steps per epoch at batch 4
     run_pretrain.main(pretrain_args(data, tmp_path / 'straight'))
 
-    real_epoch = run_pretrain.train_one_epoch
-
-    def stop_at_epoch_1(loader, trainer, device, epoch, *a, **kw):
-        if epoch == 1:
-            raise Interrupted
-        return real_epoch(loader, trainer, device, epoch, *a, **kw)
-
-    monkeypatch.setattr(run_pretrain, 'train_one_epoch', stop_at_epoch_1)
-    with pytest.raises(Interrupted):
+    with killed_at_epoch(run_pretrain, 1):
         run_pretrain.main(pretrain_args(data, tmp_path / 'resumed'))
-    monkeypatch.setattr(run_pretrain, 'train_one_epoch', real_epoch)
     run_pretrain.main(pretrain_args(data, tmp_path / 'resumed'))
 
     a = torch.load(tmp_path / 'straight' / LAST, weights_only=True)

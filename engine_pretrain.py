@@ -53,9 +53,7 @@ def train_one_epoch(data_loader, trainer, device, epoch, args, log_writer=None, 
             loss, logs = out if isinstance(out, tuple) else (out, {})
             trainer.backward(loss)
         if update:
-            trainer.step()
-            for hook in hooks:
-                hook.after_step(trainer)
+            trainer.step(hooks)
         # grad_norm: of the last optimizer step
         meter.update(loss=loss, lr=lr, grad_norm=trainer.grad_norm, **logs, **schedule.metrics())
     trainer.discard_partial_window()

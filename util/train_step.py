@@ -57,8 +57,10 @@ class TrainStep:
     def _params_with_grad(self):
         return [p for group in self.optimizer.param_groups for p in group['params'] if p.grad is not None]
 
-    def step(self):
-        """Clips, steps (unless the window was non-finite) and zeroes gradients."""
+    def step(self, hooks=()):
+        """Clips, steps (unless the window was non-finite), runs each hook's `after_step(self)` and zeroes
+        gradients. Hooks see the (unscaled, accumulated) gradients and `num_updates` already counting this
+        step; SLaK's gradient-based regrowth needs the former."""
         params = self._params_with_grad()
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
@@ -78,7 +80,6 @@ class TrainStep:
                 del self.optimizer.found_inf
             elif finite.item():
                 self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
         bad = (~finite).long()
         self.skipped += bad
         self.consecutive = (self.consecutive + 1) * bad
@@ -86,6 +87,9 @@ class TrainStep:
         self._window_finite.fill_(True)
         self.grad_norm = norm.detach()
         self.num_updates += 1
+        for hook in hooks:
+            hook.after_step(self)
+        self.optimizer.zero_grad(set_to_none=True)
 
     def discard_partial_window(self):
         """Drops gradients of an unfinished accumulation window (end of epoch)."""

@@ -4,12 +4,15 @@
     python -m torch.distributed.launch --nproc_per_node=8 main_spark.py --exp_name=<name> \\
         --data_path=/path/to/imagenet --model=resnet50 --bs=512          # or torchrun --nnodes ...
 
-`--bs` is the GLOBAL batch (per process: bs // world size); lr = base_lr * bs / 256. Booleans take
-`--sbn=False` like the official Tap parser. Outputs in `--exp_dir` (default `output_<exp_name>/`):
-`<model>_still_pretraining.pth` (resumable; auto-resumed), `<model>_1kpretrained.pth` (encoder, timm
-keys), `pretrain_log.txt`, TensorBoard in `tensorboard_log/`. Differences from the official code: the
-shared loader (shuffled, drop_last, per-epoch DistributedSampler) instead of the infinite wrap-around
-sampler, optional --amp, and our checkpoint format.
+`--bs` is the GLOBAL batch (per process and micro-step: bs // (world size * accum_iter)); lr = base_lr * bs
+/ 256. Booleans take `--sbn=False` like the official Tap parser. Outputs in `--exp_dir` (default
+`output_<exp_name>/`, see util/spark_checkpoint.py): `<model>_still_pretraining.pth` (resumable;
+auto-resumed), `<model>_1kpretrained.pth` (encoder, timm keys), both also under the newer official names,
+`pretrain_log.txt`, `stdout_backup.txt`/`stderr_backup.txt`, TensorBoard in `tensorboard_log/`,
+reconstructions of fixed images in `vis/`. Differences from the official code: the shared loader
+(shuffled, drop_last, per-epoch DistributedSampler) instead of the infinite wrap-around sampler;
+--accum_iter and --amp; --dp defaults to the official per-model rate but --dp=0 really disables drop path;
+SyncBN is off on CPU (gloo has no SyncBN) as well as without DDP.
 """
 import argparse
 import json
@@ -27,12 +30,14 @@ from torchvision import transforms
 from torchvision.transforms import InterpolationMode
 
 from engine_pretrain import train_one_epoch
-from models.spark import build_spark, encoder_state_dict
-from util.checkpoint import atomic_save, load_checkpoint, save_checkpoint
+from models.spark import build_spark, spark_default_drop_path
 from util.datasets import ImageFolderOrFlat, resolve_image_root
 from util.dist import get_world_size, is_main_process
+from util.mim_vis import fixed_vis_batch, vis_transform
 from util.runtime import build_train_loader, make_log_writer, run_cli, setup_run, tee_console
+from util.spark_checkpoint import find_resume_file, resume_spark, save_spark_outputs
 from util.spark_sched import SparkSchedule, spark_param_groups
+from util.spark_vis import save_spark_pictures
 from util.train_step import TrainStep
 
 REPO = os.path.dirname(os.path.abspath(__file__))
@@ -67,7 +72,8 @@ def get_args_parser():
     p.add_argument('--bs', default=4096, type=int, help='GLOBAL batch size')
     p.add_argument('--dataloader_workers', '--num_workers', dest='num_workers', default=8, type=int)
     # optimization
-    p.add_argument('--dp', default=0.0, type=float, help='drop path rate')
+    p.add_argument('--dp', default=None, type=float,
+                   help='drop path rate (default: the official one of --model, e.g. 0.05 for resnet50)')
     p.add_argument('--base_lr', default=2e-4, type=float, help='lr = base_lr * bs / 256')
     p.add_argument('--wd', default=0.04, type=float, help='initial weight decay')
     p.add_argument('--wde', default=0.2, type=float, help='final weight decay (0: = wd)')
@@ -79,6 +85,8 @@ def get_args_parser():
     p.add_argument('--lr', default=None, type=float, help='overwritten by base_lr * bs / 256 (as official)')
     # ours
     p.add_argument('--amp', default='none', choices=['bf16', 'fp16', 'none'], help='default fp32 like official')
+    p.add_argument('--accum_iter', default=1, type=int, help='micro-steps per optimizer step (same --bs, less memory)')
+    p.add_argument('--vis_freq', default=20, type=int, help='reconstruction pictures every N epochs (0: never)')
     p.add_argument('--print_freq', default=100, type=int)
     p.add_argument('--log_dir', default=None, help='TensorBoard folder (default: <exp_dir>/tensorboard_log)')
     p.add_argument('--device', default='cuda')
@@ -90,11 +98,13 @@ def get_args_parser():
     return p
 
 
-def per_process_batch(bs, world_size):
-    if bs <= 0 or bs % world_size:
+def per_process_batch(bs, world_size, accum_iter=1):
+    if accum_iter < 1:
+        raise ValueError(f'--accum_iter must be >= 1, got {accum_iter}')
+    if bs <= 0 or bs % (world_size * accum_iter):
         raise ValueError(f'--bs={bs} is the GLOBAL batch size and must be a positive multiple of the '
-                         f'number of processes ({world_size})')
-    return bs // world_size
+                         f'number of processes ({world_size}) times --accum_iter ({accum_iter})')
+    return bs // (world_size * accum_iter)
 
 
 def exp_dir_of(args):
@@ -144,29 +154,6 @@ def log_line(path, obj, blank=False):
             f.write(json.dumps(obj) + '\n' + ('\n' if blank else ''))
 
 
-def save_outputs(args, epoch, trainer, model, optimizer, stats):
-    """The resumable checkpoint (our format) and the encoder in timm key layout, both written atomically."""
-    extra = {**stats, 'arch': args.model, 'input_size': args.input_size, 'is_pretrain': True}
-    save_checkpoint(args.exp_dir, epoch, trainer.num_updates, args, model, optimizer, trainer.scaler, extra=extra,
-                    name=f'{args.model}_still_pretraining.pth')
-    if is_main_process():
-        atomic_save(encoder_state_dict(model), os.path.join(args.exp_dir, f'{args.model}_1kpretrained.pth'))
-
-
-def resume(args, model, trainer):
-    path = args.resume_from
-    auto = os.path.join(args.exp_dir, f'{args.model}_still_pretraining.pth')
-    if not path and args.auto_resume and os.path.isfile(auto):
-        path = auto
-    if not path:
-        return float('inf')
-    ckpt = load_checkpoint(path, model, trainer.optimizer, trainer.scaler)
-    args.start_epoch = ckpt['epoch'] + 1
-    trainer.num_updates = ckpt.get('step', 0)
-    print(f'resumed from {path} (epoch {ckpt["epoch"]} done)')
-    return ckpt.get('extra', {}).get('min_loss', float('inf'))
-
-
 def fmt_time(seconds):
     seconds = int(seconds)
     return f'{seconds // 3600}h{seconds % 3600 // 60:02d}m{seconds % 60:02d}s'
@@ -177,64 +164,79 @@ def main(args):
     args.cmd = ' '.join(sys.argv)
     device = setup_run(args)
     world = get_world_size()
-    args.batch_size = per_process_batch(args.bs, world)
-    args.glb_batch_size = args.batch_size * world
+    args.batch_size = per_process_batch(args.bs, world, args.accum_iter)
+    args.glb_batch_size = args.batch_size * world * args.accum_iter
     args.lr = args.base_lr * args.glb_batch_size / 256
-    if not args.distributed:
+    if not args.distributed or device.type != 'cuda':
         args.sbn = False
     if not args.ada:
         args.ada = 0.95 if 'resnet' in args.model else (0.999 if 'convnext' in args.model else 0.0)
-    args.start_epoch = 0
+    if args.dp is None:
+        args.dp = spark_default_drop_path(args.model)
 
     model = build_spark(args.model, args.input_size, args.mask, args.sbn, args.dp).to(device)  # bad model: ValueError
     dataset = ImageFolderOrFlat(data_root(args.data_path), transform=spark_transform(args.input_size))
     loader = build_train_loader(dataset, args)
+    if len(loader) < args.accum_iter:
+        raise ValueError(f'{len(dataset)} images make {len(loader)} batches per process, fewer than --accum_iter '
+                         f'{args.accum_iter}: lower --bs or --accum_iter')
     if args.init_weight:
         state = torch.load(args.init_weight, map_location='cpu', weights_only=True)
         state = state.get('module', state.get('model', state))
         print(f'init_weight {args.init_weight}: {model.load_state_dict(state, strict=False)}')
     optimizer = build_optimizer(args, model)
     clip = None if args.opt == 'lamb' else float(args.clip)  # LAMB clips inside its step
-    trainer = TrainStep(model, optimizer, device, args.amp, 1, clip, max_nonfinite=1)
-    min_loss = resume(args, model, trainer)
+    trainer = TrainStep(model, optimizer, device, args.amp, args.accum_iter, clip, max_nonfinite=1)
+    args.start_epoch, min_loss = 0, float('inf')
+    resume_path = find_resume_file(args)
+    if resume_path:
+        last_epoch, step, extra = resume_spark(resume_path, model, trainer)
+        args.start_epoch = last_epoch + 1
+        trainer.num_updates = step if step is not None else args.start_epoch * (len(loader) // args.accum_iter)
+        min_loss = extra.get('min_loss', min_loss)
+        print(f'resumed from {resume_path} (epoch {last_epoch} done)')
     if args.distributed:
         trainer.model = DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda' else None,
                                                 find_unused_parameters=False, broadcast_buffers=False)
-    schedule = SparkSchedule(args.lr, args.wd, args.wde, args.ep, args.wp_ep, len(loader))
+    schedule = SparkSchedule(args.lr, args.wd, args.wde, args.ep, args.wp_ep, len(loader) // args.accum_iter)
     log_writer = make_log_writer(args.log_dir or os.path.join(args.exp_dir, 'tensorboard_log'))
     log_txt = os.path.join(args.exp_dir, 'pretrain_log.txt')
     if args.start_epoch == 0 or not os.path.exists(log_txt):
         commit_id, commit_msg = git_info()
         log_line(log_txt, {'name': args.exp_name, 'cmd': args.cmd, 'git_commit_id': commit_id,
                            'git_commit_msg': commit_msg, 'model': args.model}, blank=True)
+    vis_imgs, _ = fixed_vis_batch(ImageFolderOrFlat(dataset.root, vis_transform(args.input_size)))
+    vis_mask = model.mask(len(vis_imgs), device, generator=torch.Generator().manual_seed(0))
     print(f'{args.model}: {len(dataset)} images from {dataset.root}; global batch {args.glb_batch_size}, '
-          f'lr {args.lr:.3e}, {len(loader)} iterations per epoch')
+          f'lr {args.lr:.3e}, drop path {args.dp}, {len(loader) // args.accum_iter} iterations per epoch')
 
     with tee_console(args.exp_dir):
-        train(args, model, loader, trainer, optimizer, schedule, log_writer, log_txt, min_loss, device)
+        start = time.time()
+        for epoch in range(args.start_epoch, args.ep):
+            loader.sampler.set_epoch(epoch)
+            stats = train_one_epoch(loader, trainer, device, epoch, args, log_writer, schedule,
+                                    compute_loss=lambda m, samples, targets: m(samples))
+            last_loss = float(stats['loss'])
+            min_loss = min(min_loss, last_loss)
+            save_spark_outputs(args, epoch, trainer, model, optimizer, {'min_loss': min_loss, 'last_loss': last_loss})
+            if is_main_process() and args.vis_freq and (epoch % args.vis_freq == 0 or epoch + 1 == args.ep):
+                save_spark_pictures(model, vis_imgs.to(device), vis_mask, args.exp_dir, epoch, log_writer)
+            log_epoch(args, epoch, start, min_loss, last_loss, log_txt, log_writer)
+        print(f'training time {fmt_time(time.time() - start)}; min loss {min_loss:.4f}')
 
 
-def train(args, model, loader, trainer, optimizer, schedule, log_writer, log_txt, min_loss, device):
-    start = time.time()
-    for epoch in range(args.start_epoch, args.ep):
-        loader.sampler.set_epoch(epoch)
-        stats = train_one_epoch(loader, trainer, device, epoch, args, log_writer, schedule,
-                                compute_loss=lambda m, samples, targets: m(samples))
-        last_loss = float(stats['loss'])
-        min_loss = min(min_loss, last_loss)
-        save_outputs(args, epoch, trainer, model, optimizer, {'min_loss': min_loss, 'last_loss': last_loss})
-        remain = (time.time() - start) / (epoch + 1 - args.start_epoch) * (args.ep - epoch - 1)
-        log_line(log_txt, {'cur_ep': f'{epoch + 1}/{args.ep}', 'last_L': last_loss, 'min_L': min_loss,
-                           'rema': fmt_time(remain),
-                           'fini': time.strftime('%m-%d %H:%M', time.localtime(time.time() + remain))})
-        print(f'[*] [ep {epoch + 1}/{args.ep}] Min/Last Recon Loss: {min_loss:.4f}/{last_loss:.4f}, '
-              f'Remain: {fmt_time(remain)}')
-        if log_writer is not None:
-            log_writer.add_scalar('pt_train/min_loss', min_loss, epoch)
-            log_writer.add_scalar('pt_train/last_loss', last_loss, epoch)
-            log_writer.add_scalar('pt_z_burnout/rest_hours', remain / 3600, epoch)
-            log_writer.flush()
-    print(f'training time {fmt_time(time.time() - start)}; min loss {min_loss:.4f}')
+def log_epoch(args, epoch, start, min_loss, last_loss, log_txt, log_writer):
+    remain = (time.time() - start) / (epoch + 1 - args.start_epoch) * (args.ep - epoch - 1)
+    log_line(log_txt, {'cur_ep': f'{epoch + 1}/{args.ep}', 'last_L': last_loss, 'min_L': min_loss,
+                       'rema': fmt_time(remain),
+                       'fini': time.strftime('%m-%d %H:%M', time.localtime(time.time() + remain))})
+    print(f'[*] [ep {epoch + 1}/{args.ep}] Min/Last Recon Loss: {min_loss:.4f}/{last_loss:.4f}, '
+          f'Remain: {fmt_time(remain)}')
+    if log_writer is not None:
+        log_writer.add_scalar('pt_train/min_loss', min_loss, epoch)
+        log_writer.add_scalar('pt_train/last_loss', last_loss, epoch)
+        log_writer.add_scalar('pt_z_burnout/rest_hours', remain / 3600, epoch)
+        log_writer.flush()
 
 
 if __name__ == '__main__':

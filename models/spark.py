@@ -24,16 +24,18 @@ Pieces
       state_dict(with_config=True) adds 'config'; load_state_dict pops and checks it.
   build_spark(model_name, input_size=224, mask_ratio=0.6, sbn=False, dp=0.0)
       timm CNN (num_classes=0, global_pool='', drop_path_rate=dp) -> SparseEncoder -> SparK with
-      LightDecoder(downsample ratio, width 768); densify norm 'bn' for ResNets, 'ln' for ConvNeXts.
-      Unlike the official table, dp is used as given (dp=0 means no drop path).
+      LightDecoder(downsample ratio, width 768); densify norm 'bn' for ResNets, 'ln' for ConvNeXts,
+      none otherwise. Any registered SparK-ready model works (models/custom.py). dp is used as given;
+      main_spark.py's --dp defaults to the official per-model rate (SPARK_DEFAULT_KWARGS), and unlike
+      the official --dp=0 there really disables drop path.
   encoder_state_dict(spark)
       The encoder weights in timm key layout (`<model>_1kpretrained.pth`), loadable with
       strict=False into timm.create_model(name) with only the classifier missing.
 
 Differences from the official code (documented): the active mask is not a module global (the
 encoder and the densify norms hold their own); ConvNeXts are timm's ConvNeXt (timm key names under
-sparse_encoder.sp_cnn, not the official FB ConvNeXt names), so official ConvNeXt spark_style
-checkpoints need a key mapping; ResNet checkpoints load as is. The encoder's channel list is not
+sparse_encoder.sp_cnn, not the official FB ConvNeXt names), so official ConvNeXt checkpoints go
+through models/convnext_keys.py (SparK.load_state_dict renames them); ResNet checkpoints load as is. The encoder's channel list is not
 consumed by the constructor (no "build twice" quirk).
 """
 import math
@@ -44,11 +46,21 @@ import torch
 import torch.nn as nn
 from timm.layers import trunc_normal_
 
+from models.convnext_keys import convnext_official_to_timm, is_official_convnext
 from models.spark_sparse import ActiveMask, SparseBatchNorm2d, SparseEncoder, SparseLayerNorm2d, \
     SparseSyncBatchNorm2d
 
 SPARK_MODELS = ('resnet18', 'resnet34', 'resnet50', 'resnet101', 'resnet152', 'resnet200',
-                'convnext_tiny', 'convnext_small', 'convnext_base', 'convnext_large')
+                'convnext_tiny', 'convnext_small', 'convnext_base', 'convnext_large', 'your_convnet')
+ENCODER_PREFIX = 'sparse_encoder.sp_cnn.'
+# Official pretraining kwargs per model (SparK pretrain/models/__init__.py); add your model's here.
+SPARK_DEFAULT_KWARGS = {
+    'your_convnet': {},
+    'resnet50': {'drop_path_rate': 0.05}, 'resnet101': {'drop_path_rate': 0.08},
+    'resnet152': {'drop_path_rate': 0.10}, 'resnet200': {'drop_path_rate': 0.15},
+    'convnext_small': {'drop_path_rate': 0.2}, 'convnext_base': {'drop_path_rate': 0.3},
+    'convnext_large': {'drop_path_rate': 0.4},
+}
 
 
 # ---------------------------------------------------------------- decoder (spec 2)
@@ -245,6 +257,8 @@ class SparK(nn.Module):
     def load_state_dict(self, state_dict, strict=True, **kwargs):
         state_dict = dict(state_dict)
         config = state_dict.pop('config', None)
+        if is_official_convnext(state_dict, ENCODER_PREFIX):
+            state_dict = convnext_official_to_timm(state_dict, ENCODER_PREFIX)
         ret = super().load_state_dict(state_dict, strict=strict, **kwargs)
         if config is not None:
             mine = self.get_config()
@@ -259,18 +273,35 @@ class SparK(nn.Module):
 
 # ---------------------------------------------------------------- builders
 
+def spark_default_drop_path(model_name):
+    """The official pretraining drop path rate of a model (0 for models without a table entry)."""
+    return SPARK_DEFAULT_KWARGS.get(model_name, {}).get('drop_path_rate', 0.0)
+
+
+def densify_norm_of(model_name):
+    """Official rule: 'bn' for ResNets, 'ln' for ConvNeXts, none for other models."""
+    if 'resnet' in model_name:
+        return 'bn'
+    return 'ln' if 'convnext' in model_name or 'cnx' in model_name else ''
+
+
 def build_spark(model_name, input_size=224, mask_ratio=0.6, sbn=False, dp=0.0):
-    if model_name not in SPARK_MODELS:
-        raise ValueError(f'unknown SparK model {model_name!r}; accepted: {", ".join(SPARK_MODELS)}')
-    ratio = 32
-    if input_size % ratio:
-        raise ValueError(f'input_size={input_size} is not divisible by the downsample ratio {ratio} '
-                         f'of {model_name}')
-    cnn = timm.create_model(model_name, pretrained=False, num_classes=0, global_pool='', drop_path_rate=dp)
-    encoder = SparseEncoder(cnn, input_size, sbn=sbn)
+    """SparK around the timm model `model_name` (any SparK-ready one: a timm ResNet/ConvNeXt, or a model
+    with the three methods of models/custom.py). `dp` is the encoder's drop path rate, used as given
+    (main_spark.py's --dp defaults to the official per-model rate, spark_default_drop_path)."""
+    if model_name not in timm.list_models(model_name):
+        raise ValueError(f'unknown SparK model {model_name!r}; ready: {", ".join(SPARK_MODELS)}, '
+                         f'or register your own (models/custom.py)')
+    kwargs = {k: v for k, v in SPARK_DEFAULT_KWARGS.get(model_name, {}).items() if k != 'drop_path_rate'}
+    if dp:
+        kwargs['drop_path_rate'] = dp
+    cnn = timm.create_model(model_name, pretrained=False, num_classes=0, global_pool='', **kwargs)
+    try:
+        encoder = SparseEncoder(cnn, input_size, sbn=sbn)
+    except TypeError as e:
+        raise ValueError(f'--model={model_name}: {e}. SparK-ready: {", ".join(SPARK_MODELS)}') from None
     decoder = LightDecoder(encoder.get_downsample_ratio(), width=768, sbn=sbn)
-    densify_norm = 'bn' if 'resnet' in model_name else 'ln'
-    return SparK(encoder, decoder, mask_ratio=mask_ratio, densify_norm=densify_norm, sbn=sbn)
+    return SparK(encoder, decoder, mask_ratio=mask_ratio, densify_norm=densify_norm_of(model_name), sbn=sbn)
 
 
 def encoder_state_dict(spark):

@@ -253,7 +253,7 @@ def get_downsample_ratio(cnn):
         return 32
     raise TypeError(f'{type(cnn).__name__} is not a supported SparK backbone: use a timm resnet*/'
                     'convnext_* or give it get_downsample_ratio/get_feature_map_channels/'
-                    'forward(x, hierarchical=True)')
+                    'forward(x, hierarchical=True) as models/custom.py shows')
 
 
 def get_feature_map_channels(cnn):

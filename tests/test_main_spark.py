@@ -94,7 +94,7 @@ def test_seed_command_parses(launcher_flag):
     assert main_spark.exp_dir_of(args) == 'output_my_exp'
     assert (args.mask, args.input_size, args.sbn, args.num_workers, args.dp, args.base_lr, args.wd, args.wde,
             args.ep, args.wp_ep, args.clip, args.opt, args.ada, args.amp, args.resume_from, args.init_weight) == \
-        (0.6, 224, True, 8, 0.0, 2e-4, 0.04, 0.2, 1600, 40, 5, 'lamb', 0.0, 'none', '', '')
+        (0.6, 224, True, 8, None, 2e-4, 0.04, 0.2, 1600, 40, 5, 'lamb', 0.0, 'none', '', '')
 
 
 def test_tap_style_booleans_and_384_recipe():
@@ -108,8 +108,11 @@ def test_tap_style_booleans_and_384_recipe():
 
 def test_per_process_batch():
     assert main_spark.per_process_batch(512, 8) == 64
+    assert main_spark.per_process_batch(512, 8, accum_iter=4) == 16
     with pytest.raises(ValueError, match='multiple of the number of processes'):
         main_spark.per_process_batch(500, 8)
+    with pytest.raises(ValueError, match='accum_iter'):
+        main_spark.per_process_batch(512, 8, accum_iter=3)
 
 
 def run_args(data, out, *extra):

@@ -69,15 +69,16 @@ def all_rng_states():
 
 
 def save_checkpoint(output_dir, epoch, step, args, model, optimizer, scaler=None, extra=None, keep=False, best=False,
-                    name=LAST):
+                    name=LAST, top_level=None):
     """Writes `name` (checkpoint-last.pth), and checkpoint-{epoch}.pth when `keep`, checkpoint-best.pth when
-    `best`. Call on every rank."""
+    `best`. `top_level`: more entries next to ours (an official format's keys). Call on every rank."""
     rng = all_rng_states()
     if not is_main_process():
         return
     state = {'model': model.state_dict(), 'optimizer': optimizer.state_dict(),
              'scaler': scaler.state_dict() if scaler is not None else None,
              'epoch': epoch, 'step': step, 'args': plain_args(args), 'rng': rng, 'extra': extra or {}}
+    state.update(top_level or {})
     atomic_save(state, os.path.join(output_dir, name))
     if keep:
         atomic_save(state, os.path.join(output_dir, f'checkpoint-{epoch}.pth'))

@@ -8,7 +8,7 @@ model may lack are its classifier and its final norm (both initialised, and said
 else -- a missing encoder tensor, a shape that differs, a key nobody expects -- is one clear error.
 
 Works for the ViTs of `models/vit.py` (LocalMIM and MAE checkpoints) and for timm CNNs fed a SparK
-encoder checkpoint (timm key layout, no classifier).
+encoder checkpoint (ours in timm key layout, or an official one: ConvNeXt keys are renamed to timm's).
 """
 import argparse
 import os
@@ -19,6 +19,8 @@ import torch
 import torch.nn as nn
 from timm.layers import resample_abs_pos_embed, trunc_normal_
 from timm.models.vision_transformer import VisionTransformer
+
+from models.convnext_keys import convnext_official_to_timm, is_official_convnext
 
 # Keys that only the pretraining model has: MAE's decoder (`decoder_embed`, `decoder_blocks`, ...,
 # `mask_token`), LocalMIM's per-tap decoders and HOG layers and its tap norms `norm.0` .. `norm.3`.
@@ -58,6 +60,8 @@ def read_state_dict(path):
     if not state:
         raise ValueError(f'checkpoint {path} holds no tensors under model/state_dict/module or at the top level '
                          f'(top-level keys: {", ".join(map(str, list(ckpt)[:10]))})')
+    if is_official_convnext(state):  # official SparK ConvNeXt encoders: FB ConvNeXt names -> timm's
+        state = convnext_official_to_timm(state)
     return state
 
 

@@ -1,0 +1,62 @@
+"""Pretraining your own CNN with SparK: the template the SparK README describes, made runnable.
+
+A CNN is SparK-ready when it has three methods (what `SparseEncoder` calls):
+
+1. `get_downsample_ratio()`: the total stride of the network (32 here). It is also SparK's patch size:
+   masks are drawn on the input_size / ratio grid of the smallest feature map.
+2. `get_feature_map_channels()`: the channels of the maps `forward(x, hierarchical=True)` returns,
+   largest map first (the decoder gets one densify projection per map).
+3. `forward(x, hierarchical=False)`: with hierarchical=True, the list of feature maps, largest first,
+   each map's size an integer multiple of the smallest; otherwise whatever fine-tuning needs (logits).
+
+Then register a factory with `@register_model` and, if it needs pretraining defaults (e.g. a drop path
+rate), add them to `SPARK_DEFAULT_KWARGS` in models/spark.py. `python main_spark.py --model=your_convnet`
+then works with no other change. Use layers SparK can make sparse: Conv2d, BatchNorm2d/SyncBatchNorm,
+LayerNorm (channels-last) and timm's LayerNorm2d, MaxPool2d, AvgPool2d, plus anything pointwise
+(activations, Linear on channels-last maps). Global pooling, SE blocks and GroupNorm would mix masked
+positions into visible ones and are rejected or must be made sparse first (SparK issues #54, #56).
+"""
+import torch.nn as nn
+from timm.models import register_model
+
+
+def conv_bn_act(cin, cout, stride):
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+
+class YourConvNet(nn.Module):
+    """A small plain ConvNet: a stride-4 stem and four stages (strides 1, 2, 2, 2) -> downsample ratio 32."""
+
+    def __init__(self, num_classes=1000, widths=(32, 64, 128, 256), in_chans=3, **kwargs):
+        # kwargs: what timm.create_model and SparK pass along (global_pool, drop_path_rate, pretrained_cfg,
+        # ...); this example has no use for them
+        super().__init__()
+        self.widths = list(widths)
+        self.stem = nn.Sequential(conv_bn_act(in_chans, widths[0], 2), nn.MaxPool2d(3, 2, 1))
+        cins = [widths[0]] + self.widths[:-1]
+        self.stages = nn.ModuleList(
+            nn.Sequential(conv_bn_act(cin, cout, 1 if i == 0 else 2), conv_bn_act(cout, cout, 1))
+            for i, (cin, cout) in enumerate(zip(cins, self.widths)))
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(widths[-1], num_classes) if num_classes > 0 else nn.Identity()
+
+    def get_downsample_ratio(self) -> int:
+        return 32
+
+    def get_feature_map_channels(self) -> list:
+        return list(self.widths)
+
+    def forward(self, x, hierarchical=False):
+        x = self.stem(x)
+        features = []
+        for stage in self.stages:
+            x = stage(x)
+            features.append(x)
+        if hierarchical:
+            return features
+        return self.fc(self.pool(x).flatten(1))
+
+
+@register_model
+def your_convnet(pretrained=False, **kwargs):
+    return YourConvNet(**kwargs)

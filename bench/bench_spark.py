@@ -25,6 +25,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import timm  # noqa: E402
+from timm.optim import Lamb  # noqa: E402
 import torch  # noqa: E402
 from torch.utils import flop_counter  # noqa: E402
 
@@ -77,7 +78,7 @@ def main():
     device = torch.device(args.device)
     fmt = torch.channels_last if args.channels_last else torch.contiguous_format
     model = build_spark(args.model, args.input_size, args.mask).to(device, memory_format=fmt).train()
-    optimizer = timm.optim.Lamb(spark_param_groups(model), lr=1e-4, betas=(0.9, 0.95), max_grad_norm=5.0)
+    optimizer = Lamb(spark_param_groups(model), lr=1e-4, betas=(0.9, 0.95), max_grad_norm=5.0)
     trainer = TrainStep(model, optimizer, device, amp=args.amp)
     B, size = args.batch_size, args.input_size
     imgs = torch.randn(B, 3, size, size, device=device).contiguous(memory_format=fmt)

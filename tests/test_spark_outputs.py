@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import timm
+from timm.optim import Lamb
 import torch
 
 import main_spark
@@ -64,7 +65,7 @@ def test_official_file_names_and_keys(custom_run):
 def one_step_model(name, seed=0):
     torch.manual_seed(seed)
     model = build_spark(name, 64)
-    optimizer = timm.optim.Lamb(spark_param_groups(model), lr=1e-3, betas=(0.9, 0.95), max_grad_norm=5.0)
+    optimizer = Lamb(spark_param_groups(model), lr=1e-3, betas=(0.9, 0.95), max_grad_norm=5.0)
     trainer = TrainStep(model, optimizer, 'cpu')
     trainer.backward(model(torch.randn(2, 3, 64, 64)))
     trainer.step()

@@ -13,14 +13,13 @@ import time
 import timm
 import torch
 import torch.nn as nn
-from timm.data import Mixup
-from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import Lars, param_groups_layer_decay
 from torch.nn.parallel import DistributedDataParallel
 
 import models
 from engine_finetune import ModelEmaHook, evaluate, train_one_epoch
 from util.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from util.classification import build_criterion, build_mixup
 from util.datasets import build_finetune_dataset
 from util.dist import get_world_size
 from util.pretrained import load_pretrained
@@ -144,20 +143,6 @@ def build_optimizer(args, model):
     groups = param_groups_layer_decay(grouped, args.weight_decay, no_weight_decay_list=model.no_weight_decay()
                                       if hasattr(model, 'no_weight_decay') else (), layer_decay=args.layer_decay)
     return torch.optim.AdamW(groups, lr=args.lr, fused=True)
-
-
-def build_criterion(args, mixup_fn):
-    if mixup_fn is not None:  # smoothing happens inside Mixup
-        return SoftTargetCrossEntropy()
-    return LabelSmoothingCrossEntropy(args.smoothing) if args.smoothing > 0 else nn.CrossEntropyLoss()
-
-
-def build_mixup(args):
-    if not (args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None):
-        return None
-    return Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
-                 prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
-                 label_smoothing=args.smoothing, num_classes=args.nb_classes)
 
 
 def main(args):

@@ -19,7 +19,7 @@ from torch.nn.parallel import DistributedDataParallel
 import models
 from engine_finetune import ModelEmaHook, evaluate, train_one_epoch
 from util.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from util.classification import build_criterion, build_mixup
+from util.classification import add_augmentation_args, build_criterion, build_mixup
 from util.datasets import build_finetune_dataset
 from util.dist import get_world_size
 from util.pretrained import load_pretrained
@@ -45,20 +45,8 @@ def get_args_parser():
     parser.add_argument('--layer_decay', type=float, default=0.75, help='layer-wise lr decay (ViT: MAE\'s groups)')
     parser.add_argument('--min_lr', type=float, default=1e-6, metavar='LR')
     parser.add_argument('--warmup_epochs', type=int, default=5, metavar='N')
-    # augmentation (timm)
-    parser.add_argument('--color_jitter', type=float, default=None, metavar='PCT')
-    parser.add_argument('--aa', type=str, default='rand-m9-mstd0.5-inc1', metavar='NAME')
-    parser.add_argument('--smoothing', type=float, default=0.1)
-    parser.add_argument('--reprob', type=float, default=0.25, metavar='PCT')
-    parser.add_argument('--remode', type=str, default='pixel')
-    parser.add_argument('--recount', type=int, default=1)
+    add_augmentation_args(parser)
     parser.add_argument('--resplit', action='store_true', default=False)
-    parser.add_argument('--mixup', type=float, default=0)
-    parser.add_argument('--cutmix', type=float, default=0)
-    parser.add_argument('--cutmix_minmax', type=float, nargs='+', default=None)
-    parser.add_argument('--mixup_prob', type=float, default=1.0)
-    parser.add_argument('--mixup_switch_prob', type=float, default=0.5)
-    parser.add_argument('--mixup_mode', type=str, default='batch')
     # what to start from and how to pool
     parser.add_argument('--finetune', default='', help='pretrained checkpoint (ours, LocalMIM, MAE, SparK encoder)')
     parser.add_argument('--global_pool', action='store_true')

@@ -24,7 +24,9 @@ _RULES = [
 
 
 def is_official_convnext(state_dict, prefix=''):
-    return any(k.startswith(prefix + 'downsample_layers.') for k in state_dict)
+    """Official ConvNeXt keys: `downsample_layers.*` and blocks with a `dwconv` (SLaK shares the first, not the second)."""
+    return any(k.startswith(prefix + 'stages.') and '.dwconv.' in k for k in state_dict) and \
+        any(k.startswith(prefix + 'downsample_layers.') for k in state_dict)
 
 
 def convnext_official_to_timm(state_dict, prefix=''):

@@ -1,0 +1,262 @@
+"""main_slak.py: official flags, schedules (spec slak.md 3.4), param groups (3.3), a tiny sparse SLaK on the demo
+data with EMA and AMP, masks in checkpoints, resume, --eval, official checkpoints, one-line errors."""
+import argparse
+import json
+import math
+import shlex
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import main_slak
+from run_helpers import killed_at_epoch
+from util.checkpoint import LAST
+from util.classification import convnext_param_groups
+from util.lr_sched import IterationSchedule, cosine_scheduler
+from util.runtime import run_cli
+
+COMMON = ('--Decom True --sparse --width_factor 1.3 --sparsity 0.4 --sparse_init snip --growth random '
+          '--epochs 300 --lr 4e-3 --update_freq 8 --model_ema true --model_ema_eval true '
+          '--data_path /path/to/imagenet-1k --num_workers 40 --kernel_size 51 49 47 13 5 '
+          '--output_dir /path/to/save_results')
+SEED_TRAIN = {  # seed 003 (the official README), after `main.py` -> `main_slak.py`
+    'SLaK_tiny': '-u 2000 --prune_rate 0.5 --model SLaK_tiny --drop_path 0.1 --batch_size 128',
+    'SLaK_small': '-u 100 --prune_rate 0.3 --model SLaK_small --drop_path 0.4 --batch_size 64',
+    'SLaK_base': '-u 100 --prune_rate 0.3 --model SLaK_base --drop_path 0.5 --batch_size 32',
+}
+SEED_EVAL = ('--model SLaK_tiny --eval true --Decom True --kernel_size 51 49 47 13 5 --width_factor 1.3 '
+             '--resume path/to/checkpoint --input_size 224 --drop_path 0.2 --data_path /path/to/imagenet-1k')
+parse = main_slak.get_args_parser().parse_args
+
+
+@pytest.fixture(scope='module', autouse=True)
+def one_thread():
+    """Tiny models on shared cores: one intra-op thread avoids oversubscribed (spinning) OpenMP threads."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize('model', sorted(SEED_TRAIN))
+def test_seed_training_commands_parse(model):
+    args = parse(shlex.split(f'{COMMON} {SEED_TRAIN[model]}') + ['--local-rank=2'])
+    assert args.model == model and args.local_rank == 2 and args.sparse and args.Decom is True
+    assert (args.width_factor, args.sparsity, args.sparse_init, args.growth, args.epochs, args.lr) == \
+        (1.3, 0.4, 'snip', 'random', 300, 4e-3)
+    assert args.update_freq == 8 and args.model_ema is True and args.model_ema_eval is True
+    assert args.kernel_size == [51, 49, 47, 13, 5] and args.num_workers == 40
+    assert (args.update_frequency, args.prune_rate) == ((2000, 0.5) if model == 'SLaK_tiny' else (100, 0.3))
+
+
+@pytest.mark.parametrize('launcher', [[], ['--local_rank=5']])
+def test_seed_eval_command_parses(launcher):
+    args = parse(shlex.split(SEED_EVAL) + launcher)
+    assert args.eval is True and args.resume == 'path/to/checkpoint' and args.drop_path == 0.2 and not args.sparse
+    assert args.Decom is True and args.width_factor == 1.3 and args.input_size == 224
+
+
+def test_official_defaults_and_string_booleans():
+    args = parse([])
+    assert (args.batch_size, args.epochs, args.update_freq, args.model, args.drop_path, args.input_size) == \
+        (64, 300, 1, 'SLaK_tiny', 0, 224)
+    assert (args.opt, args.opt_eps, args.opt_betas, args.clip_grad, args.weight_decay, args.weight_decay_end) == \
+        ('adamw', 1e-8, None, None, 0.05, None)
+    assert (args.lr, args.layer_decay, args.min_lr, args.warmup_epochs, args.warmup_steps) == (4e-3, 1.0, 1e-6, 20, -1)
+    assert (args.mixup, args.cutmix, args.smoothing, args.reprob, args.aa, args.color_jitter) == \
+        (0.8, 1.0, 0.1, 0.25, 'rand-m9-mstd0.5-inc1', 0.4)
+    assert args.auto_resume is True and args.save_ckpt is True and args.dist_eval is True and args.bn is True
+    assert (args.save_ckpt_freq, args.save_ckpt_num, args.model_ema_decay, args.nb_classes) == (10, 3, 0.9999, 1000)
+    assert args.model_ema is args.use_amp is args.eval is args.Decom is args.sparse is False
+    assert (args.sparsity, args.sparse_init, args.prune, args.growth, args.prune_rate, args.update_frequency) == \
+        (0.4, 'snip', 'magnitude', 'random', 0.3, 100)
+    flags = parse(shlex.split('--use_amp true --auto_resume false --model_ema --bn False --eval TRUE'))
+    assert flags.use_amp is True and flags.auto_resume is False and flags.model_ema is True
+    assert flags.bn is False and flags.eval is True
+    with pytest.raises(SystemExit):
+        parse(['--model_ema', 'maybe'])
+
+
+def test_lr_and_wd_schedules_match_spec_formula():
+    base, final, spe = 4e-3, 1e-6, 5
+    lrs = cosine_scheduler(base, final, 4, spe, warmup_epochs=1)
+    assert len(lrs) == 20 and lrs[0] == 0 and lrs[4] == pytest.approx(base)
+    assert lrs[:5] == pytest.approx([base * i / 4 for i in range(5)])  # np.linspace(0, base, 5)
+    cosine = [final + 0.5 * (base - final) * (1 + math.cos(math.pi * i / 15)) for i in range(15)]
+    assert lrs[5:] == pytest.approx(cosine, rel=1e-12)
+    steps = cosine_scheduler(base, final, 4, spe, warmup_epochs=1, warmup_steps=3)
+    assert len(steps) == 20 and steps[:3] == pytest.approx([0, base / 2, base]) and steps[3] == pytest.approx(base)
+    assert np.all(cosine_scheduler(0.05, 0.05, 4, spe) == 0.05)
+    with pytest.raises(ValueError, match='warmup'):
+        cosine_scheduler(base, final, 1, spe, warmup_epochs=2)
+
+    groups = [{'params': [torch.nn.Parameter(torch.zeros(2))], 'weight_decay': 0.05, 'lr_scale': 0.5},
+              {'params': [torch.nn.Parameter(torch.zeros(2))], 'weight_decay': 0.0, 'lr_scale': 1.0}]
+    optimizer = torch.optim.SGD(groups, lr=1.0)
+    schedule = IterationSchedule(lrs, np.linspace(0.05, 0.1, 20), batches_per_epoch=11, accum_iter=2)  # 5 steps
+    for batch in (0, 2, 4, 6, 8):  # window starts of epoch 2: it = 2 * 5 + batch // 2
+        lr = schedule.adjust(optimizer, 2 + batch / 11)
+        it = 10 + batch // 2
+        assert lr == lrs[it] and optimizer.param_groups[0]['lr'] == lrs[it] * 0.5
+        assert optimizer.param_groups[0]['weight_decay'] == pytest.approx(0.05 + 0.05 * it / 19)
+        assert optimizer.param_groups[1]['weight_decay'] == 0.0
+    assert schedule.index(3 + 10 / 11) == 19  # the last epoch's unfinished window is clamped
+
+
+def tiny_slak(**kwargs):
+    import timm
+    return timm.create_model('SLaK_tiny', width_factor=0.25, kernel_size=[7, 7, 5, 3, 3], Decom=True, num_classes=6,
+                             **kwargs)
+
+
+def test_param_groups_no_decay_and_convnext_layer_decay():
+    model = tiny_slak()
+    groups = convnext_param_groups(model, 0.05, layer_decay=1.0)
+    assert [g['weight_decay'] for g in groups] == [0.05, 0.0] and all(g['lr_scale'] == 1 for g in groups)
+    names = {id(p): n for n, p in model.named_parameters()}
+    no_decay = {names[id(p)] for p in groups[1]['params']}
+    assert no_decay == {n for n, p in model.named_parameters() if p.ndim == 1 or n.endswith('.bias')}
+    scale = {names[id(p)]: g['lr_scale'] for g in convnext_param_groups(model, 0.05, 0.9) for p in g['params']}
+    expected_depth = {'downsample_layers.0.0.weight': 0, 'stages.0.1.pwconv1.weight': 1, 'downsample_layers.1.0.weight': 2,
+                      'stages.1.2.gamma': 2, 'downsample_layers.2.1.bias': 3, 'stages.2.7.large_kernel.LoRA1.conv.weight':
+                      5, 'downsample_layers.3.1.weight': 12, 'stages.3.0.norm.weight': 12, 'norm.weight': 13,
+                      'head.weight': 13}
+    for name, depth in expected_depth.items():
+        assert scale[name] == pytest.approx(0.9 ** (13 - depth)), name
+
+
+def slak_args(out, *extra):
+    argv = ['--data_path', 'demo', '--model', 'SLaK_tiny', '--width_factor', '0.25', '--kernel_size', '7', '7', '5',
+            '3', '3', '--Decom', 'True', '--input_size', '32', '--batch_size', '16', '--nb_classes', '6',
+            '--epochs', '2', '--warmup_epochs', '1', '--num_workers', '0', '--device', 'cpu', '--print_freq', '100',
+            '--aa', 'none', '--reprob', '0', '--output_dir', str(out), *extra]
+    return parse(argv)
+
+
+SPARSE = ('--sparse', '-u', '2', '--prune_rate', '0.3', '--update_freq', '2', '--model_ema', 'true',
+          '--model_ema_eval', 'true', '--model_ema_decay', '0.9', '--use_amp', 'true')
+
+
+@pytest.fixture(scope='module')
+def runs(tmp_path_factory):
+    """A straight 2-epoch sparse run (AMP, EMA, accumulation; 4 optimizer steps and 2 prune/grow events per epoch)
+    and the same run killed before epoch 1 and auto-resumed."""
+    tmp = tmp_path_factory.mktemp('slak')
+    mp = pytest.MonkeyPatch()
+    mp.setenv('DEMO_DATA_ROOT', str(tmp / 'demo'))
+    main_slak.main(slak_args(tmp / 'straight', *SPARSE, '--log_dir', str(tmp / 'straight' / 'tb')))
+    with killed_at_epoch(main_slak, 1):
+        main_slak.main(slak_args(tmp / 'resumed', *SPARSE))
+    main_slak.main(slak_args(tmp / 'resumed', *SPARSE))
+    yield tmp
+    mp.undo()
+
+
+def log_lines(out):
+    return [json.loads(line) for line in open(out / 'log.txt')]
+
+
+def test_sparse_demo_run_trains_and_evaluates_with_ema(runs):
+    out = runs / 'straight'
+    log = log_lines(out)
+    assert [e['epoch'] for e in log] == [0, 1]
+    assert all(0 <= e['test_acc1'] <= 100 and 0 <= e['test_acc1_ema'] <= 100 and e['test_count'] == 36 for e in log)
+    assert max(e['test_acc1'] for e in log) > 100 / 6  # six classes: better than chance
+    assert all(e['sparse_density'] == pytest.approx(0.6, abs=0.01) for e in log)
+    for name in ('checkpoint-1.pth', 'checkpoint-best.pth', 'checkpoint-best-ema.pth', LAST):
+        assert (out / name).exists(), name
+    assert any((out / 'tb').iterdir())
+
+
+def test_masked_weights_are_zero_in_saved_checkpoint(runs):
+    ckpt = torch.load(runs / 'straight' / LAST, weights_only=True)
+    masking = ckpt['extra']['masking']
+    assert masking['steps'] == ckpt['step'] == 8 and masking['last_event'] and len(masking['masks']) > 10
+    for name, mask in masking['masks'].items():
+        assert mask.dtype == torch.bool and not mask.all()
+        assert torch.all(ckpt['model'][name][~mask] == 0) and torch.all(ckpt['model_ema'][name][~mask] == 0), name
+
+
+def test_resume_equals_uninterrupted_run_including_masks(runs):
+    a = torch.load(runs / 'straight' / LAST, weights_only=True)
+    b = torch.load(runs / 'resumed' / LAST, weights_only=True)
+    assert a['epoch'] == b['epoch'] == 1 and a['step'] == b['step']
+    for key in ('model', 'model_ema'):
+        assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
+    ma, mb = a['extra']['masking'], b['extra']['masking']
+    assert ma['masks'].keys() == mb['masks'].keys() and all(torch.equal(ma['masks'][k], mb['masks'][k])
+                                                             for k in ma['masks'])
+    assert (ma['steps'], ma['prune_rate'], ma['decay']) == (mb['steps'], mb['prune_rate'], mb['decay'])
+    assert a['extra']['max_accuracy'] == b['extra']['max_accuracy']
+    assert [e['test_acc1'] for e in log_lines(runs / 'straight')] == [e['test_acc1'] for e in log_lines(runs / 'resumed')]
+
+
+@pytest.mark.parametrize('ema_eval', ['true', 'false'])
+def test_eval_resume_returns_the_logged_accuracy(runs, monkeypatch, ema_eval):
+    monkeypatch.setenv('DEMO_DATA_ROOT', str(runs / 'demo'))
+    out = runs / 'straight'
+    stats = main_slak.main(slak_args(runs / f'eval_{ema_eval}', '--use_amp', 'true', '--eval', 'true',
+                                     '--resume', str(out / LAST), '--model_ema_eval', ema_eval))
+    last = log_lines(out)[-1]
+    assert stats['acc1'] == last['test_acc1'] and stats['loss'] == pytest.approx(last['test_loss'])
+    if ema_eval == 'true':
+        assert stats['acc1_ema'] == last['test_acc1_ema']
+    else:
+        assert 'acc1_ema' not in stats
+    assert not (runs / f'eval_{ema_eval}' / 'log.txt').exists()
+
+
+@pytest.fixture()
+def official_checkpoint(runs):
+    """The straight run's last state as the official code saves it: no masks, args as a Namespace."""
+    ours = torch.load(runs / 'straight' / LAST, weights_only=True)
+    path = runs / 'official.pth'
+    torch.save({'model': ours['model'], 'optimizer': ours['optimizer'], 'epoch': 1, 'scaler': {},
+                'args': argparse.Namespace(model='SLaK_tiny'), 'model_ema': ours['model_ema']}, path)
+    return path, ours
+
+
+def test_official_checkpoint_resumes_with_its_nonzeros_as_masks(runs, monkeypatch, official_checkpoint, capsys):
+    monkeypatch.setenv('DEMO_DATA_ROOT', str(runs / 'demo'))
+    path, ours = official_checkpoint
+    out = runs / 'from_official'
+    main_slak.main(slak_args(out, *SPARSE, '--epochs', '3', '--resume', str(path)))  # default --sparse_init snip
+    assert "masks from the checkpoint's non-zero weights" in capsys.readouterr().out
+    ckpt = torch.load(out / LAST, weights_only=True)
+    assert ckpt['epoch'] == 2 and log_lines(out)[0]['epoch'] == 2
+    masks = ckpt['extra']['masking']['masks']
+    assert masks.keys() == ours['extra']['masking']['masks'].keys()
+    density = float(sum(m.sum() for m in masks.values()) / sum(m.numel() for m in masks.values()))
+    # masks started as the non-zeros (weights regrown at the last event are still 0, hence < 0.6); random
+    # growth keeps the density in expectation. Masks redrawn by snip over them would give about 0.6 * that.
+    nonzero = float(sum(ours['model'][k].count_nonzero() for k in masks) / sum(m.numel() for m in masks.values()))
+    assert 0.5 < nonzero <= 0.6 and density == pytest.approx(nonzero, abs=0.02)
+
+
+def test_official_checkpoint_finetunes_with_a_new_head(runs, official_checkpoint):
+    path, ours = official_checkpoint
+    model = main_slak.build_model(slak_args(runs / 'ft', '--finetune', str(path), '--nb_classes', '7'))
+    state = model.state_dict()
+    assert state['head.weight'].shape[0] == 7
+    assert all(torch.equal(state[k], v) for k, v in ours['model'].items() if not k.startswith('head.'))
+
+
+def test_resume_wins_over_auto_resume(runs):
+    out = runs / 'straight'
+    assert main_slak.resume_path(slak_args(out, '--resume', 'other.pth')) == 'other.pth'  # official: auto_resume won
+    assert main_slak.resume_path(slak_args(out)) == str(out / LAST)
+    assert main_slak.resume_path(slak_args(out, '--auto_resume', 'false')) is None
+    assert main_slak.resume_path(slak_args('')) is None  # official: globbed the working directory
+
+
+@pytest.mark.parametrize('argv,flag', [(['--model', 'SLaK_huge'], '--model SLaK_huge'),
+                                       (['--kernel_size', '51', '49', '47', '13'], '--kernel_size'),
+                                       (['--crop_pct', '0.9'], '--crop_pct')])
+def test_bad_input_is_one_clear_line(monkeypatch, argv, flag):
+    monkeypatch.setattr(sys, 'argv', ['main_slak.py', '--device', 'cpu', *argv])
+    with pytest.raises(SystemExit) as error:
+        run_cli(main_slak.main, main_slak.get_args_parser())
+    message = str(error.value.code)
+    assert message.startswith('main_slak.py: error:') and flag in message and '\n' not in message

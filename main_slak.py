@@ -52,27 +52,20 @@ from util.classification import add_augmentation_args, build_criterion, build_mi
 from util.datasets import ImageFolderOrFlat, build_finetune_dataset, build_finetune_transform
 from util.dist import get_world_size, is_main_process
 from util.lr_sched import IterationSchedule, cosine_scheduler
-from util.runtime import append_log_line, build_train_loader, make_log_writer, run_cli, setup_run
+from util.runtime import add_bool_arg, append_log_line, build_train_loader, make_log_writer, run_cli, setup_run
 from util.samplers import build_eval_loader
 from util.sparse_training import MaskedEmaHook, Masking, add_sparse_args, density_from_sparsity
 from util.train_step import AMP_DTYPES, TrainStep
 
-TRUE, FALSE = ('true', 't', 'yes', 'y', '1'), ('false', 'f', 'no', 'n', '0')
 UNSUPPORTED = {'enable_wandb': False, 'crop_pct': None, 'train_interpolation': 'bicubic',
                'imagenet_default_mean_and_std': True, 'model_prefix': ''}
-
-
-def str2bool(value):
-    if str(value).lower() not in TRUE + FALSE:
-        raise argparse.ArgumentTypeError(f'expected true or false, got {value!r}')
-    return str(value).lower() in TRUE
 
 
 def get_args_parser():
     p = argparse.ArgumentParser('SLaK training and evaluation', add_help=True)
 
     def boolean(name, default, help=None):
-        p.add_argument(name, type=str2bool, default=default, nargs='?', const=True, help=help)
+        add_bool_arg(p, name, default, help)
 
     p.add_argument('--batch_size', default=64, type=int, help='per process')
     p.add_argument('--epochs', default=300, type=int)

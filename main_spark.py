@@ -34,23 +34,13 @@ from models.spark import build_spark, spark_default_drop_path
 from util.datasets import ImageFolderOrFlat, resolve_image_root
 from util.dist import get_world_size, is_main_process
 from util.mim_vis import fixed_vis_batch, vis_transform
-from util.runtime import build_train_loader, make_log_writer, run_cli, setup_run, tee_console
+from util.runtime import add_bool_arg, build_train_loader, make_log_writer, run_cli, setup_run, tee_console
 from util.spark_checkpoint import find_resume_file, resume_spark, save_spark_outputs
 from util.spark_sched import SparkSchedule, spark_param_groups
 from util.spark_vis import save_spark_pictures
 from util.train_step import TrainStep
 
 REPO = os.path.dirname(os.path.abspath(__file__))
-
-
-def str2bool(value):
-    if isinstance(value, bool):
-        return value
-    if value.lower() in ('true', '1', 'yes', 'y', 't'):
-        return True
-    if value.lower() in ('false', '0', 'no', 'n', 'f'):
-        return False
-    raise argparse.ArgumentTypeError(f'expected True or False, got {value!r}')
 
 
 def get_args_parser():
@@ -66,8 +56,7 @@ def get_args_parser():
     p.add_argument('--mask', default=0.6, type=float, help='mask ratio')
     p.add_argument('--model', default='resnet50', type=str)
     p.add_argument('--input_size', default=224, type=int)
-    p.add_argument('--sbn', default=True, type=str2bool, nargs='?', const=True,
-                   help='SyncBatchNorm (forced False when not distributed)')
+    add_bool_arg(p, '--sbn', True, 'SyncBatchNorm (forced False when not distributed)')
     # data
     p.add_argument('--bs', default=4096, type=int, help='GLOBAL batch size')
     p.add_argument('--dataloader_workers', '--num_workers', dest='num_workers', default=8, type=int)
@@ -91,8 +80,8 @@ def get_args_parser():
     p.add_argument('--log_dir', default=None, help='TensorBoard folder (default: <exp_dir>/tensorboard_log)')
     p.add_argument('--device', default='cuda')
     p.add_argument('--seed', default=0, type=int)
-    p.add_argument('--auto_resume', default=True, type=str2bool, nargs='?', const=True)
-    p.add_argument('--pin_mem', default=True, type=str2bool, nargs='?', const=True)
+    add_bool_arg(p, '--auto_resume', True)
+    add_bool_arg(p, '--pin_mem', True)
     p.add_argument('--local_rank', '--local-rank', default=-1, type=int)
     p.add_argument('--dist_url', default='env://')
     return p

@@ -66,22 +66,30 @@ def _write_demo_images(folder: Path) -> None:
                 _random_crop(photo, rng).save(class_dir / f'{name}_{i:03d}.png')
 
 
-def demo_imagefolder(root=None) -> Path:
-    """Return the demo ImageFolder root (with `train/` and `val/`), building it if missing."""
-    root = Path(root) if root is not None else default_demo_root()
+def build_once(root, write, what):
+    """`root`, after `write(folder)` filled it, unless it exists already. The build goes to a temporary sibling
+    renamed into place, so an interrupted build never passes for a finished one and concurrent builders (DDP
+    ranks) are safe: whoever renames first wins, the others discard their copy."""
+    root = Path(root)
     if root.is_dir():
         return root
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f'.{root.name}.building-', dir=root.parent))
     try:
-        _write_demo_images(tmp)
+        write(tmp)
         try:
             os.replace(tmp, root)
         except OSError:
             if not root.is_dir():
                 raise
             return root  # another process finished first; ours is removed below
-        print(f'Built demo ImageFolder ({len(DEMO_PHOTOGRAPHS)} classes) at {root}')
+        print(f'Built {what} at {root}')
         return root
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def demo_imagefolder(root=None) -> Path:
+    """Return the demo ImageFolder root (with `train/` and `val/`), building it if missing."""
+    root = Path(root) if root is not None else default_demo_root()
+    return build_once(root, _write_demo_images, f'demo ImageFolder ({len(DEMO_PHOTOGRAPHS)} classes)')

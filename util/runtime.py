@@ -1,4 +1,5 @@
 """Run plumbing shared by every entry script: seeding, the training loader, logs, clean errors."""
+import argparse
 import contextlib
 import json
 import os
@@ -12,6 +13,21 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from util.dist import get_rank, get_world_size, init_distributed_mode, is_main_process
 from util.train_step import NonFiniteLossError
+
+
+def str2bool(value):
+    """argparse type for the official scripts' `--flag=True` / `--flag false` booleans."""
+    text = str(value).lower()
+    if text in ('true', 't', 'yes', 'y', '1'):
+        return True
+    if text in ('false', 'f', 'no', 'n', '0'):
+        return False
+    raise argparse.ArgumentTypeError(f'expected true or false, got {value!r}')
+
+
+def add_bool_arg(parser, name, default, help=None):
+    """`--name` (= true), `--name true|false|True|False|1|0`."""
+    parser.add_argument(name, type=str2bool, default=default, nargs='?', const=True, help=help)
 
 
 def setup_run(args):

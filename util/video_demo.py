@@ -11,14 +11,12 @@ Like the demo ImageFolder, the build goes to a temporary sibling folder renamed 
 end, so concurrent callers (DDP ranks) and interrupted builds are safe.
 """
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from util.demo_data import DEMO_PHOTOGRAPHS, DEMO_SEED, REPOSITORY_ROOT, _load_photograph
+from util.demo_data import DEMO_PHOTOGRAPHS, DEMO_SEED, REPOSITORY_ROOT, _load_photograph, build_once
 from util.video_data import write_frame_csv
 
 DEMO_VIDEOS_PER_CLASS = {'train': 8, 'val': 2}
@@ -74,19 +72,6 @@ def make_demo_videos(root=None, videos_per_class=None, frame_range=DEMO_FRAME_RA
     """Return the demo video root (train.csv, train/, val.csv, val/), building it if missing.
     The other arguments only matter when it is built."""
     root = Path(root) if root is not None else default_demo_video_root()
-    if root.is_dir():
-        return root
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f'.{root.name}.building-', dir=root.parent))
-    try:
-        _write_demo_videos(tmp, videos_per_class or DEMO_VIDEOS_PER_CLASS, frame_range, frame_size)
-        try:
-            os.replace(tmp, root)
-        except OSError:
-            if not root.is_dir():
-                raise
-            return root  # another process finished first; ours is removed below
-        print(f'Built demo videos ({len(DEMO_PHOTOGRAPHS)} classes) at {root}')
-        return root
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    return build_once(root, lambda tmp: _write_demo_videos(tmp, videos_per_class or DEMO_VIDEOS_PER_CLASS,
+                                                           frame_range, frame_size),
+                      f'demo videos ({len(DEMO_PHOTOGRAPHS)} classes)')

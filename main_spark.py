@@ -186,7 +186,7 @@ def main(args):
         print(f'resumed from {resume_path} (epoch {last_epoch} done)')
     if args.distributed:
         trainer.model = DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda' else None,
-                                                find_unused_parameters=False, broadcast_buffers=False)
+                                                find_unused_parameters=False, forward_sync_buffers=False)
     schedule = SparkSchedule(args.lr, args.wd, args.wde, args.ep, args.wp_ep, len(loader) // args.accum_iter)
     log_writer = make_log_writer(args.log_dir or os.path.join(args.exp_dir, 'tensorboard_log'))
     log_txt = os.path.join(args.exp_dir, 'pretrain_log.txt')

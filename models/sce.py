@@ -231,7 +231,6 @@ class SCE(nn.Module):
         self.num_global_crops, self.num_crops = num_global_crops, num_global_crops + num_local_crops
         self.global_step = 0
         self._pending_keys = []
-        self._keys_per_step = 0
         momentum_value(0, self.total_steps, initial_momentum, scheduler_momentum, steps_per_epoch)  # validates
 
     # ----- schedules (host-side floats of global_step, spec 2)
@@ -328,7 +327,8 @@ class SCE(nn.Module):
                 'k_std': F.normalize(targets[0].float(), dim=1).std(0).mean()}
         if self.queue is not None:
             size = self.queue.shape[1]
-            logs['queue_fill'] = scalar(min(1.0, self.global_step * self._keys_per_step / size))
+            keys_per_step = sum(len(k) for k in self._pending_keys)  # known from this forward (also after a resume)
+            logs['queue_fill'] = scalar(min(1.0, self.global_step * keys_per_step / size))
         if self.online_evaluator is not None and labels is not None and self.training:
             logs.update(self.online_evaluator.step(first[0], labels.to(device)))
         return loss, logs
@@ -347,7 +347,6 @@ class SCE(nn.Module):
         idx = (self.queue_ptr + torch.arange(len(keys), device=keys.device)) % size
         self.queue.index_copy_(1, idx, keys.T.to(self.queue.dtype))
         self.queue_ptr.copy_((self.queue_ptr + len(keys)) % size)
-        self._keys_per_step = len(keys)
 
     @torch.no_grad()
     def momentum_update(self, momentum):

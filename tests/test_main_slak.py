@@ -29,15 +29,9 @@ SEED_TRAIN = {  # seed 003 (the official README), after `main.py` -> `main_slak.
 SEED_EVAL = ('--model SLaK_tiny --eval true --Decom True --kernel_size 51 49 47 13 5 --width_factor 1.3 '
              '--resume path/to/checkpoint --input_size 224 --drop_path 0.2 --data_path /path/to/imagenet-1k')
 parse = main_slak.get_args_parser().parse_args
+pytestmark = pytest.mark.usefixtures('one_thread')  # conftest.py
 
 
-@pytest.fixture(scope='module', autouse=True)
-def one_thread():
-    """Tiny models on shared cores: one intra-op thread avoids oversubscribed (spinning) OpenMP threads."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize('model', sorted(SEED_TRAIN))

@@ -10,13 +10,7 @@ from util.pretrained import load_pretrained
 TAP_NORMS = {f'norm.{k}.{p}' for k in range(4) for p in ('weight', 'bias')}
 
 
-@pytest.fixture(autouse=True, scope='module')
-def one_thread():
-    # timm's ViT init is many small in-place ops: on a busy 2-core runner, 2 threads are ~20x slower than 1
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures('one_thread')  # conftest.py
 
 
 def vit(global_pool=True, img_size=64, num_classes=10, **kw):

@@ -9,13 +9,7 @@ import torchvision.transforms.v2.functional as TF
 from util.video_augment import (JITTER_ORDERS, SCEVideoAugment, build_sce_augmentations,
                                 clip_pair_grid, gaussian_blur, jitter_orders, select)
 
-@pytest.fixture(autouse=True, scope='module')
-def one_thread():
-    """Tiny tensors: one intra-op thread avoids thread hand-off costs on a busy 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures('one_thread')  # conftest.py
 
 
 ALWAYS = dict(jitter_p=1.0, grayscale_p=1.0, blur_p=1.0, solarize_p=1.0, hflip_p=1.0)

@@ -14,7 +14,7 @@ from util.video_data import (VideoClipDataset, VideoDecoderUnavailable, build_vi
 from util.video_demo import default_demo_video_root, make_demo_videos
 
 # torchvision 0.29 deprecates its JPEG codec; util.video_data silences this, but pytest resets filters per test
-pytestmark = pytest.mark.filterwarnings('ignore:The image decoding and encoding capabilities:DeprecationWarning')
+
 
 
 def torchcodec_works():

@@ -1,0 +1,247 @@
+"""SCE (Similarity Contrastive Estimation) video pretraining of an R3D-18, the official eztorch run of seed 000
+(`resnet3d18_kinetics200.yaml`) as argparse flags whose defaults are the seed's settings.
+
+    # 8 GPUs, global batch 512 (64 per GPU), lr 2.4 * 512 / 256 = 4.8
+    bash record.sh python -m torch.distributed.launch --nproc_per_node=8 main_sce.py \\
+        --data_path /path/to/kinetics200 --output_dir output/sce_r3d18_k200
+    # 2 GPUs (the official README's 2 x A100): same global batch, 256 per GPU
+    bash record.sh torchrun --nproc_per_node=2 main_sce.py --data_path /path/to/kinetics200 --output_dir ...
+    # SLURM: one task per GPU
+    srun --kill-on-bad-exit=1 --ntasks-per-node=8 --gpus-per-node=8 python main_sce.py --data_path ... --output_dir ...
+    # demo on CPU: generated frame-folder videos, tiny clips
+    python main_sce.py --data_path demo --output_dir output/sce_demo --device cpu --crop_size 32 \\
+        --num_frames 4 --global_batch_size 8 --queue_size 64 --epochs 2 --warmup_epochs 1 --num_workers 2
+
+Data: `<data_path>/train.csv` (`<class>/<video> <label> <num_frames>`) and `<data_path>/train/<class>/<video>/
+00000001.jpg ...` (spec 5.2; util/video_data.py). Outputs in --output_dir: checkpoint-last.pth every epoch (model
+with the target network, queue and pointer; LARS, GradScaler, step, RNG, online evaluator's Adam), checkpoint-<N>.pth
+every --save_freq epochs, log.txt (one JSON line per epoch), TensorBoard in --log_dir (losses, lr, mean positive
+weight, queue fill, std of normalised embeddings, online linear accuracy, clip pairs) and vis/clip_pairs_*.png.
+Runs resume automatically from the newest checkpoint in --output_dir (--auto_resume false to start over).
+
+Differences from the official code (deliberate):
+- no Hydra / Lightning / pytorchvideo / torchaug: the GPU augmentations are plain torch (util/video_augment.py);
+- the loader shuffles every epoch on one device too (spec 9.8) and seeds are per rank (seed + rank);
+- --amp fp16 (the seed's precision 16) with a GradScaler; the SCE loss itself runs in fp32 (models/sce.py).
+  bf16 needs no scaler and is the safer choice on Ampere or newer GPUs if fp16 overflows. On the CPU fp16 is
+  replaced by fp32 (CPU fp16 autocast is ~30x slower for this model);
+- checkpoints every epoch (the seed keeps one every 100 epochs: --save_freq 100) and auto-resume;
+- --accum_iter (not in the seed) reaches the global batch with fewer GPUs; BN statistics are then per micro-batch;
+- SyncBatchNorm only under DDP on CUDA (gloo has none); the queue is enqueued after the optimizer step (same result).
+"""
+import argparse
+import datetime
+import os
+import time
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torch.nn.parallel import DistributedDataParallel
+
+from engine_pretrain import train_one_epoch
+from models.sce import SCEHook, add_sce_model_args, build_sce, convert_sync_batchnorm
+from util.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from util.dist import get_world_size, is_main_process
+from util.runtime import add_bool_arg, append_log_line, build_train_loader, make_log_writer, run_cli, setup_run
+from util.sce_optim import build_lars, scale_learning_rate, sce_schedule
+from util.train_step import TrainStep
+from util.video_augment import build_sce_augmentations, clip_pair_grid
+from util.video_data import build_video_dataset
+
+# Colour jitter of the two configs (spec 0 / 5.7): the reference run's "strength 1" and the baseline's.
+JITTER = {'strong': dict(brightness=0.8, contrast=0.8, saturation=0.4, hue=0.2),
+          'baseline': dict(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)}
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser('SCE video pretraining', add_help=True)
+    g = p.add_argument_group('data (seed datamodule)')
+    g.add_argument('--data_path', default=None, help="Kinetics folder with train.csv and train/, or 'demo'")
+    g.add_argument('--decoder', default='frame', choices=['frame', 'video'])
+    g.add_argument('--num_clips', default=2, type=int, help='clips per video (= SCE global views)')
+    g.add_argument('--clip_duration', default=2.56, type=float, help='seconds per clip')
+    g.add_argument('--num_frames', default=8, type=int, help='frames kept per clip, uniformly')
+    g.add_argument('--fps', default=30, type=int)
+    g.add_argument('--speeds', default=[1], type=float, nargs='+')
+    g.add_argument('--jitter_factor', default=0.0, type=float, help='clip duration jitter')
+    g.add_argument('--time_difference_prob', default=0.2, type=float, help='0 in the baseline config')
+    g.add_argument('--crop_size', default=224, type=int)
+    g.add_argument('--crop_scale', default=[0.2, 0.766], type=float, nargs=2)
+    g.add_argument('--crop_ratio', default=[0.75, 1.3333], type=float, nargs=2)
+    g.add_argument('--num_threads_io', default=4, type=int)
+    g.add_argument('--num_threads_decode', default=4, type=int)
+    g.add_argument('--num_workers', default=5, type=int, help='loader processes per GPU')
+    add_bool_arg(g, '--pin_mem', True)
+    g.add_argument('--jitter_strength', default='strong', choices=sorted(JITTER),
+                   help='GPU colour jitter: strong (b 0.8, c 0.8, s 0.4, h 0.2) or baseline (0.4, 0.4, 0.2, 0.1)')
+    add_sce_model_args(p)
+    g = p.add_argument_group('optimisation (seed optimizer, scheduler, trainer)')
+    g.add_argument('--global_batch_size', default=512, type=int, help='over all processes and --accum_iter')
+    g.add_argument('--accum_iter', default=1, type=int, help='micro-steps per optimizer step')
+    g.add_argument('--lr', default=2.4, type=float, help='initial_lr, scaled by --lr_scaler to the global batch')
+    g.add_argument('--lr_scaler', default='linear', choices=['linear', 'sqrt', 'none'])
+    g.add_argument('--weight_decay', default=1e-6, type=float)
+    g.add_argument('--momentum', default=0.9, type=float, help='LARS momentum')
+    g.add_argument('--trust_coefficient', default=1e-3, type=float)
+    add_bool_arg(g, '--exclude_wd_norm', False)
+    add_bool_arg(g, '--exclude_wd_bias', False)
+    g.add_argument('--epochs', default=200, type=int)
+    g.add_argument('--warmup_epochs', default=35, type=int)
+    g.add_argument('--warmup_start_lr', default=0.0, type=float, help='scaled like --lr')
+    g.add_argument('--min_lr', default=0.0, type=float, help='eta_min of the cosine, scaled like --lr')
+    g.add_argument('--clip_grad', default=None, type=float, help='default: none, as official')
+    g.add_argument('--amp', default='fp16', choices=['fp16', 'bf16', 'none'], help='seed: precision 16')
+    add_bool_arg(g, '--sync_bn', True, 'SyncBatchNorm everywhere (under DDP on CUDA)')
+    g.add_argument('--max_nonfinite', default=5, type=int, help='stop after N non-finite steps in a row (0: never)')
+    add_bool_arg(g, '--online_eval', True, 'online linear evaluator on detached trunk features (monitor only)')
+    g = p.add_argument_group('run')
+    g.add_argument('--output_dir', default='./output/sce_r3d18_kinetics200')
+    g.add_argument('--log_dir', default=None, help='TensorBoard folder (default: <output_dir>/tensorboard)')
+    g.add_argument('--print_freq', default=50, type=int)
+    g.add_argument('--save_freq', default=100, type=int, help='keep checkpoint-<epoch>.pth every N epochs')
+    g.add_argument('--vis_freq', default=1, type=int, help='clip-pair picture every N epochs (0: never)')
+    g.add_argument('--seed', default=42, type=int)
+    g.add_argument('--device', default='cuda')
+    g.add_argument('--resume', default='', help='checkpoint to resume from (default: newest in output_dir)')
+    add_bool_arg(g, '--auto_resume', True)
+    g.add_argument('--local_rank', '--local-rank', default=-1, type=int)
+    g.add_argument('--dist_on_itp', action='store_true')
+    g.add_argument('--dist_url', default='env://')
+    return p
+
+
+def resolve_batch_and_lr(args, world_size):
+    """Per-process micro-batch (args.batch_size, the loader's) and the scaled lr (args.abs_lr) of the global batch."""
+    if args.accum_iter < 1:
+        raise ValueError(f'--accum_iter must be >= 1, got {args.accum_iter}')
+    if args.global_batch_size <= 0 or args.global_batch_size % (world_size * args.accum_iter):
+        raise ValueError(f'--global_batch_size {args.global_batch_size} must be a positive multiple of the number '
+                         f'of processes ({world_size}) times --accum_iter ({args.accum_iter})')
+    args.batch_size = args.global_batch_size // (world_size * args.accum_iter)
+    scale = lambda lr: scale_learning_rate(lr, args.global_batch_size, args.lr_scaler)  # noqa: E731
+    args.abs_lr, args.abs_warmup_start_lr, args.abs_min_lr = scale(args.lr), scale(args.warmup_start_lr), \
+        scale(args.min_lr)
+    return args.batch_size
+
+
+def check_args(args):
+    if not args.data_path:
+        raise ValueError("--data_path is required: a folder with train.csv and train/ (spec 5.2), or 'demo'")
+    views = args.num_global_crops + args.num_local_crops
+    if args.num_clips != 2 or views != 2:
+        raise ValueError(f'--num_clips {args.num_clips} with {views} SCE crops: the video pipeline has two views '
+                         f'(two clips, one per augmentation pipeline); use --num_clips 2 and 2 global crops')
+    if not 0 <= args.warmup_epochs <= args.epochs:
+        raise ValueError(f'--warmup_epochs {args.warmup_epochs} must be within [0, --epochs {args.epochs}]')
+
+
+def build_dataset(args):
+    return build_video_dataset(
+        args.data_path, 'train', args.decoder, num_clips=args.num_clips, clip_duration=args.clip_duration,
+        num_frames=args.num_frames, fps=args.fps, speeds=args.speeds, jitter_factor=args.jitter_factor,
+        time_difference_prob=args.time_difference_prob, crop_size=args.crop_size, crop_scale=args.crop_scale,
+        crop_ratio=args.crop_ratio, num_threads_io=args.num_threads_io, num_threads_decode=args.num_threads_decode)
+
+
+class TwoViewLoss:
+    """The engine's `compute_loss`: both clips of each video through their augmentation pipeline (on the device,
+    fp32, no grad: spec 1.7 step 2), then SCE. Keeps the first few augmented pairs of the latest step for the
+    picture, so drawing it consumes no random numbers (a resumed run replays the same augmentations)."""
+
+    def __init__(self, augmentations, keep=4):
+        self.augmentations, self.keep, self.last_pair = augmentations, keep, None
+
+    def __call__(self, model, samples, labels):
+        views = [aug(samples[:, i]) for i, aug in enumerate(self.augmentations)]
+        self.last_pair = [v[:self.keep].detach().clone() for v in views]
+        return model(views, labels)
+
+
+def save_clip_pairs(pair, output_dir, epoch, log_writer=None):
+    frames = min(4, pair[0].shape[2])
+    grid = clip_pair_grid(*pair, n=len(pair[0]), frames=frames)
+    folder = Path(output_dir) / 'vis'
+    folder.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(grid.mul(255).round().byte().permute(1, 2, 0).numpy()).save(
+        folder / f'clip_pairs_epoch{epoch:04d}.png')
+    if log_writer is not None:
+        log_writer.add_image('sce/clip_pairs', grid, epoch)
+
+
+def resume(args, model, trainer):
+    """Restores model (target network, queue, pointer, online evaluator), LARS, GradScaler, RNG and the step."""
+    path = args.resume or (latest_checkpoint(args.output_dir) if args.auto_resume and args.output_dir else None)
+    if not path:
+        return
+    ckpt = load_checkpoint(path, model, trainer.optimizer, trainer.scaler)
+    args.start_epoch = ckpt['epoch'] + 1
+    trainer.num_updates = model.global_step = ckpt.get('step', 0)
+    online_state = ckpt.get('extra', {}).get('online_evaluator_optimizer')
+    if model.online_evaluator is not None and online_state:
+        model.online_evaluator.optimizer.load_state_dict(online_state)
+    print(f'resumed from {path} (epoch {ckpt["epoch"]} done, {trainer.num_updates} optimizer steps)')
+
+
+def main(args):
+    check_args(args)
+    device = setup_run(args)
+    if device.type == 'cpu' and args.amp == 'fp16':  # CPU fp16 autocast: ~30x slower than fp32 for R3D
+        print('--amp fp16 has no fast CPU kernels: running in fp32 on the CPU (--amp none)')
+        args.amp = 'none'
+    world = get_world_size()
+    resolve_batch_and_lr(args, world)
+    dataset = build_dataset(args)
+    loader = build_train_loader(dataset, args)
+    steps_per_epoch = len(dataset) // args.global_batch_size  # spec 9.14: schedules count rows / global batch
+    if steps_per_epoch < 1 or len(loader) < args.accum_iter:
+        raise ValueError(f'{len(dataset)} videos make no full global batch of {args.global_batch_size}: '
+                         f'lower --global_batch_size or add data')
+    model = build_sce(args, steps_per_epoch, args.epochs, dataset.num_classes if args.online_eval else 0)
+    model.to(device)
+    if args.sync_bn:
+        model = convert_sync_batchnorm(model)
+    optimizer = build_lars(model, args.abs_lr, args.weight_decay, args.momentum, args.trust_coefficient,
+                           args.exclude_wd_bias, args.exclude_wd_norm)
+    trainer = TrainStep(model, optimizer, device, args.amp, args.accum_iter, args.clip_grad, args.max_nonfinite)
+    args.start_epoch = 0
+    resume(args, model, trainer)
+    if args.distributed:  # the target and the online evaluator are outside DDP's reducer (models/sce.py)
+        # Buffers (queue, pointer, BN statistics) are copied from rank 0 once here, never at each forward: the
+        # queue's random start differs per rank seed. (`broadcast_buffers=False` would skip that first copy.)
+        trainer.model = DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda' else None,
+                                                forward_sync_buffers=False)
+    schedule = sce_schedule(args.abs_lr, args.weight_decay, args.epochs, args.warmup_epochs, steps_per_epoch,
+                            len(loader), args.accum_iter, args.abs_warmup_start_lr, args.abs_min_lr)
+    compute_loss = TwoViewLoss(build_sce_augmentations(**JITTER[args.jitter_strength]))
+    log_writer = make_log_writer(args.log_dir or os.path.join(args.output_dir, 'tensorboard'))
+    print(f'SCE R3D-18: {len(dataset)} videos ({dataset.num_classes} classes) from {args.data_path}; global batch '
+          f'{args.global_batch_size} = {world} x {args.batch_size} x {args.accum_iter}; lr {args.lr} -> '
+          f'{args.abs_lr:g}; {steps_per_epoch} steps per epoch; amp {args.amp}')
+
+    start_time = time.time()
+    for epoch in range(args.start_epoch, args.epochs):
+        loader.sampler.set_epoch(epoch)
+        stats = train_one_epoch(loader, trainer, device, epoch, args, log_writer, schedule,
+                                hooks=[SCEHook(model)], compute_loss=compute_loss)
+        last = epoch + 1 == args.epochs
+        extra = {'online_evaluator_optimizer': model.online_evaluator.optimizer.state_dict()
+                 if model.online_evaluator is not None else None}
+        save_checkpoint(args.output_dir, epoch, trainer.num_updates, args, model, optimizer, trainer.scaler,
+                        extra=extra, keep=(epoch + 1) % args.save_freq == 0 or last)
+        if is_main_process() and args.vis_freq and (epoch % args.vis_freq == 0 or last):
+            save_clip_pairs(compute_loss.last_pair, args.output_dir, epoch, log_writer)
+        epoch_time = stats.pop('epoch_time')
+        append_log_line(args.output_dir, {**{f'train_{k}': v for k, v in stats.items()}, 'epoch': epoch,
+                                          'epoch_time': epoch_time, 'step': trainer.num_updates,
+                                          'skipped_steps': int(trainer.skipped)})
+        if log_writer is not None:
+            for name in ('loss', 'pos_weight', 'z_std', 'k_std', 'queue_fill', 'online_acc1'):
+                if name in stats:
+                    log_writer.add_scalar(f'epoch/{name}', stats[name], epoch)
+            log_writer.flush()
+    print(f'training time {datetime.timedelta(seconds=int(time.time() - start_time))}')
+
+
+if __name__ == '__main__':
+    run_cli(main, get_args_parser())

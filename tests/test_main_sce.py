@@ -1,0 +1,144 @@
+"""main_sce.py: the seed's settings as defaults, a tiny SCE run on the demo videos (outputs, TensorBoard, clip-pair
+picture), resume equal to the uninterrupted run (target network, queue and pointer included), one-line errors."""
+import json
+import os
+import shlex
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import main_sce
+from run_helpers import killed_at_epoch
+from util.checkpoint import LAST
+from util.runtime import run_cli
+from util.sce_optim import warmup_cosine_lr
+from util.video_augment import SCEVideoAugment
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+parse = main_sce.get_args_parser().parse_args
+pytestmark = pytest.mark.usefixtures('one_thread')  # conftest.py
+TINY = ('--data_path demo --device cpu --amp none --crop_size 32 --num_frames 4 --global_batch_size 8 '
+        '--queue_size 64 --epochs 2 --warmup_epochs 1 --num_workers 0 --print_freq 2')
+
+
+
+
+def test_defaults_are_the_seed():
+    args = parse([])
+    assert (args.epochs, args.warmup_epochs, args.warmup_start_lr, args.min_lr) == (200, 35, 0.0, 0.0)
+    assert (args.queue_size, args.queue_feature_dim, args.temp, args.temp_m, args.coeff) == (32768, 256, 0.1, 0.05, 0.5)
+    assert (args.initial_momentum, args.scheduler_momentum, args.sym, args.use_keys) == (0.99, 'cosine', True, False)
+    assert (args.num_clips, args.clip_duration, args.num_frames, args.fps, args.time_difference_prob) == \
+        (2, 2.56, 8, 30, 0.2)
+    assert (args.crop_size, args.crop_scale, args.crop_ratio) == (224, [0.2, 0.766], [0.75, 1.3333])
+    assert (args.weight_decay, args.momentum, args.trust_coefficient) == (1e-6, 0.9, 1e-3)
+    assert (args.exclude_wd_norm, args.exclude_wd_bias, args.clip_grad) == (False, False, None)
+    assert (args.seed, args.amp, args.sync_bn, args.global_batch_size, args.lr) == (42, 'fp16', True, 512, 2.4)
+    assert (args.num_workers, args.pin_mem, args.auto_resume, args.jitter_strength) == (5, True, True, 'strong')
+    assert main_sce.resolve_batch_and_lr(args, 1) == 512 and args.abs_lr == pytest.approx(4.8)
+    assert main_sce.resolve_batch_and_lr(args, 8) == 64 and args.abs_lr == pytest.approx(4.8)
+    augment = SCEVideoAugment(0)  # the augmentation's own defaults are the seed's "strength 1" jitter
+    assert {k: (1 - lo if k != 'hue' else hi) for k, (lo, hi) in augment.jitter.items()} == \
+        pytest.approx(main_sce.JITTER['strong'])
+
+
+@pytest.mark.parametrize('launcher', [[], ['--local-rank=3'], ['--local_rank=3']])
+def test_launcher_command_parses(launcher):
+    args = parse(shlex.split('--data_path /data/k200 --output_dir out --jitter_strength baseline '
+                             '--time_difference_prob 0 --temp_m 0.07') + launcher)
+    assert (args.data_path, args.output_dir, args.jitter_strength, args.time_difference_prob, args.temp_m) == \
+        ('/data/k200', 'out', 'baseline', 0.0, 0.07)
+    assert args.local_rank == (3 if launcher else -1)
+
+
+def test_global_batch_must_divide():
+    args = parse(['--global_batch_size', '512', '--accum_iter', '2'])
+    assert main_sce.resolve_batch_and_lr(args, 8) == 32
+    with pytest.raises(ValueError, match='--global_batch_size 512 .* processes \\(3\\)'):
+        main_sce.resolve_batch_and_lr(args, 3)
+
+
+@pytest.fixture(scope='module')
+def runs(tmp_path_factory):
+    """One straight 2-epoch run, and one interrupted after epoch 0 then auto-resumed (6 steps per epoch)."""
+    tmp = tmp_path_factory.mktemp('sce')
+    main_sce.main(parse(shlex.split(TINY) + ['--output_dir', str(tmp / 'straight')]))
+    resumed = parse(shlex.split(TINY) + ['--output_dir', str(tmp / 'resumed')])
+    with killed_at_epoch(main_sce, 1):
+        main_sce.main(resumed)
+    main_sce.main(parse(shlex.split(TINY) + ['--output_dir', str(tmp / 'resumed')]))
+    return tmp
+
+
+def test_demo_run_writes_outputs(runs):
+    out = runs / 'straight'
+    ckpt = torch.load(out / LAST, weights_only=True)
+    assert ckpt['epoch'] == 1 and ckpt['step'] == 12  # 48 demo videos / 8
+    model = ckpt['model']
+    assert model['queue'].shape == (256, 64) and model['queue_ptr'].item() == 12 * 16 % 64
+    assert torch.allclose(model['queue'].norm(dim=0), torch.ones(64))
+    assert any(k.startswith('momentum_trunk.') for k in model) and 'online_evaluator.linear.weight' in model
+    target, online = (model[f'{net}.model.blocks.0.conv.weight'] for net in ('momentum_trunk', 'trunk'))
+    assert not torch.equal(target, online)  # the EMA lags the online trunk
+    assert ckpt['extra']['online_evaluator_optimizer']['state']
+    # lr at the last of 12 steps: linear warmup over 6 steps from 0, cosine to 0; base 2.4 * 8 / 256
+    assert ckpt['optimizer']['param_groups'][0]['lr'] == pytest.approx(warmup_cosine_lr(11, 0.075, 6, 12))
+    assert (out / 'checkpoint-1.pth').exists()
+    lines = [json.loads(x) for x in (out / 'log.txt').read_text().splitlines()]
+    assert [x['epoch'] for x in lines] == [0, 1] and [x['step'] for x in lines] == [6, 12]
+    assert all(k in lines[0] for k in ('train_loss', 'train_pos_weight', 'train_queue_fill', 'train_z_std',
+                                       'train_k_std', 'train_online_acc1', 'train_lr'))
+    assert lines[1]['train_queue_fill'] == 1.0
+    assert sorted(p.name for p in (out / 'vis').iterdir()) == ['clip_pairs_epoch0000.png', 'clip_pairs_epoch0001.png']
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(out / 'tensorboard')).Reload()
+    scalars = set(events.Tags()['scalars'])
+    assert {'train_loss', 'lr', 'train/pos_weight', 'train/queue_fill', 'train/z_std', 'train/k_std',
+            'train/online_acc1', 'epoch/loss'} <= scalars
+    assert events.Tags()['images'] == ['sce/clip_pairs'] and len(events.Images('sce/clip_pairs')) == 2
+
+
+def test_resume_equals_uninterrupted_run(runs):
+    a = torch.load(runs / 'straight' / LAST, weights_only=True)
+    b = torch.load(runs / 'resumed' / LAST, weights_only=True)
+    assert a['epoch'] == b['epoch'] == 1 and a['step'] == b['step'] == 12
+    assert a['model'].keys() == b['model'].keys()
+    different = [k for k in a['model'] if not torch.equal(a['model'][k], b['model'][k])]
+    assert not different  # trunk, heads, target network, queue, pointer, BN statistics, online evaluator
+    for opt in ('optimizer', ('extra', 'online_evaluator_optimizer')):
+        sa, sb = (a[opt], b[opt]) if isinstance(opt, str) else (a[opt[0]][opt[1]], b[opt[0]][opt[1]])
+        for pid, state in sa['state'].items():
+            assert all(torch.equal(v, sb['state'][pid][k]) for k, v in state.items() if torch.is_tensor(v))
+    log_a, log_b = [[json.loads(x) for x in (runs / r / 'log.txt').read_text().splitlines()]
+                    for r in ('straight', 'resumed')]
+    assert [x['train_loss'] for x in log_a] == [x['train_loss'] for x in log_b]
+    assert [x['train_pos_weight'] for x in log_a] == [x['train_pos_weight'] for x in log_b]
+
+
+@pytest.mark.parametrize('argv,flag', [(['--data_path', '/no/such/folder'], '--data_path /no/such/folder'),
+                                       ([], '--data_path is required'),
+                                       (['--data_path', 'demo', '--global_batch_size', '8', '--accum_iter', '3'],
+                                        '--global_batch_size 8'),
+                                       (['--data_path', 'demo', '--num_clips', '3'], '--num_clips 3')])
+def test_bad_input_is_one_clear_line(monkeypatch, tmp_path, argv, flag):
+    monkeypatch.setattr(sys, 'argv', ['main_sce.py', '--device', 'cpu', '--output_dir', str(tmp_path), *argv])
+    with pytest.raises(SystemExit) as error:
+        run_cli(main_sce.main, main_sce.get_args_parser())
+    message = str(error.value.code)
+    assert message.startswith('main_sce.py: error:') and flag in message and '\n' not in message
+
+
+def test_two_processes_with_torchrun(tmp_path):
+    """gloo on CPU: the global batch is split over the ranks, and only rank 0 writes."""
+    out = tmp_path / 'ddp'
+    env = {**os.environ, 'OMP_NUM_THREADS': '1', 'PYTHONWARNINGS': 'ignore'}
+    result = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', 'main_sce.py',
+                             *shlex.split(TINY), '--epochs', '1', '--warmup_epochs', '0', '--output_dir', str(out)],
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert 'global batch 8 = 2 x 4 x 1' in result.stdout
+    ckpt = torch.load(out / LAST, weights_only=True)
+    assert ckpt['step'] == 6 and ckpt['model']['queue_ptr'].item() == 6 * 16 % 64
+    assert len(ckpt['rng']) == 2 and len((out / 'log.txt').read_text().splitlines()) == 1

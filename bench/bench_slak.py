@@ -16,8 +16,8 @@ Measured (2 shared CPU cores, load 4-5, --threads 2; ms per step, fwd+bwd / eval
     stage2 28^2 K49        521 / 114     501 / 113     216 / 49       757
     stage3 14^2 K47        682 / 247     534 / 186     ~540* / 150    525   (*one unit: 37 vs 36 crop)
     stage4  7^2 K13        124 / 25      135 / 25      136 / 30        27
-    whole SLaK-T, batch 2: crop 13.8 s / 5.6 s, auto 7.2 s / 2.1 s (0.28 / 0.94 img/s);
-    ConvNeXt-T 2.3 s / 0.57 s (0.86 / 3.5 img/s). No GPU was available: CUDA 'auto' = crop, unmeasured.
+    whole SLaK-T, batch 2 (quiet machine): crop 2.05 s / 0.53 s, auto 1.23 s / 0.33 s (1.6 / 6.1 img/s);
+    ConvNeXt-T 0.33 s / 0.09 s (6.0 / 21.6 img/s). No GPU was available: CUDA 'auto' = crop, unmeasured.
 """
 import argparse
 import copy

@@ -209,3 +209,13 @@ def test_official_convnext_encoder_file_fine_tunes(tmp_path):
     report = load_pretrained(model, str(path), verbose=False)
     assert set(report['initialised']) == {'head.norm.weight', 'head.norm.bias', 'head.fc.weight', 'head.fc.bias'}
     assert all(torch.equal(model.state_dict()[k], v) for k, v in source.state_dict().items() if 'head.' not in k)
+
+
+def test_whole_spark_checkpoint_fine_tunes(custom_run):
+    """--finetune with the resumable SparK file (decoder and all) takes just its encoder."""
+    model = timm.create_model('your_convnet', num_classes=6)
+    report = load_pretrained(model, str(custom_run / 'your_convnet_withdecoder_1kpretrained_spark_style.pth'),
+                             verbose=False)
+    assert set(report['initialised']) == {'fc.weight', 'fc.bias'}
+    encoder = torch.load(custom_run / 'your_convnet_1kpretrained.pth', weights_only=True)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in encoder.items())

@@ -30,7 +30,8 @@ PRETRAIN_ONLY = re.compile(r'^(decoder[._]|hog_enc\.|mask_token$|norm\.\d+\.)')
 # use (MAE's `norm` under global pooling) is dropped.
 FINAL_NORMS = ('fc_norm.', 'norm.', 'head.norm.')
 CLASSIFIERS = ('head.fc.', 'fc.', 'head.')  # fallbacks when a model has no get_classifier()
-HEAD_STD = 2e-5  # MAE: trunc_normal_(model.head.weight, std=2e-5)
+HEAD_STD = 2e-5
+SPARK_ENCODER = 'sparse_encoder.sp_cnn.'  # the CNN's keys inside a SparK checkpoint (models/spark.py)  # MAE: trunc_normal_(model.head.weight, std=2e-5)
 
 
 def read_state_dict(path):
@@ -60,6 +61,8 @@ def read_state_dict(path):
     if not state:
         raise ValueError(f'checkpoint {path} holds no tensors under model/state_dict/module or at the top level '
                          f'(top-level keys: {", ".join(map(str, list(ckpt)[:10]))})')
+    if any(k.startswith(SPARK_ENCODER) for k in state):  # a whole SparK model: its encoder is the CNN
+        state = {k[len(SPARK_ENCODER):]: v for k, v in state.items() if k.startswith(SPARK_ENCODER)}
     if is_official_convnext(state):  # official SparK ConvNeXt encoders: FB ConvNeXt names -> timm's
         state = convnext_official_to_timm(state)
     return state

@@ -221,8 +221,7 @@ def resume_path(args):
 
 
 def load(path, model, trainer=None):
-    with torch.serialization.safe_globals([argparse.Namespace]):  # official checkpoints pickle args as a Namespace
-        return load_checkpoint(path, model, trainer and trainer.optimizer, trainer and trainer.scaler)
+    return load_checkpoint(path, model, trainer and trainer.optimizer, trainer and trainer.scaler)
 
 
 def build_masking(args, trainer, loader, steps_per_epoch, ckpt):

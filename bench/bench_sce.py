@@ -15,7 +15,6 @@
     python bench/bench_sce.py --batch_size 64 --amp fp16 --steps 10                        # one GPU (64 = 512/8)
 """
 import argparse
-import json
 import os
 import shutil
 import sys
@@ -24,6 +23,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from report import report  # noqa: E402  (bench/report.py, next to this script)
 
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
@@ -158,10 +159,7 @@ def main():
         if 'clips_per_s' in result:
             per_core = result['data']['short_side_256']['clips_per_s_per_worker']
             result['cores_to_feed_step'] = result['clips_per_s'] / per_core
-    print(json.dumps(result, indent=1))
-    if args.json:
-        with open(args.json, 'a') as f:
-            f.write(json.dumps(result) + '\n')
+    report(result, args.json)
 
 
 if __name__ == '__main__':

@@ -16,13 +16,14 @@ and the FLOPs of the encoder on the full image vs on the visible positions only.
     python bench/bench_spark.py --model resnet50 --batch_size 128 --amp bf16 --channels_last   # GPU
 """
 import argparse
-import json
 import math
 import os
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from report import report  # noqa: E402  (bench/report.py, next to this script)
 
 import timm  # noqa: E402
 from timm.optim import Lamb  # noqa: E402
@@ -122,10 +123,7 @@ def main():
     result['encoder_share_of_step'] = result['encoder_s'] / result['step_s']
     result['ideal_step_speedup'] = result['step_s'] / (result['step_s'] - result['encoder_s']
                                                        + result['ideal_sparse_encoder_s'])
-    print(json.dumps(result, indent=1))
-    if args.json:
-        with open(args.json, 'a') as f:
-            f.write(json.dumps(result) + '\n')
+    report(result, args.json)
 
 
 if __name__ == '__main__':

@@ -5,6 +5,7 @@ args (plain dict), rng (per rank: python, numpy, torch CPU and CUDA states) and 
 as a freeze set or sparse masks). `checkpoint-last.pth` is rewritten every epoch;
 `checkpoint-{epoch}.pth` is kept every --save_freq epochs and at the end.
 """
+import argparse
 import glob
 import os
 import random
@@ -109,7 +110,8 @@ def load_checkpoint(path, model, optimizer=None, scaler=None, strict=True, befor
     else:
         if not os.path.isfile(path):
             raise FileNotFoundError(f'--resume {path}: no such checkpoint file')
-        ckpt = torch.load(path, map_location='cpu', weights_only=True)
+        with torch.serialization.safe_globals([argparse.Namespace]):  # official checkpoints pickle their args
+            ckpt = torch.load(path, map_location='cpu', weights_only=True)
     state = ckpt.get('model', ckpt)
     try:
         model.load_state_dict(state, strict=strict)

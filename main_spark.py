@@ -1,4 +1,5 @@
-"""SparK masked pretraining of timm CNNs, with the official flags and defaults (spec 5.1).
+"""SparK masked pretraining of timm CNNs, with the official flags and defaults
+(https://github.com/keyu-tian/SparK/blob/main/pretrain/utils/arg_util.py).
 
     python main_spark.py --exp_name=demo --data_path=demo --model=resnet18 --bs=8 --input_size=64
     python -m torch.distributed.launch --nproc_per_node=8 main_spark.py --exp_name=<name> \\
@@ -6,13 +7,15 @@
 
 `--bs` is the GLOBAL batch (per process and micro-step: bs // (world size * accum_iter)); lr = base_lr * bs
 / 256. Booleans take `--sbn=False` like the official Tap parser. Outputs in `--exp_dir` (default
-`output_<exp_name>/`, see util/spark_checkpoint.py): `<model>_still_pretraining.pth` (resumable;
-auto-resumed), `<model>_1kpretrained.pth` (encoder, timm keys), both also under the newer official names,
-`pretrain_log.txt`, `stdout_backup.txt`/`stderr_backup.txt`, TensorBoard in `tensorboard_log/`,
-reconstructions of fixed images in `vis/`. Differences from the official code: the shared loader
-(shuffled, drop_last, per-epoch DistributedSampler) instead of the infinite wrap-around sampler;
+`output_<exp_name>/`, see util/spark_checkpoint.py): `<model>_still_pretraining.pth` (resumable, auto-resumed,
+official keys and optimizer layout too), `<model>_1kpretrained.pth` (encoder, timm keys), the official names
+`<model>_withdecoder_1kpretrained_spark_style.pth` and `<model>_1kpretrained_timm_style.pth` (encoder in the
+official key layout), `pretrain_log.txt`, `stdout_backup.txt`/`stderr_backup.txt`, TensorBoard in
+`tensorboard_log/`, reconstructions of fixed images in `vis/`. Differences from the official code: the shared
+loader (shuffled, drop_last, per-epoch DistributedSampler) instead of the infinite wrap-around sampler;
 --accum_iter and --amp; --dp defaults to the official per-model rate but --dp=0 really disables drop path;
-SyncBN is off on CPU (gloo has no SyncBN) as well as without DDP.
+SyncBN is off on CPU (gloo has no SyncBN) as well as without DDP; any timm ConvNeXt size works (timm's
+ConvNeXt, official names only in the official files).
 """
 import argparse
 import json
@@ -51,7 +54,8 @@ def get_args_parser():
     p.add_argument('--data_path', default='imagenet_data_path', type=str,
                    help="'demo', an ImageNet folder (train/ inside), a folder of class folders or of images")
     p.add_argument('--init_weight', default='', type=str, help='load model weights only (strict=False)')
-    p.add_argument('--resume_from', default='', type=str, help='a <model>_still_pretraining.pth to resume')
+    p.add_argument('--resume_from', default='', type=str,
+                   help='a <model>_still_pretraining.pth or an official *_spark_style.pth to resume')
     # SparK / encoder
     p.add_argument('--mask', default=0.6, type=float, help='mask ratio')
     p.add_argument('--model', default='resnet50', type=str)
@@ -68,7 +72,7 @@ def get_args_parser():
     p.add_argument('--wde', default=0.2, type=float, help='final weight decay (0: = wd)')
     p.add_argument('--ep', default=1600, type=int)
     p.add_argument('--wp_ep', default=40, type=int)
-    p.add_argument('--clip', default=5, type=int, help='grad-norm clip (LAMB: its global-norm clip)')
+    p.add_argument('--clip', default=5, type=int, help='grad-norm clip for sgd/adamw (<= 0: none); LAMB clips at 5')
     p.add_argument('--opt', default='lamb', choices=['sgd', 'adamw', 'lamb'])
     p.add_argument('--ada', default=0.0, type=float, help='beta2 (0: 0.95 ResNets, 0.999 ConvNeXts)')
     p.add_argument('--lr', default=None, type=float, help='overwritten by base_lr * bs / 256 (as official)')
@@ -137,6 +141,13 @@ def build_optimizer(args, model):
     return Lamb(groups, lr=args.lr, betas=(0.9, args.ada), weight_decay=0.0, max_grad_norm=5.0)
 
 
+def build_trainer(args, model, optimizer, device):
+    """TrainStep with the official clipping: LAMB clips the global grad norm at 5 inside its step; SGD and AdamW
+    clip at --clip, and only when --clip > 0."""
+    clip = float(args.clip) if args.opt != 'lamb' and args.clip > 0 else None
+    return TrainStep(model, optimizer, device, args.amp, args.accum_iter, clip, max_nonfinite=1)
+
+
 def log_line(path, obj, blank=False):
     if is_main_process():
         with open(path, 'a') as f:
@@ -174,8 +185,7 @@ def main(args):
         state = state.get('module', state.get('model', state))
         print(f'init_weight {args.init_weight}: {model.load_state_dict(state, strict=False)}')
     optimizer = build_optimizer(args, model)
-    clip = None if args.opt == 'lamb' else float(args.clip)  # LAMB clips inside its step
-    trainer = TrainStep(model, optimizer, device, args.amp, args.accum_iter, clip, max_nonfinite=1)
+    trainer = build_trainer(args, model, optimizer, device)
     args.start_epoch, min_loss = 0, float('inf')
     resume_path = find_resume_file(args)
     if resume_path:

@@ -9,12 +9,14 @@ A CNN is SparK-ready when it has three methods (what `SparseEncoder` calls):
 3. `forward(x, hierarchical=False)`: with hierarchical=True, the list of feature maps, largest first,
    each map's size an integer multiple of the smallest; otherwise whatever fine-tuning needs (logits).
 
-Then register a factory with `@register_model` and, if it needs pretraining defaults (e.g. a drop path
-rate), add them to `SPARK_DEFAULT_KWARGS` in models/spark.py. `python main_spark.py --model=your_convnet`
-then works with no other change. Use layers SparK can make sparse: Conv2d, BatchNorm2d/SyncBatchNorm,
-LayerNorm (channels-last) and timm's LayerNorm2d, MaxPool2d, AvgPool2d, plus anything pointwise
-(activations, Linear on channels-last maps). Global pooling, SE blocks and GroupNorm would mix masked
-positions into visible ones and are rejected or must be made sparse first (SparK issues #54, #56).
+Every parameter must take part in `forward(x, hierarchical=True)` (DDP runs without find_unused_parameters):
+with num_classes=0 hold no classifier, as below. Then register a factory with `@register_model` and, if it
+needs pretraining defaults (e.g. a drop path rate), add them to `SPARK_DEFAULT_KWARGS` in models/spark.py.
+`python main_spark.py --model=your_convnet` then works with no other change. Use layers SparK can make
+sparse: Conv2d, BatchNorm2d/SyncBatchNorm, LayerNorm (channels-last) and timm's LayerNorm2d, MaxPool2d,
+AvgPool2d, plus anything pointwise (activations, Linear on channels-last maps). Global pooling, SE blocks and
+GroupNorm would mix masked positions into visible ones and are rejected or must be made sparse first (SparK
+issues #54, #56).
 """
 import torch.nn as nn
 from timm.models import register_model

@@ -1,42 +1,40 @@
-"""SparK masked image modelling for CNNs: LightDecoder, densify layers, mask tokens and loss
-(spec `specs/spark.md` sections 2-4, 8).
+"""SparK masked image modelling for CNNs: LightDecoder, densify layers, mask tokens and loss, as the official
+https://github.com/keyu-tian/SparK/blob/main/pretrain/spark.py and decoder.py.
 
 Pieces
   LightDecoder(up_sample_ratio, width=768, sbn=True)
       log2(ratio) UNet blocks (ConvTranspose 2x up, conv3x3-BN-ReLU6-conv3x3-BN), channels halving
       from `width`; features are ADDED before each block (smallest scale first); final 1x1 conv to
-      3 channels. State-dict keys of the official decoder: dec.{i}.up_sample.*, dec.{i}.conv.{0,1,3,4}.*,
-      proj.*.
+      3 channels. Keys as the official decoder: dec.{i}.up_sample.*, dec.{i}.conv.{0,1,3,4}.*, proj.*.
   SparK(sparse_encoder, dense_decoder, mask_ratio=0.6, densify_norm='bn', sbn=False)
       mask(B, device, generator=None) -> bool [B, 1, f, f], True = visible, exactly len_keep =
           round(f*f*(1 - mask_ratio)) visible per sample (CPU torch.rand + argsort, as official).
       forward(inp, active_b1ff=None, vis=False) -> scalar loss, or with vis=True the triple
-          (inp, masked inp, reconstruction with visible patches copied from inp); all three stay in
-          the (ImageNet-)normalised space of `inp`: the predicted normalised patches are mapped back
-          with the TRUE per-patch mean/std of inp, as the official code does. De-normalise for display.
+          (inp, masked inp, reconstruction with visible patches copied from inp), all in the
+          (ImageNet-)normalised space of `inp` (predicted patches mapped back with the TRUE per-patch
+          mean/std of inp, as official). De-normalise for display.
       Loss: per-patch normalised targets of the UNMASKED input (mean, std = sqrt(unbiased var + 1e-6),
           patch flattened row, col, channel), per-patch mean squared error, averaged over all masked
           patches of the batch (sum / (count + 1e-8)).
-      State-dict keys equal the official SparK module's: sparse_encoder.sp_cnn.*, dense_decoder.*,
-      densify_norms.{i}.*, densify_projs.{i}.* (level 0 absent when Identity), mask_tokens.{i},
-      and the unused deprecated buffers imn_m, imn_s, norm_black (kept so official checkpoints load
-      strictly). Index i = 0 is the SMALLEST (1/32) feature map.
-      state_dict(with_config=True) adds 'config'; load_state_dict pops and checks it.
+      Modules are registered in the official order (sparse_encoder, dense_decoder, densify_norms,
+      densify_projs, mask_tokens); index i = 0 is the SMALLEST (1/32) feature map; densify_projs.0 is
+      Identity (no keys) when its widths match. The unused deprecated buffers imn_m, imn_s, norm_black are
+      kept so official checkpoints load strictly. state_dict(with_config=True) adds 'config';
+      load_state_dict pops and checks it, and takes official ConvNeXt key names too.
+      official_state_dict() / official_named_parameters(): the same tensors under the official module's
+      names and, for parameters, in its registration order (the order of an official optimizer state).
   build_spark(model_name, input_size=224, mask_ratio=0.6, sbn=False, dp=0.0)
       timm CNN (num_classes=0, global_pool='', drop_path_rate=dp) -> SparseEncoder -> SparK with
       LightDecoder(downsample ratio, width 768); densify norm 'bn' for ResNets, 'ln' for ConvNeXts,
-      none otherwise. Any registered SparK-ready model works (models/custom.py). dp is used as given;
-      main_spark.py's --dp defaults to the official per-model rate (SPARK_DEFAULT_KWARGS), and unlike
-      the official --dp=0 there really disables drop path.
-  encoder_state_dict(spark)
-      The encoder weights in timm key layout (`<model>_1kpretrained.pth`), loadable with
-      strict=False into timm.create_model(name) with only the classifier missing.
+      none otherwise. Any SparK-ready model works (models/custom.py); dp is used as given.
+  encoder_state_dict(spark, official=False)
+      The encoder weights in timm key layout (`<model>_1kpretrained.pth`, for timm.create_model), or in
+      the official model's (`<model>_1kpretrained_timm_style.pth`).
 
-Differences from the official code (documented): the active mask is not a module global (the
-encoder and the densify norms hold their own); ConvNeXts are timm's ConvNeXt (timm key names under
-sparse_encoder.sp_cnn, not the official FB ConvNeXt names), so official ConvNeXt checkpoints go
-through models/convnext_keys.py (SparK.load_state_dict renames them); ResNet checkpoints load as is. The encoder's channel list is not
-consumed by the constructor (no "build twice" quirk).
+Differences from the official code: the active mask is not a module global (the encoder and the densify
+norms hold their own); ConvNeXts are timm's ConvNeXt (any size timm has), named and ordered as the official
+FB ConvNeXt only in the official files (models/convnext_keys.py); the encoder's channel list is not consumed
+by the constructor (no "build twice" quirk).
 """
 import math
 import sys
@@ -46,11 +44,15 @@ import torch
 import torch.nn as nn
 from timm.layers import trunc_normal_
 
-from models.convnext_keys import convnext_official_to_timm, is_official_convnext
+from timm.models.convnext import ConvNeXt
+
+from models.convnext_keys import convnext_official_to_timm, convnext_timm_to_official, is_official_convnext, \
+    official_convnext_order, timm_to_official_key
 from models.spark_sparse import ActiveMask, SparseBatchNorm2d, SparseEncoder, SparseLayerNorm2d, \
     SparseSyncBatchNorm2d
 
-SPARK_MODELS = ('resnet18', 'resnet34', 'resnet50', 'resnet101', 'resnet152', 'resnet200',
+# ready and tested; any other timm convnext_* works too
+SPARK_MODELS = ('resnet18', 'resnet34', 'resnet50', 'resnet101', 'resnet152', 'resnet200', 'convnext_atto',
                 'convnext_tiny', 'convnext_small', 'convnext_base', 'convnext_large', 'your_convnet')
 ENCODER_PREFIX = 'sparse_encoder.sp_cnn.'
 # Official pretraining kwargs per model (SparK pretrain/models/__init__.py); add your model's here.
@@ -63,7 +65,7 @@ SPARK_DEFAULT_KWARGS = {
 }
 
 
-# ---------------------------------------------------------------- decoder (spec 2)
+# ---------------------------------------------------------------- decoder
 
 class UNetBlock(nn.Module):
     def __init__(self, cin, cout, bn2d):
@@ -116,7 +118,7 @@ class LightDecoder(nn.Module):
                 nn.init.constant_(m.bias, 0.)
 
 
-# ---------------------------------------------------------------- SparK (spec 3)
+# ---------------------------------------------------------------- SparK
 
 def patchify(bchw, p):
     """[B, C, h*p, w*p] -> [B, h*w, p*p*C] (patches row-major; inside a patch row, col, channel)."""
@@ -151,9 +153,10 @@ class SparK(nn.Module):
         self.hierarchy = len(enc_chs)
         self.holder = ActiveMask()     # mask for the sparse densify norms (set only during forward)
 
-        self.mask_tokens = nn.ParameterList()
+        # registered in the official order (norms, projections, tokens): that order indexes the optimizer state
         self.densify_norms = nn.ModuleList()
         self.densify_projs = nn.ModuleList()
+        self.mask_tokens = nn.ParameterList()
         d_width = dense_decoder.width
         for i in range(self.hierarchy):
             e_width = enc_chs[-1 - i]                  # i = 0: the smallest (1/32) map
@@ -179,6 +182,8 @@ class SparK(nn.Module):
         self.register_buffer('imn_m', torch.tensor((0.485, 0.456, 0.406)).view(1, 3, 1, 1))
         self.register_buffer('imn_s', torch.tensor((0.229, 0.224, 0.225)).view(1, 3, 1, 1))
         self.register_buffer('norm_black', torch.zeros(1, 3, input_size, input_size))
+        # the official SparK uses the FB ConvNeXt (other key names, other module order) where we use timm's
+        self.official_convnext = isinstance(sparse_encoder.sp_cnn, ConvNeXt)
 
     # ------------------------------------------------------------ masking
     def mask(self, B, device, generator=None):
@@ -240,7 +245,7 @@ class SparK(nn.Module):
         rec_or_inp = torch.where(active_b1hw, inp_bchw, rec_denorm)
         return inp_bchw, masked_bchw, rec_or_inp
 
-    # ------------------------------------------------------------ helpers (spec 3.4)
+    # ------------------------------------------------------------ helpers
     def get_config(self):
         return {
             'mask_ratio': self.mask_ratio, 'densify_norm_str': self.densify_norm_str, 'sbn': self.sbn,
@@ -253,6 +258,21 @@ class SparK(nn.Module):
         if with_config:
             state['config'] = self.get_config()
         return state
+
+    def official_name(self, name):
+        """Our parameter/buffer name -> the official SparK module's (differs for ConvNeXt encoders only)."""
+        return timm_to_official_key(name, ENCODER_PREFIX) if self.official_convnext else name
+
+    def official_state_dict(self, with_config=False):
+        """state_dict() under the official module's key names (same tensors)."""
+        return {self.official_name(k): v for k, v in self.state_dict(with_config=with_config).items()}
+
+    def official_named_parameters(self):
+        """[(official name, parameter)] in the official module's registration order, the order that indexes
+        an official optimizer state (encoder, decoder, densify norms, densify projections, mask tokens)."""
+        named = dict(self.named_parameters())
+        order = official_convnext_order(named, ENCODER_PREFIX) if self.official_convnext else list(named)
+        return [(self.official_name(n), named[n]) for n in order]
 
     def load_state_dict(self, state_dict, strict=True, **kwargs):
         state_dict = dict(state_dict)
@@ -304,6 +324,8 @@ def build_spark(model_name, input_size=224, mask_ratio=0.6, sbn=False, dp=0.0):
     return SparK(encoder, decoder, mask_ratio=mask_ratio, densify_norm=densify_norm_of(model_name), sbn=sbn)
 
 
-def encoder_state_dict(spark):
-    """Encoder weights in timm key layout (detached clones), as `<model>_1kpretrained.pth` holds."""
-    return {k: v.detach().clone() for k, v in spark.sparse_encoder.sp_cnn.state_dict().items()}
+def encoder_state_dict(spark, official=False):
+    """Encoder weights (detached clones) in timm key layout, as `<model>_1kpretrained.pth` holds, or with
+    official=True in the official model's (`<model>_1kpretrained_timm_style.pth`; FB names for ConvNeXts)."""
+    state = {k: v.detach().clone() for k, v in spark.sparse_encoder.sp_cnn.state_dict().items()}
+    return convnext_timm_to_official(state) if official and spark.official_convnext else state

@@ -1,4 +1,5 @@
-"""SparK's "sparse" encoder: masked dense layers for timm CNNs (spec `specs/spark.md` section 1).
+"""SparK's "sparse" encoder: masked dense layers for timm CNNs
+(https://github.com/keyu-tian/SparK/blob/main/pretrain/encoder.py).
 
 SparK never runs a real sparse convolution. Every layer runs densely and its output is re-masked,
 and normalisation layers compute their statistics over the visible ("active") positions only, so
@@ -21,7 +22,9 @@ state-dict names are those of the dense timm model:
   SparseLayerNorm (channels-last, nn.LayerNorm / timm LayerNorm inside ConvNeXt blocks),
   SparseLayerNorm2d (channels-first, timm LayerNorm2d in the ConvNeXt stem/downsample layers)
   SparseConvNeXtBlock                                timm ConvNeXtBlock re-masked before the residual
-Masked positions of every output are exact zeros (not a norm layer's bias).
+Masked positions of every output are exact zeros (not a norm layer's bias). `SparseEncoder` also turns the
+modules its forward never runs (timm's classifier and ConvNeXt head/pre-head norms) into Identity, so every
+encoder parameter is used (DDP without find_unused_parameters) and none is exported.
 """
 import copy
 import warnings
@@ -174,7 +177,7 @@ class SparseLayerNorm2d(_Sparse, LayerNorm2d):
 
 class SparseConvNeXtBlock(_Sparse, ConvNeXtBlock):
     """timm ConvNeXtBlock re-masked after layer scale, before the residual add: the MLP's Linear
-    biases would otherwise make masked positions non-zero (spec pitfall 'ConvNeXt block')."""
+    biases would otherwise make masked positions non-zero."""
 
     def forward(self, x):
         shortcut = x
@@ -226,7 +229,7 @@ def _convert(m, holder, sbn):
     if isinstance(m, ConvNeXtBlock):
         _swap(m, SparseConvNeXtBlock, holder)           # children are converted below
     elif isinstance(m, (nn.Conv1d, nn.ConvTranspose2d, nn.GroupNorm)):
-        raise NotImplementedError(f'no sparse version of {type(m).__name__}; write one (spec 1.3)')
+        raise NotImplementedError(f'no sparse version of {type(m).__name__}; write one (SparK issues #54, #56)')
     for name, child in list(m.named_children()):
         m.add_module(name, _convert(child, holder, sbn))
     return m
@@ -239,12 +242,12 @@ def dense_model_to_sparse(module, holder, sbn=False):
     BatchNorm2d/SyncBatchNorm (-> SyncBN variant if sbn), LayerNorm2d, LayerNorm and timm's
     ConvNeXtBlock become their sparse subclasses with identical weights, buffers and state-dict
     keys; everything else (Linear, activations, DropPath, ...) is kept. Global/adaptive pooling,
-    SE and GroupNorm have no sparse version (spec 1.3).
+    SE and GroupNorm have no sparse version.
     """
     return _convert(copy.deepcopy(module), holder, sbn)
 
 
-# ---------------------------------------------------------------- backbone contract (spec 4.x)
+# ---------------------------------------------------------------- backbone contract (models/custom.py)
 
 def get_downsample_ratio(cnn):
     if hasattr(cnn, 'get_downsample_ratio'):
@@ -267,6 +270,20 @@ def get_feature_map_channels(cnn):
     raise AssertionError('unreachable')
 
 
+def drop_unused_modules(cnn):
+    """timm ResNet / ConvNeXt: the modules `hierarchical_forward` never runs (the classifier; ConvNeXt's head
+    norm and pre-head norm, which timm keeps even with num_classes=0) become Identity, in place. The encoder
+    then holds only parameters the SparK forward uses (as the official ConvNeXt with identity norm/fc): DDP
+    without find_unused_parameters needs that, and the exported encoder has no stray `head.*` keys.
+    Custom models (with get_downsample_ratio) are left alone: build them without a classifier."""
+    if isinstance(cnn, ResNet) and not hasattr(cnn, 'get_downsample_ratio'):
+        cnn.fc = nn.Identity()
+    elif isinstance(cnn, ConvNeXt) and not hasattr(cnn, 'get_downsample_ratio'):
+        cnn.norm_pre = nn.Identity()
+        cnn.head = nn.Identity()
+    return cnn
+
+
 def hierarchical_forward(cnn, x):
     """List of the 4 stage outputs of cnn for x, largest first (1/4, 1/8, 1/16, 1/32)."""
     if isinstance(cnn, ResNet) and not hasattr(cnn, 'get_downsample_ratio'):
@@ -283,15 +300,15 @@ def hierarchical_forward(cnn, x):
             x = stage(x)
             feats.append(x)
         return feats
-    if hasattr(cnn, 'get_downsample_ratio'):                   # custom-model route (spec 4.4)
+    if hasattr(cnn, 'get_downsample_ratio'):                   # custom-model route (models/custom.py)
         return list(cnn(x, hierarchical=True))
     get_downsample_ratio(cnn)
     raise AssertionError('unreachable')
 
 
 class SparseEncoder(nn.Module):
-    """A timm CNN turned sparse (spec 1.4). forward(x, active_b1ff) -> list of feature maps,
-    largest first; state-dict keys are `sp_cnn.` + the dense model's keys."""
+    """A timm CNN turned sparse. forward(x, active_b1ff) -> list of feature maps, largest first;
+    state-dict keys are `sp_cnn.` + the dense model's keys, less those of `drop_unused_modules`."""
 
     def __init__(self, cnn, input_size, sbn=False):
         super().__init__()
@@ -302,7 +319,7 @@ class SparseEncoder(nn.Module):
         self.input_size = input_size
         self.enc_feat_map_chs = get_feature_map_channels(cnn)
         self.holder = ActiveMask()
-        self.sp_cnn = dense_model_to_sparse(cnn, self.holder, sbn=sbn)
+        self.sp_cnn = drop_unused_modules(dense_model_to_sparse(cnn, self.holder, sbn=sbn))
 
     def get_downsample_ratio(self):
         return self.downsample_ratio

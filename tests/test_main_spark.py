@@ -1,4 +1,4 @@
-"""main_spark.py: SparK schedules (spec 5.2), param groups (5.3), LAMB clipping (5.4), flags, run, resume."""
+"""main_spark.py: SparK schedules, param groups, LAMB clipping and --clip, flags, run, resume."""
 import json
 import math
 import shlex
@@ -13,9 +13,10 @@ import main_spark
 from run_helpers import killed_at_epoch
 from models.spark import build_spark
 from util.spark_sched import SparkSchedule, spark_lr, spark_param_groups, spark_wd
+from util.train_step import TrainStep
 
 
-def test_lr_schedule_matches_spec():
+def test_lr_schedule_matches_official():
     iters, peak = 313, 3.2e-3
     wp_it, max_it = 40 * iters, 1600 * iters
     assert (wp_it, max_it) == (12520, 500800)
@@ -83,6 +84,31 @@ def test_lamb_clips_the_global_norm_at_5():
     assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-7) for a, b in zip(clipped, prescaled))
     small = [g * 1e-3 for g in grads]  # norm < 5: untouched
     assert all(torch.allclose(a, b) for a, b in zip(lamb_update(small, 5.0), lamb_update(small, None)))
+
+
+@pytest.mark.parametrize('opt', ['sgd', 'adamw'])
+def test_clip_0_means_no_clipping(opt):
+    """--clip=0 (official: clip only when clip > 0) must leave the gradients alone; a step with SGD (the update scales
+    with the gradient) equals the unclipped reference step p - lr * g."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    x = torch.randn(8, 4) * 10
+    grads = torch.autograd.grad(model(x).pow(2).mean(), list(model.parameters()))
+    expected = [p.detach() - 0.1 * g for p, g in zip(model.parameters(), grads)]
+    assert sum(g.norm() ** 2 for g in grads) ** 0.5 > 1  # so a clip at 1 (or 0) would change the step
+    for clip in (0.0, None):
+        m = torch.nn.Linear(4, 3)
+        m.load_state_dict(model.state_dict())
+        trainer = TrainStep(m, torch.optim.SGD(m.parameters(), lr=0.1), 'cpu', clip_grad=clip)
+        trainer.backward(m(x).pow(2).mean())
+        trainer.step()
+        assert all(torch.allclose(p, e, atol=1e-6) for p, e in zip(m.parameters(), expected)), clip
+    # main_spark: --clip=0 with sgd/adamw gives no clipping, --clip=5 clips at 5, LAMB clips inside its step
+    parse = main_spark.get_args_parser().parse_args
+    for argv, clip in (([f'--opt={opt}', '--clip=0'], None), ([f'--opt={opt}'], 5.0), (['--clip=3'], None)):
+        args = parse(argv)
+        args.lr, args.ada = 0.1, 0.95
+        assert main_spark.build_trainer(args, model, main_spark.build_optimizer(args, model), 'cpu').clip_grad == clip
 
 
 @pytest.mark.parametrize('launcher_flag', ['--local-rank=3', '--local_rank=3', None])

@@ -119,7 +119,7 @@ def test_mask_generation_count_and_generator():
 
 
 def _expected_keys_resnet(chs, cnn_keys):
-    """Official SparK state-dict layout (spec 2, 3.1) for a ResNet: {key: shape or None}."""
+    """Official SparK state-dict layout (pretrain/spark.py, decoder.py) for a ResNet: {key: shape or None}."""
     exp = {'sparse_encoder.sp_cnn.' + k: tuple(v.shape) for k, v in cnn_keys.items()}
     widths = [768, 384, 192, 96, 48, 24]
     for i in range(5):
@@ -161,13 +161,13 @@ def test_state_dict_key_layout(name, chs, n_cnn):
     assert sum(k.startswith('dense_decoder.') for k in sd) == 72
     assert not any(k.startswith('sparse_encoder.sp_cnn.fc') for k in sd)
     if n_cnn is not None:
-        # spec 3.1: 318 encoder + 72 decoder + 20 norms + 8 projs + 4 tokens + 3 deprecated buffers
+        # official R50: 318 encoder + 72 decoder + 20 norms + 8 projs + 4 tokens + 3 deprecated buffers
         assert sum(k.startswith('sparse_encoder.sp_cnn.') for k in sd) == n_cnn
         assert len(sd) == 318 + 72 + 20 + 8 + 4 + 3
         dec = sum(p.numel() for p in m.dense_decoder.parameters())
-        assert abs(dec / 1e6 - 23.18) < 0.01                  # spec 2: 23.18M for every backbone
+        assert abs(dec / 1e6 - 23.18) < 0.01                  # official: 23.18M for every backbone
         dens = sum(p.numel() for n, p in m.named_parameters() if n.startswith('densify'))
-        assert abs(dens / 1e6 - 6.23) < 0.01                  # spec 3.1: 6.23M for ResNets
+        assert abs(dens / 1e6 - 6.23) < 0.01                  # official: 6.23M for ResNets
     # a spark_style checkpoint round-trips strictly, with its config
     ck = m.state_dict(with_config=True)
     assert ck['config']['mask_ratio'] == 0.6 and ck['config']['dense_decoder.width'] == 768
@@ -244,7 +244,7 @@ def test_random_mask_forward_and_vis_shapes(r18):
 
 def test_densify_norm_then_mask_token_then_proj(r18):
     """Decoder inputs: sparse BN over visible positions (zeros elsewhere), mask token at masked
-    positions, then the projection (spec 3.3 step 3)."""
+    positions, then the projection (official SparK.forward)."""
     x, mask = _input(3), _given_mask()
     feats, proj_in = {}, {}
     hooks = [r18.sparse_encoder.register_forward_hook(lambda m, i, o: feats.__setitem__('f', [t.detach().clone() for t in o]))]
@@ -283,3 +283,17 @@ def test_decoder_shapes_and_add():
     torch.testing.assert_close(dec([a, None]), dec.proj(dec.dec[4](dec.dec[3](dec.dec[2](dec.dec[1](dec.dec[0](a)))))))
     with pytest.raises(ValueError):
         LightDecoder(24)
+
+
+@pytest.mark.parametrize('name', ['resnet18', 'resnet50', 'convnext_atto', 'convnext_tiny', 'convnext_large',
+                                  'your_convnet'])
+def test_every_parameter_is_used(name):
+    """DDP runs without find_unused_parameters: every parameter of the SparK model must get a gradient (timm's
+    ConvNeXt keeps its head norm with num_classes=0; the encoder must not). convnext_large on the meta device."""
+    device = 'meta' if name == 'convnext_large' else 'cpu'
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = build_spark(name, 64)
+    model(torch.randn(2, 3, 64, 64, device=device)).backward()
+    assert [n for n, p in model.named_parameters() if p.grad is None] == []
+    assert not [k for k in model.sparse_encoder.sp_cnn.state_dict() if k.startswith(('head.', 'fc.', 'norm_pre.'))]

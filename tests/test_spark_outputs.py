@@ -1,10 +1,13 @@
-"""SparK beyond the core module: the custom-model route, official file names and formats (spark_style resume,
-official ConvNeXt keys), reconstruction pictures, --accum_iter, drop path defaults."""
+"""SparK beyond the core module: the custom-model route, official file names and formats checked against the
+official modules' layout (fixtures/spark_official_layout.json: spark_style resume both ways, official ConvNeXt keys),
+a 2-process launch, reconstruction pictures, --accum_iter, drop path defaults."""
+import argparse
 import json
 import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import timm
@@ -15,7 +18,7 @@ import main_spark
 from models.convnext_keys import convnext_official_to_timm
 from models.spark import build_spark, spark_default_drop_path
 from util.pretrained import load_pretrained
-from util.spark_checkpoint import resume_spark
+from util.spark_checkpoint import resume_spark, save_spark_outputs
 from util.spark_sched import spark_param_groups
 from util.spark_vis import spark_figure
 from util.train_step import TrainStep
@@ -79,6 +82,9 @@ OFFICIAL_CONVNEXT = [  # timm -> official FB ConvNeXt names (written out here, i
     (r'^stages\.(\d)\.blocks\.(\d+)\.mlp\.fc(\d)\.', r'stages.\1.\2.pwconv\3.'),
     (r'^stages\.(\d)\.blocks\.(\d+)\.', r'stages.\1.\2.'),
 ]
+# The official SparK modules' layout (parameter order, keys, shapes, param groups, encoder file), generated once from
+# the official code by fixtures/spark_official_layout_gen.py.
+OFFICIAL = json.loads((Path(__file__).parent / 'fixtures' / 'spark_official_layout.json').read_text())['models']
 
 
 def to_official(name):
@@ -93,38 +99,49 @@ def to_official(name):
     return prefix + rest
 
 
+def by_official_name(model):
+    """{official name: our tensor} for every parameter and buffer, checked against the official key set and shapes."""
+    ours = {to_official(k): v for k, v in model.state_dict().items()}
+    ours.update({to_official(k): p for k, p in model.named_parameters()})
+    return ours
+
+
+def official_optimizer_index(layout):
+    """{official parameter name: its index in the official optimizer state}: torch numbers the parameters group by
+    group, each group in the module's parameter order."""
+    flat = [name for group in layout['param_groups'] for name in group['params']]
+    assert sorted(flat) == sorted(name for name, _ in layout['parameters'])
+    return {name: i for i, name in enumerate(flat)}
+
+
 def official_file(model, optimizer, arch):
-    """What the official SparK writes as <arch>_withdecoder_1kpretrained_spark_style.pth: official key names, and
-    optimizer indices in the official parameter order (all ConvNeXt downsample layers before all stages)."""
-    def official_rank(name):
-        official = to_official(name)
-        m = re.match(r'sparse_encoder\.sp_cnn\.(downsample_layers|stages)\.(\d)', official)
-        return (0 if m.group(1) == 'downsample_layers' else 1, int(m.group(2))) if m else (2, 0)
-    name_of = {id(p): n for n, p in model.named_parameters()}
-    own = optimizer.state_dict()
-    own_index = {n: i for i, n in enumerate(name_of[id(p)] for g in optimizer.param_groups for p in g['params'])}
-    state, groups, next_id = {}, [], 0
-    for group, saved in zip(optimizer.param_groups, own['param_groups']):
-        names = sorted((name_of[id(p)] for p in group['params'] if 'head.' not in name_of[id(p)]), key=official_rank)
-        ids = []
-        for name in names:
-            if own_index[name] in own['state']:
-                state[next_id] = own['state'][own_index[name]]
-            ids.append(next_id)
-            next_id += 1
-        groups.append({**saved, 'params': ids})
-    module = {to_official(k): v for k, v in model.state_dict(with_config=True).items() if '.head.' not in k}
+    """What the official SparK writes as <arch>_withdecoder_1kpretrained_spark_style.pth: official key names, and the
+    optimizer state indexed in the official module's parameter order, grouped as the official get_param_groups."""
+    layout = OFFICIAL[arch]
+    tensors = by_official_name(model)
+    assert {k: list(v.shape) for k, v in tensors.items()} == dict(layout['state_dict'])  # what strict=True demands
+    index = official_optimizer_index(layout)
+    ours = {id(p): s for p, s in optimizer.state.items()}
+    state = {index[name]: {k: v.clone() for k, v in ours[id(tensors[name])].items()}
+                      for name, _ in layout['parameters'] if id(tensors[name]) in ours}
+    step = optimizer.param_groups[0].get('step', 1)
+    groups = [{'lr': 1e-3, 'betas': (0.9, 0.95), 'eps': 1e-6, 'weight_decay': 0.0, 'grad_averaging': True,
+               'max_grad_norm': 5.0, 'trust_clip': False, 'always_adapt': False, 'bias_correction': True,
+               'step': int(step), 'weight_decay_scale': g['weight_decay_scale'], 'lr_scale': 1.0,
+               'params': [index[n] for n in g['params']]} for g in layout['param_groups']]
+    module = {k: tensors[k].clone() for k, _ in layout['state_dict']}
+    module['config'] = dict(layout['config'])
     return {'args': 'Namespace(...)', 'arch': arch, 'input_size': 64, 'epoch': 6, 'performance_desc': '0.5 0.6',
             'module': module, 'optimizer': {'state': state, 'param_groups': groups}, 'is_pretrain': True}
 
 
 @pytest.mark.parametrize('arch', ['resnet18', 'convnext_tiny'])
 def test_resume_from_official_spark_style_file(tmp_path, arch):
+    """An official spark_style file (official names and parameter order) resumes: every parameter gets its own
+    weights and optimizer state, and training goes on."""
     source, source_opt, _ = one_step_model(arch)
     path = tmp_path / f'{arch}_withdecoder_1kpretrained_spark_style.pth'
     torch.save(official_file(source, source_opt, arch), path)
-    if arch == 'convnext_tiny':
-        assert 'sparse_encoder.sp_cnn.downsample_layers.0.0.weight' in torch.load(path)['module']
     model, optimizer, trainer = one_step_model(arch, seed=1)
     epoch, step, _ = resume_spark(str(path), model, trainer)
     assert epoch == 6 and step is None
@@ -132,8 +149,62 @@ def test_resume_from_official_spark_style_file(tmp_path, arch):
     for name, p in model.named_parameters():
         assert torch.equal(p, theirs[name]), name
         mine_state, their_state = optimizer.state.get(p, {}), source_opt.state.get(theirs[name], {})
-        assert mine_state.keys() == their_state.keys(), name
-        assert all(torch.equal(mine_state[k], their_state[k]) for k in ('exp_avg', 'exp_avg_sq') if k in mine_state)
+        assert mine_state.keys() == their_state.keys() == {'exp_avg', 'exp_avg_sq'}, name
+        assert all(torch.equal(mine_state[k], their_state[k]) for k in mine_state), name
+    trainer.backward(model(torch.randn(2, 3, 64, 64)))  # the first LAMB step after resuming
+    trainer.step()
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize('arch', ['resnet18', 'convnext_tiny'])
+def test_written_files_have_the_official_layout(tmp_path, arch):
+    """Our spark_style file loads strictly into the official SparK module (key set and shapes), its optimizer state
+    is the official one (each official index holds the state of the right tensor), and the timm_style file is the
+    official encoder's state dict; _1kpretrained.pth stays in timm names."""
+    source, source_opt, trainer = one_step_model(arch)
+    args = argparse.Namespace(model=arch, exp_dir=str(tmp_path), input_size=64)
+    save_spark_outputs(args, 3, trainer, source, source_opt, {'min_loss': 0.5, 'last_loss': 0.6})
+    layout, tensors = OFFICIAL[arch], by_official_name(source)
+
+    ckpt = torch.load(tmp_path / f'{arch}_withdecoder_1kpretrained_spark_style.pth', weights_only=True)
+    module = dict(ckpt['module'])
+    assert module.pop('config') == layout['config']
+    assert {k: list(v.shape) for k, v in module.items()} == dict(layout['state_dict'])
+    assert all(torch.equal(v, tensors[k]) for k, v in module.items())
+    assert ckpt['epoch'] == 3 and ckpt['is_pretrain'] and ckpt['arch'] == arch
+
+    opt = ckpt['optimizer']
+    index = official_optimizer_index(layout)
+    assert [len(g['params']) for g in opt['param_groups']] == [len(g['params']) for g in layout['param_groups']]
+    assert [g['weight_decay_scale'] for g in opt['param_groups']] == [g['weight_decay_scale']
+                                                                       for g in layout['param_groups']]
+    assert [i for g in opt['param_groups'] for i in g['params']] == list(range(len(index)))
+    shapes = dict(layout['parameters'])
+    for name, i in index.items():
+        expected = source_opt.state[tensors[name]]
+        assert list(opt['state'][i]['exp_avg'].shape) == shapes[name], name
+        assert all(torch.equal(opt['state'][i][k], expected[k]) for k in ('exp_avg', 'exp_avg_sq')), name
+
+    official_encoder = torch.load(tmp_path / f'{arch}_1kpretrained_timm_style.pth', weights_only=True)
+    assert {k: list(v.shape) for k, v in official_encoder.items()} == dict(layout['encoder_state_dict'])
+    assert all(torch.equal(v, tensors['sparse_encoder.sp_cnn.' + k]) for k, v in official_encoder.items())
+    encoder = torch.load(tmp_path / f'{arch}_1kpretrained.pth', weights_only=True)
+    result = timm.create_model(arch, num_classes=5).load_state_dict(encoder, strict=False)
+    assert not result.unexpected_keys and {k.rsplit('.', 1)[0] for k in result.missing_keys} <= {'fc', 'head.fc',
+                                                                                                  'head.norm'}
+    assert os.path.islink(tmp_path / f'{arch}_1kpretrained_timm_style.pth') == arch.startswith('resnet')
+
+    # and our own tools still read all of them
+    model, optimizer, trainer = one_step_model(arch, seed=1)
+    assert resume_spark(str(tmp_path / f'{arch}_still_pretraining.pth'), model, trainer)[:2] == (3, 1)
+    assert all(torch.equal(p, dict(source.named_parameters())[n]) for n, p in model.named_parameters())
+    assert all(torch.equal(optimizer.state[p]['exp_avg'], source_opt.state[q]['exp_avg'])
+               for p, q in zip(model.parameters(), source.parameters()))
+    for path in (f'{arch}_1kpretrained_timm_style.pth', f'{arch}_1kpretrained.pth'):
+        fine = timm.create_model(arch, num_classes=5)
+        report = load_pretrained(fine, str(tmp_path / path), verbose=False)
+        assert len(report['loaded']) == len(encoder) and all(torch.equal(fine.state_dict()[k], v)
+                                                             for k, v in encoder.items())
 
 
 def test_official_convnext_keys_map_to_timm():
@@ -179,20 +250,25 @@ def test_unready_model_and_bad_sizes_give_clear_errors(tmp_path):
         build_spark('your_convnet', 48)
 
 
-def test_two_process_launch_as_in_the_seed(tmp_path):
-    """`python -m torch.distributed.launch --nproc_per_node=2 main_spark.py ...` on gloo: one set of outputs,
-    the global batch split over the processes."""
+@pytest.mark.slow
+def test_two_process_launch_with_a_convnext(tmp_path):
+    """`python -m torch.distributed.launch --nproc_per_node=2 main_spark.py ...` on gloo with timm's ConvNeXt (DDP
+    without find_unused_parameters: any parameter the SparK forward does not use breaks the second iteration); one
+    set of outputs, the global batch split over the processes, no stray head keys in the encoder."""
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {**os.environ, 'DEMO_DATA_ROOT': str(tmp_path / 'demo'), 'OMP_NUM_THREADS': '1'}
     cmd = [sys.executable, '-m', 'torch.distributed.launch', '--nproc_per_node=2', os.path.join(repo, 'main_spark.py'),
-           '--exp_name=ddp', '--data_path=demo', '--model=your_convnet', '--input_size=32', '--bs=48', '--ep=1',
-           '--num_workers=0', '--print_freq=3']
-    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
-    assert done.returncode == 0, done.stderr[-2000:]
-    ckpt = torch.load(tmp_path / 'output_ddp' / 'your_convnet_still_pretraining.pth', weights_only=True)
-    assert ckpt['step'] == 144 // 48 and ckpt['args']['batch_size'] == 24 and ckpt['args']['world_size'] == 2
+           '--exp_name=ddp', '--data_path=demo', '--model=convnext_atto', '--input_size=32', '--bs=64', '--ep=1',
+           '--num_workers=0', '--print_freq=1', '--vis_freq=0']
+    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, '\n'.join(line for line in done.stderr.splitlines() if 'Error' in line)[-2000:]
+    out = tmp_path / 'output_ddp'
+    ckpt = torch.load(out / 'convnext_atto_still_pretraining.pth', weights_only=True)
+    assert ckpt['step'] == 144 // 64 and ckpt['args']['batch_size'] == 32 and ckpt['args']['world_size'] == 2
     assert len(ckpt['rng']) == 2
-    log = (tmp_path / 'output_ddp' / 'pretrain_log.txt').read_text().splitlines()
+    for name in ('convnext_atto_1kpretrained.pth', 'convnext_atto_1kpretrained_timm_style.pth'):
+        assert not [k for k in torch.load(out / name, weights_only=True) if 'head' in k or 'norm_pre' in k]
+    log = (out / 'pretrain_log.txt').read_text().splitlines()
     assert len(log) == 3 and json.loads(log[2])['cur_ep'] == '1/1'
 
 

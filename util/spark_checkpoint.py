@@ -1,22 +1,27 @@
 """SparK's output files, readable by our tools and by the official SparK code alike.
 
 In `output_<exp_name>/`, rewritten atomically every epoch:
-  <model>_still_pretraining.pth   our checkpoint (model, optimizer, epoch, step, RNG, ...) that also carries
-                                  the official keys (`module` = the SparK state dict with its config, `arch`,
-                                  `input_size`, `performance_desc`, `is_pretrain`), so the official resume and
-                                  visualisation code read it; `--resume_from` takes it, auto-resume finds it.
-  <model>_1kpretrained.pth        the encoder in timm key layout, no wrapper: what fine-tuning takes.
-  <model>_withdecoder_1kpretrained_spark_style.pth, <model>_1kpretrained_timm_style.pth
-                                  the newer official names of the two files above (symbolic links).
-`--resume_from` also takes an official spark_style file (weights, optimizer and epoch; ConvNeXt keys and
-parameter order are translated to timm's).
+  <model>_still_pretraining.pth   our checkpoint (`model` in timm key names, optimizer, epoch, step, RNG, ...)
+                                  that also carries the official keys: `module` = the same tensors (stored once)
+                                  under the official SparK module's names with its config, `arch`, `input_size`,
+                                  `performance_desc`, `is_pretrain`. The optimizer's parameters are ordered as the
+                                  official module's, so `optimizer` is the official state as well. The official
+                                  resume and visualisation code read it; `--resume_from` takes it, auto-resume
+                                  finds it. Also under its newer official name
+                                  <model>_withdecoder_1kpretrained_spark_style.pth (a symbolic link).
+  <model>_1kpretrained.pth        the encoder in timm key layout, no wrapper: for timm.create_model / --finetune.
+  <model>_1kpretrained_timm_style.pth
+                                  the encoder in the official model's key layout (the official fine-tuning code's
+                                  input): FB ConvNeXt names for ConvNeXts (a file of its own), else the same
+                                  file as <model>_1kpretrained.pth (a symbolic link).
+`--resume_from` also takes an official spark_style file: its ConvNeXt names are mapped to timm's, and its
+optimizer state loads as it is (same parameter order), after a check of every tensor's shape.
 """
 import os
 
 import torch
 
-from models.convnext_keys import convnext_official_to_timm, is_official_convnext
-from models.spark import ENCODER_PREFIX, encoder_state_dict
+from models.spark import encoder_state_dict
 from util.checkpoint import atomic_save, load_checkpoint, save_checkpoint
 from util.dist import is_main_process
 
@@ -38,16 +43,20 @@ def _link(target_name, link_path):
 
 
 def save_spark_outputs(args, epoch, trainer, model, optimizer, stats):
-    """The resumable checkpoint and the encoder file (and their newer official names). Call on every rank."""
+    """The resumable checkpoint and the two encoder files (and the newer official names). Call on every rank."""
     names = output_names(args.model)
-    official = {'module': model.state_dict(with_config=True), 'arch': args.model, 'input_size': args.input_size,
-                'performance_desc': f'{stats["min_loss"]:.4f} {stats["last_loss"]:.4f}', 'is_pretrain': True}
+    official = {'module': model.official_state_dict(with_config=True), 'arch': args.model,
+                'input_size': args.input_size, 'is_pretrain': True,
+                'performance_desc': f'{stats["min_loss"]:.4f} {stats["last_loss"]:.4f}'}
     save_checkpoint(args.exp_dir, epoch, trainer.num_updates, args, model, optimizer, trainer.scaler, extra=stats,
                     name=names['resume'], top_level=official)
     if is_main_process():
         atomic_save(encoder_state_dict(model), os.path.join(args.exp_dir, names['encoder']))
+        if model.official_convnext:
+            atomic_save(encoder_state_dict(model, official=True), os.path.join(args.exp_dir, names['encoder_new']))
+        else:
+            _link(names['encoder'], os.path.join(args.exp_dir, names['encoder_new']))
         _link(names['resume'], os.path.join(args.exp_dir, names['resume_new']))
-        _link(names['encoder'], os.path.join(args.exp_dir, names['encoder_new']))
 
 
 def find_resume_file(args):
@@ -65,55 +74,41 @@ def find_resume_file(args):
     return None
 
 
-def official_param_order(names):
-    """Our parameter names in the order the official SparK model lists them: the official ConvNeXt registers
-    all downsample layers (stem first) before all stages; ResNets and everything else keep their order."""
-    def rank(name):
-        rest = name[len(ENCODER_PREFIX):] if name.startswith(ENCODER_PREFIX) else None
-        if rest is None:
-            return (2, 0)
-        parts = rest.split('.')
-        if parts[0] == 'stem':
-            return (0, 0)
-        if parts[0] == 'stages' and len(parts) > 2:
-            return (0, int(parts[1])) if parts[2] == 'downsample' else (1, int(parts[1]))
-        return (1, 99)
-    return sorted(names, key=rank)
-
-
-def official_optimizer_state(opt_state, optimizer, model, module_keys):
-    """The official optimizer state dict, re-indexed to our parameters (same groups, official order)."""
-    index = {id(p): i for i, p in enumerate(p for g in optimizer.param_groups for p in g['params'])}
-    name_of = {id(p): n for n, p in model.named_parameters()}
-    state, groups = {}, []
-    for ours, theirs in zip(optimizer.param_groups, opt_state['param_groups']):
-        names = [name_of[id(p)] for p in ours['params']]
-        present = [n for n in official_param_order(names) if n in module_keys]
-        if len(present) != len(theirs['params']):
-            raise ValueError(f'official optimizer group has {len(theirs["params"])} parameters, this model '
-                             f'{len(present)}: was it saved for another --model?')
-        param = dict(model.named_parameters())
-        for name, official_id in zip(present, theirs['params']):
-            if official_id in opt_state['state']:
-                state[index[id(param[name])]] = opt_state['state'][official_id]
-        groups.append({**theirs, 'params': [index[id(p)] for p in ours['params']]})
-    return {'state': state, 'param_groups': groups}
+def check_optimizer_state(opt_state, optimizer, path):
+    """Raises a clear ValueError unless the saved optimizer state has this optimizer's groups, parameter counts
+    and, parameter by parameter, state tensors of the parameter's shape (torch would load a misaligned state
+    silently and fail at the first step)."""
+    saved = opt_state['param_groups']
+    if len(saved) != len(optimizer.param_groups):
+        raise ValueError(f'{path}: the optimizer state has {len(saved)} param groups, this model '
+                         f'{len(optimizer.param_groups)}; was it saved for another --model or --opt?')
+    for g, (ours, theirs) in enumerate(zip(optimizer.param_groups, saved)):
+        if len(ours['params']) != len(theirs['params']):
+            raise ValueError(f'{path}: optimizer group {g} has {len(theirs["params"])} parameters, this model '
+                             f'{len(ours["params"])}; was it saved for another --model?')
+        for p, idx in zip(ours['params'], theirs['params']):
+            for k, v in opt_state['state'].get(idx, {}).items():
+                if torch.is_tensor(v) and v.ndim and v.shape != p.shape:
+                    raise ValueError(f'{path}: optimizer state {k!r} of parameter {idx} has shape {list(v.shape)}, '
+                                     f'the parameter {list(p.shape)}: the file orders its parameters differently')
+    return opt_state
 
 
 def resume_spark(path, model, trainer):
     """Loads weights + optimizer (+ our extras) from path; returns (last finished epoch, step, extra dict)."""
     ckpt = torch.load(path, map_location='cpu', weights_only=True)
     if 'model' in ckpt:  # ours
-        ckpt = load_checkpoint(path, model, trainer.optimizer, trainer.scaler)
+        ckpt = load_checkpoint(path, model, trainer.optimizer, trainer.scaler, before_optimizer=lambda c: (
+            check_optimizer_state(c['optimizer'], trainer.optimizer, path)))
         return ckpt['epoch'], ckpt.get('step', 0), ckpt.get('extra', {})
     if 'module' not in ckpt:
         raise ValueError(f'--resume_from {path}: neither our checkpoint nor an official SparK spark_style file '
                          f'(for weights only use --init_weight)')
-    module = ckpt['module']
-    if is_official_convnext(module, ENCODER_PREFIX):
-        module = convnext_official_to_timm(module, ENCODER_PREFIX)
-    print(f'official checkpoint {path}: {model.load_state_dict(module, strict=False)}')
+    result = model.load_state_dict(ckpt['module'], strict=False)  # official ConvNeXt names are mapped to timm's
+    if result.missing_keys or result.unexpected_keys:
+        raise ValueError(f'--resume_from {path} does not fit this model (missing {result.missing_keys[:3]}, '
+                         f'unexpected {result.unexpected_keys[:3]}): was it saved for another --model?')
+    print(f'official checkpoint {path}: all {len(ckpt["module"]) - ("config" in ckpt["module"])} tensors loaded')
     if ckpt.get('optimizer'):
-        trainer.optimizer.load_state_dict(
-            official_optimizer_state(ckpt['optimizer'], trainer.optimizer, model, set(module)))
+        trainer.optimizer.load_state_dict(check_optimizer_state(ckpt['optimizer'], trainer.optimizer, path))
     return ckpt.get('epoch', -1), None, {}

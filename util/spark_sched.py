@@ -1,4 +1,5 @@
-"""SparK's per-iteration schedules (spec 5.2) and parameter groups (spec 5.3).
+"""SparK's per-iteration schedules and parameter groups, as the official
+https://github.com/keyu-tian/SparK/blob/main/pretrain/utils/lr_control.py.
 
 LR: linear warmup from 0.5% of the peak over `wp_ep` epochs, then cosine down to 0.1% of the peak,
 reached at the last iteration. WD: cosine INCREASE from `wd` to `wde` over all of training (no warmup).
@@ -48,14 +49,20 @@ class SparkSchedule:
 
 
 def spark_param_groups(model, nowd_keys=NOWD_KEYS):
-    """'decay' (weight_decay_scale 1) and 'no_decay' (scale 0: 1-D, '.bias', or a name with a nowd key)."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
+    """The official `get_param_groups`: 'decay' (weight_decay_scale 1) and 'no_decay' (scale 0: 1-D, '.bias', or a
+    name with a nowd key), each group created when its first parameter comes. For a SparK model the parameters
+    are taken in the official module's order and names (`official_named_parameters`), so the optimizer state
+    is laid out as the official one and official optimizer states load as they are."""
+    named = model.official_named_parameters() if hasattr(model, 'official_named_parameters') \
+        else model.named_parameters()
+    groups = {}
+    for name, p in named:
         if not p.requires_grad:
             continue
-        if p.ndim == 1 or name.endswith('.bias') or any(k in name for k in nowd_keys):
-            no_decay.append(p)
-        else:
-            decay.append(p)
-    return [{'params': decay, 'weight_decay': 0.0, 'weight_decay_scale': 1.0, 'lr_scale': 1.0},
-            {'params': no_decay, 'weight_decay': 0.0, 'weight_decay_scale': 0.0, 'lr_scale': 1.0}]
+        no_decay = p.ndim == 1 or name.endswith('.bias') or any(k in name for k in nowd_keys)
+        key = 'no_decay' if no_decay else 'decay'
+        if key not in groups:
+            groups[key] = {'params': [], 'weight_decay': 0.0, 'weight_decay_scale': 0.0 if no_decay else 1.0,
+                           'lr_scale': 1.0}
+        groups[key]['params'].append(p)
+    return list(groups.values())

@@ -1,7 +1,8 @@
 """What happens around every backward and optimizer step, for every method's engine.
 
 `TrainStep` owns gradient accumulation (DDP `no_sync` on the micro-steps before the last one),
-autocast (bf16 or fp16; a GradScaler only for fp16), optional gradient clipping and the handling
+autocast (bf16 or fp16; a GradScaler only for fp16), optional gradient-norm clipping (only for a
+clip_grad > 0; None or 0 means none, as the official scripts) and the handling
 of non-finite losses: such a step is skipped on the device (fused optimizers take a `found_inf`
 flag, as under GradScaler) and counted; `check()`, called at print time, stops the run with a
 clear message after `max_nonfinite` skipped steps in a row. Nothing here syncs with the host per
@@ -66,7 +67,7 @@ class TrainStep:
             self.scaler.unscale_(self.optimizer)
         grads = [p.grad for p in params]
         norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=self.device)
-        if self.clip_grad is not None and grads:
+        if self.clip_grad is not None and self.clip_grad > 0 and grads:  # a clip of 0 or None: no clipping
             torch.nn.utils.clip_grads_with_norm_(params, self.clip_grad, norm)
         finite = self._window_finite.clone()
         if self.scaler is not None:  # fp16 overflow is the scaler's business, not a bad step

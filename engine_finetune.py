@@ -4,8 +4,8 @@ Training is engine_pretrain's epoch loop with a classification loss plugged in: 
 DDP `no_sync`, AMP, clipping, non-finite steps and logging are shared, and so is the per-iteration
 warmup + cosine lr, which multiplies each param group's lr by its `lr_scale`; that is all layer-wise
 lr decay needs. Only the loss differs: targets go to the device, timm's Mixup/CutMix mixes them
-with the images when enabled, and the criterion (SoftTargetCrossEntropy under mixup, label
-smoothing otherwise) compares them with the model's logits.
+with the images when enabled, and the criterion (util.classification.build_criterion: cross-entropy,
+soft-target under mixup, or binary cross-entropy) compares them with the model's logits.
 
 `evaluate` counts every validation sample exactly once: per-rank sums stay on the device and are
 all-reduced once at the end when the ranks hold disjoint shards (see util/samplers.py).

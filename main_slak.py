@@ -7,7 +7,7 @@
         --data_path /path/to/imagenet-1k --num_workers 40 --kernel_size 51 49 47 13 5 --output_dir out
     python main_slak.py --model SLaK_tiny --eval true --Decom True --width_factor 1.3 --resume ckpt.pth ...
 
-Flags and defaults are those of the official main.py (spec slak.md 2.1, 3.1); booleans take true/false (a bare
+Flags and defaults are those of the official main.py; booleans take true/false (a bare
 `--model_ema` means true). Ours: --amp (with --use_amp true it defaults to bf16; the official AMP is fp16),
 --conv_impl (models/slak.py), --print_freq, --max_nonfinite. With --sparse, util/sparse_training.py's masks are
 built after the model, DDP wrapper, optimizer and loader, and an engine hook applies, prunes and regrows them
@@ -26,7 +26,9 @@ Official bugs fixed here:
   - the best accuracies were reset on resume; torch.cuda.synchronize() ran every step (fails on CPU); DDP
     all-reduced on every accumulation micro-step; --clip_grad was ignored in fp32; --dist_eval counted padded
     duplicate validation images.
-Not supported (an error unless left at the default): W&B, --data_set CIFAR, --crop_pct, --train_interpolation
+Evaluation resizes as the official code does: to input_size / --crop_pct (default 224/256) and centre-crops below
+384 px, and to exactly input_size x input_size from 384 px on.
+Not supported (an error unless left at the default): W&B, --data_set CIFAR, --train_interpolation
 other than bicubic, --imagenet_default_mean_and_std false, --model_prefix. BatchNorm becomes SyncBatchNorm under
 DDP on GPU only (gloo has none).
 """
@@ -57,7 +59,8 @@ from util.samplers import build_eval_loader
 from util.sparse_training import MaskedEmaHook, Masking, add_sparse_args, density_from_sparsity
 from util.train_step import AMP_DTYPES, TrainStep
 
-UNSUPPORTED = {'enable_wandb': False, 'crop_pct': None, 'train_interpolation': 'bicubic',
+EVAL_RESIZE = 'convnext'  # util.datasets.build_eval_transform's rule: as ConvNeXt's and SLaK's datasets.py
+UNSUPPORTED = {'enable_wandb': False, 'train_interpolation': 'bicubic',
                'imagenet_default_mean_and_std': True, 'model_prefix': ''}
 
 
@@ -162,9 +165,9 @@ def check_args(args):
 def build_dataset(is_train, args):
     if args.data_set == 'image_folder':
         dataset = ImageFolderOrFlat(args.data_path if is_train else args.eval_data_path,
-                                    build_finetune_transform(is_train, args))
+                                    build_finetune_transform(is_train, args, EVAL_RESIZE))
     else:
-        dataset = build_finetune_dataset(is_train, args)
+        dataset = build_finetune_dataset(is_train, args, EVAL_RESIZE)
     if len(dataset.classes) > args.nb_classes:
         raise ValueError(f'{dataset.root} has {len(dataset.classes)} classes, more than --nb_classes {args.nb_classes}')
     return dataset
@@ -225,7 +228,7 @@ def load(path, model, trainer=None):
 
 
 def build_masking(args, trainer, loader, steps_per_epoch, ckpt):
-    """Masks (spec 2.2): from the checkpoint when resuming (its masks, else its non-zeros), else --sparse_init."""
+    """Masks: from the checkpoint when resuming (its masks, else its non-zeros), else --sparse_init."""
     saved = ckpt.get('extra', {}).get('masking') if ckpt else None
     init = 'resume' if ckpt else args.sparse_init
     if ckpt and args.sparse_init != 'resume':
@@ -256,7 +259,7 @@ def build_ema(args, model, masking, ckpt):
 
 
 def report_nonzeros(model):
-    """The published 30M/55M/95M count non-zeros only (spec 1.6); the dense tensors are larger."""
+    """The published 30M/55M/95M count non-zeros only; the dense tensors are larger."""
     params = list(model.parameters())
     weights = [p for p in params if p.dim() in (2, 4)]
     nonzero = sum(int(p.count_nonzero()) for p in params)
@@ -319,7 +322,6 @@ def save(args, epoch, trainer, model, masking, ema, best, improved):
 def main(args):
     check_args(args)
     args.amp = args.amp or ('bf16' if args.use_amp else 'none')
-    args.linprobe = False  # util.datasets: the fine-tuning (RandAugment) transform
     device = setup_run(args)
     val_loader = build_eval_loader(build_dataset(False, args), int(1.5 * args.batch_size), args.num_workers,
                                    args.pin_mem and torch.cuda.is_available(), args.dist_eval)

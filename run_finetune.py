@@ -2,58 +2,113 @@
 
     python run_finetune.py --data_path demo --model vit_tiny_patch16 --finetune output_demo/checkpoint-last.pth ...
     torchrun --nproc_per_node=8 run_finetune.py --batch_size 128 --model vit_base_patch16 --finetune ckpt.pth ...
-    python run_finetune.py --linprobe --cls_token --batch_size 512 --blr 0.1 --weight_decay 0 --epochs 90 ...
+    python run_finetune.py --linprobe --finetune ckpt.pth ...     # MAE's main_linprobe.py recipe and defaults
 
-Flags and defaults are the official ones (MAE/LocalMIM run_finetune.py); see README.md for what differs.
+Flags and defaults are MAE's main_finetune.py ones, or main_linprobe.py's under --linprobe (LARS with momentum 0.9,
+cls token, no drop path, plain cross-entropy, crop + flip, blr 0.1, weight decay 0, 90 epochs, 10 of warmup,
+batch 512); a flag given on the command line wins over either. SparK's ImageNet recipe adds --opt lamb, --bce,
+--crop_pct, --repeated_aug and --aa v0 / ta_wide. See README.md for what differs from the official code.
 """
 import argparse
 import datetime
+import functools
 import time
 
 import timm
 import torch
 import torch.nn as nn
-from timm.optim import Lars, param_groups_layer_decay
+from timm.layers import freeze_batch_norm_2d
+from timm.models.convnext import ConvNeXt
+from timm.models.resnet import ResNet
+from timm.optim import Lamb, param_groups_layer_decay
 from torch.nn.parallel import DistributedDataParallel
 
 import models
 from engine_finetune import ModelEmaHook, evaluate, train_one_epoch
 from util.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from util.classification import add_augmentation_args, build_criterion, build_mixup
+from util.classification import (SPARK_RESNET_BLOCKS_PER_DEPTH, add_augmentation_args, build_criterion, build_mixup,
+                                  layer_decay_param_groups, spark_resnet_layer_id, timm_convnext_layer_id)
 from util.datasets import build_finetune_dataset
 from util.dist import get_world_size
+from util.lars import LARS
 from util.pretrained import load_pretrained
 from util.runtime import append_log_line, build_train_loader, make_log_writer, run_cli, setup_run
-from util.samplers import build_eval_loader
+from util.samplers import build_eval_loader, with_repeated_augmentation
 from util.train_step import AMP_DTYPES, TrainStep
 
 
+# Defaults that differ between fine-tuning (MAE's main_finetune.py) and linear probing (MAE's main_linprobe.py).
+# The parser leaves these flags None and fills them in after parsing, so a flag that is given always wins.
+FINETUNE_DEFAULTS = dict(batch_size=64, epochs=50, blr=1e-3, weight_decay=0.05, min_lr=1e-6, warmup_epochs=5,
+                         drop_path=0.1, global_pool=True, smoothing=0.1, aa='rand-m9-mstd0.5-inc1', reprob=0.25,
+                         opt='adamw')
+LINPROBE_DEFAULTS = dict(batch_size=512, epochs=90, blr=0.1, weight_decay=0.0, min_lr=0.0, warmup_epochs=10,
+                         drop_path=0.0, global_pool=False, smoothing=0.0, aa='none', reprob=0.0, opt='lars')
+
+
+def resolve_defaults(args):
+    """Fills the flags left at None with the fine-tuning or (--linprobe) linear-probing default."""
+    for name, value in (LINPROBE_DEFAULTS if args.linprobe else FINETUNE_DEFAULTS).items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    return args
+
+
+class FinetuneArgumentParser(argparse.ArgumentParser):
+    def parse_known_args(self, args=None, namespace=None):
+        parsed, rest = super().parse_known_args(args, namespace)
+        return resolve_defaults(parsed), rest
+
+
 def get_args_parser():
-    parser = argparse.ArgumentParser('fine-tuning / linear probing', add_help=True)
-    parser.add_argument('--batch_size', default=64, type=int, help='batch size per GPU')
-    parser.add_argument('--epochs', default=50, type=int)
+    parser = FinetuneArgumentParser('fine-tuning / linear probing', add_help=True)
+
+    def mode_default(name, help=''):
+        return (f'{help}; ' if help else '') + \
+            f'default {FINETUNE_DEFAULTS[name]} (--linprobe: {LINPROBE_DEFAULTS[name]})'.replace('%', '%%')
+
+    parser.add_argument('--batch_size', default=None, type=int, help=mode_default('batch_size', 'per GPU'))
+    parser.add_argument('--epochs', default=None, type=int, help=mode_default('epochs'))
     parser.add_argument('--accum_iter', default=1, type=int)
     parser.add_argument('--model', default='vit_large_patch16', type=str, metavar='MODEL',
                         help='vit_{tiny,small,base,large}_patch16, vit_huge_patch14, or any timm classifier')
     parser.add_argument('--input_size', default=224, type=int)
-    parser.add_argument('--drop_path', type=float, default=0.1, metavar='PCT')
+    parser.add_argument('--drop_path', type=float, default=None, metavar='PCT', help=mode_default('drop_path'))
     parser.add_argument('--clip_grad', type=float, default=None, metavar='NORM')
-    parser.add_argument('--weight_decay', type=float, default=0.05)
+    parser.add_argument('--opt', default=None, choices=['adamw', 'lamb', 'lars'],
+                        help=mode_default('opt', "lamb: timm's Lamb as SparK's ResNet recipe sets it (max_grad_norm "
+                                                 '1e7, always_adapt, no bias correction); lars: MAE\'s LARS'))
+    parser.add_argument('--weight_decay', type=float, default=None, help=mode_default('weight_decay'))
     parser.add_argument('--lr', type=float, default=None, metavar='LR')
-    parser.add_argument('--blr', type=float, default=1e-3, metavar='LR',
-                        help='base learning rate: absolute_lr = base_lr * total_batch_size / 256')
-    parser.add_argument('--layer_decay', type=float, default=0.75, help='layer-wise lr decay (ViT: MAE\'s groups)')
-    parser.add_argument('--min_lr', type=float, default=1e-6, metavar='LR')
-    parser.add_argument('--warmup_epochs', type=int, default=5, metavar='N')
+    parser.add_argument('--blr', type=float, default=None, metavar='LR',
+                        help=mode_default('blr', 'base learning rate: absolute_lr = base_lr * total_batch_size / 256'))
+    parser.add_argument('--layer_decay', type=float, default=0.75,
+                        help="layer-wise lr decay (ViTs: MAE's depths; timm ResNet-50/101/152/200 and ConvNeXts: "
+                             "SparK's; other CNNs: one depth per stage)")
+    parser.add_argument('--min_lr', type=float, default=None, metavar='LR', help=mode_default('min_lr'))
+    parser.add_argument('--warmup_epochs', type=int, default=None, metavar='N', help=mode_default('warmup_epochs'))
     add_augmentation_args(parser)
+    parser.set_defaults(smoothing=None, aa=None, reprob=None)  # resolve_defaults: fine-tuning or linear probing
+    parser.add_argument('--bce', action='store_true',
+                        help="timm's BinaryCrossEntropy instead of cross-entropy (SparK's ResNet recipe)")
+    parser.add_argument('--crop_pct', type=float, default=None,
+                        help='evaluation: resize to input_size / crop_pct, centre crop (default: 224/256 up to '
+                             '224 px, 1.0 above; SparK: 0.95)')
+    parser.add_argument('--eval_resize', default='mae', choices=['mae', 'convnext'],
+                        help="mae: resize the short side and centre-crop at every size; convnext (SparK's and "
+                             'ConvNeXt\'s fine-tuning): from 384 px resize to exactly input_size x input_size')
+    parser.add_argument('--repeated_aug', type=int, default=0, metavar='N',
+                        help="repeated augmentation with timm's RepeatAugSampler, N copies (SparK's ConvNeXts: 3)")
     parser.add_argument('--resplit', action='store_true', default=False)
     # what to start from and how to pool
     parser.add_argument('--finetune', default='', help='pretrained checkpoint (ours, LocalMIM, MAE, SparK encoder)')
-    parser.add_argument('--global_pool', action='store_true')
-    parser.set_defaults(global_pool=True)
-    parser.add_argument('--cls_token', action='store_false', dest='global_pool', help='cls token instead of mean pool')
+    parser.add_argument('--global_pool', action='store_true', default=None,
+                        help='mean pool (ViTs; the fine-tuning default)')
+    parser.add_argument('--cls_token', action='store_false', dest='global_pool',
+                        help='cls token instead of mean pool (the --linprobe default)')
     parser.add_argument('--linprobe', action='store_true',
-                        help='train only a linear head (BatchNorm without affine + Linear) with LARS on frozen features')
+                        help='train only a linear head (BatchNorm without affine + Linear) on the frozen encoder, '
+                             'whose BatchNorm statistics stay as pretrained')
     parser.add_argument('--model_ema', action='store_true', help='keep (and evaluate) an EMA of the weights')
     parser.add_argument('--model_ema_decay', type=float, default=0.9999)
     # data, outputs, runtime
@@ -102,6 +157,7 @@ def build_model(args):
         classifier_name = next(name for name, module in model.named_modules() if module is head)
         nn.init.trunc_normal_(head.weight, std=0.01)
         model.requires_grad_(False)
+        model = freeze_batch_norm_2d(model)  # the encoder's BN uses (and keeps) its pretrained statistics
         probe = nn.Sequential(nn.BatchNorm1d(head.in_features, affine=False, eps=1e-6), head)
         parent, _, leaf = classifier_name.rpartition('.')
         setattr(model.get_submodule(parent) if parent else model, leaf, probe)
@@ -123,13 +179,40 @@ class StageGrouping:
         return self.model.named_parameters(*args, **kwargs)
 
 
-def build_optimizer(args, model):
-    if args.linprobe:  # MAE's linear probe: LARS on the head only
-        return Lars([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=args.weight_decay)
+def spark_layer_depths(model):
+    """(layer_id, N) of SparK's fine-tuning layer decay (lr scale decay^(N + 1 - depth)) for timm ResNets of the
+    depths SparK fine-tunes and for timm ConvNeXts (N = 12 when the third stage has more than 9 blocks, else 6), or None
+    (https://github.com/keyu-tian/SparK/blob/main/downstream_imagenet/models/__init__.py)."""
+    if isinstance(model, ResNet) and (len(model.layer2), len(model.layer3)) in SPARK_RESNET_BLOCKS_PER_DEPTH:
+        layer_id = functools.partial(spark_resnet_layer_id, layer2_blocks=len(model.layer2),
+                                     layer3_blocks=len(model.layer3))
+        return layer_id, layer_id('fc.weight') - 1
+    if isinstance(model, ConvNeXt):
+        num_layers = 12 if len(model.stages[-2].blocks) > 9 else 6
+        return functools.partial(timm_convnext_layer_id, num_layers=num_layers), num_layers
+    return None
+
+
+def build_param_groups(args, model):
+    """Weight decay for weights with ndim > 1 only, and layer-wise lr decay (lr_scale per group)."""
+    if args.linprobe:  # MAE's linear probe: the head only, no layer decay
+        return [{'params': [p for p in model.parameters() if p.requires_grad], 'weight_decay': args.weight_decay}]
+    spark = None if args.model in models.vit.FINETUNE_VITS else spark_layer_depths(model)
+    if spark is not None:
+        return layer_decay_param_groups(model, args.weight_decay, args.layer_decay, *spark)
     grouped = model if args.model in models.vit.FINETUNE_VITS or not hasattr(model, 'group_matcher') \
         else StageGrouping(model)  # ViTs: MAE's per-block decay
-    groups = param_groups_layer_decay(grouped, args.weight_decay, no_weight_decay_list=model.no_weight_decay()
-                                      if hasattr(model, 'no_weight_decay') else (), layer_decay=args.layer_decay)
+    return param_groups_layer_decay(grouped, args.weight_decay, no_weight_decay_list=model.no_weight_decay()
+                                    if hasattr(model, 'no_weight_decay') else (), layer_decay=args.layer_decay)
+
+
+def build_optimizer(args, model):
+    groups = build_param_groups(args, model)
+    if args.opt == 'lars':  # MAE's LARS: momentum 0.9, trust ratio and decay on ndim > 1 only
+        return LARS(groups, lr=args.lr, weight_decay=args.weight_decay)
+    if args.opt == 'lamb':  # SparK's: the trust ratio on every parameter, no bias correction, (almost) no clipping
+        return Lamb(groups, lr=args.lr, weight_decay=args.weight_decay, max_grad_norm=1e7, always_adapt=True,
+                    bias_correction=False)
     return torch.optim.AdamW(groups, lr=args.lr, fused=True)
 
 
@@ -173,6 +256,8 @@ def main(args):
     if args.distributed:
         trainer.model = DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda' else None)
     train_loader = build_train_loader(build_finetune_dataset(True, args), args)
+    if args.repeated_aug:
+        train_loader = with_repeated_augmentation(train_loader, args.repeated_aug)
     mixup_fn = build_mixup(args)
     criterion = build_criterion(args, mixup_fn)
     log_writer = make_log_writer(args.log_dir)

@@ -155,3 +155,13 @@ def test_randaugment_posterize_at_top_magnitude_does_not_crash():
     out = auto_augment.NAME_TO_OP['PosterizeIncreasing'](img, 0)
     assert out.size == img.size and out.getextrema() == ((0, 0), (0, 0), (0, 0))
     assert auto_augment.NAME_TO_OP['Posterize'](img, 4).getpixel((0, 0)) == (192, 96, 48)
+
+
+def test_eval_transform_rejects_bad_crop_pct_and_rule():
+    from util import datasets
+    with pytest.raises(ValueError, match='--crop_pct'):
+        datasets.build_eval_transform(224, crop_pct=1.5)
+    with pytest.raises(ValueError, match='rule'):
+        datasets.build_eval_transform(224, rule='deit')
+    image = Image.new('RGB', (30, 20))
+    assert datasets.build_eval_transform(16, crop_pct=0.5)(image).shape == (3, 16, 16)

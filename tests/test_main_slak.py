@@ -1,4 +1,4 @@
-"""main_slak.py: official flags, schedules (spec slak.md 3.4), param groups (3.3), a tiny sparse SLaK on the demo
+"""main_slak.py: official flags, schedules, param groups, the evaluation resize, a tiny sparse SLaK on the demo
 data with EMA and AMP, masks in checkpoints, resume, --eval, official checkpoints, one-line errors."""
 import argparse
 import json
@@ -247,10 +247,41 @@ def test_resume_wins_over_auto_resume(runs):
 
 @pytest.mark.parametrize('argv,flag', [(['--model', 'SLaK_huge'], '--model SLaK_huge'),
                                        (['--kernel_size', '51', '49', '47', '13'], '--kernel_size'),
-                                       (['--crop_pct', '0.9'], '--crop_pct')])
+                                       (['--train_interpolation', 'bilinear'], '--train_interpolation')])
 def test_bad_input_is_one_clear_line(monkeypatch, argv, flag):
     monkeypatch.setattr(sys, 'argv', ['main_slak.py', '--device', 'cpu', *argv])
     with pytest.raises(SystemExit) as error:
         run_cli(main_slak.main, main_slak.get_args_parser())
     message = str(error.value.code)
     assert message.startswith('main_slak.py: error:') and flag in message and '\n' not in message
+
+
+def eval_sizes(tmp_path, *flags):
+    """The image size (w, h) after each PIL-level step of main_slak's evaluation transform, on a 200 x 100 image."""
+    from PIL import Image
+    image = Image.new('RGB', (200, 100), (10, 20, 30))
+    (tmp_path / 'val' / 'a').mkdir(parents=True, exist_ok=True)
+    image.save(tmp_path / 'val' / 'a' / 'x.png')
+    args = parse(['--data_set', 'image_folder', '--data_path', str(tmp_path), '--eval_data_path',
+                  str(tmp_path / 'val'), *flags])
+    sizes = []
+    for step in main_slak.build_dataset(False, args).transform.transforms:
+        image = step(image)
+        if not isinstance(image, Image.Image):
+            return sizes, tuple(image.shape)
+        sizes.append(image.size)
+
+
+SLAK_EVAL_SIZES = [
+    (['--input_size', '224'], [(512, 256), (224, 224)]),                    # 224 / 0.875 = 256, centre crop
+    (['--input_size', '288'], [(658, 329), (288, 288)]),                    # int(288 / 0.875) = 329 (MAE: 288)
+    (['--input_size', '288', '--crop_pct', '0.95'], [(606, 303), (288, 288)]),
+    (['--input_size', '384'], [(384, 384)]),                                # warped to 384 x 384, no crop
+    (['--input_size', '384', '--crop_pct', '0.95'], [(384, 384)]),
+]
+
+
+def test_eval_transform_resizes_as_slak(tmp_path):
+    for flags, sizes in SLAK_EVAL_SIZES:
+        got, tensor_shape = eval_sizes(tmp_path, *flags)
+        assert got == sizes and tensor_shape == (3, sizes[-1][1], sizes[-1][0]), flags

@@ -33,7 +33,7 @@ def test_seed_finetune_commands_parse(line):
 
 
 def mae_layer_id(name, num_layers):
-    """spec 2.4: 0 for cls_token, pos_embed, patch_embed; j + 1 for blocks.j; num_layers otherwise."""
+    """MAE's layer id: 0 for cls_token, pos_embed, patch_embed; j + 1 for blocks.j; num_layers otherwise."""
     if name in ('cls_token', 'pos_embed') or name.startswith('patch_embed'):
         return 0
     if name.startswith('blocks.'):
@@ -116,9 +116,9 @@ def test_resume_equals_uninterrupted_with_ema(tmp_path, monkeypatch, demo_pretra
 
 
 @pytest.mark.parametrize('name,stages', [('resnet18', ['conv1', 'layer1', 'layer2', 'layer3', 'layer4', 'fc']),
-                                         ('convnext_atto', ['stem', 'stages.0', 'stages.1', 'stages.2', 'stages.3',
-                                                            'head'])])
+                                         ('regnetx_002', ['stem', 's1', 's2', 's3', 's4', 'head'])])
 def test_cnn_layer_decay_is_stagewise(name, stages):
+    """CNNs without SparK's depths (tests/test_finetune_recipes.py: ResNet-50/101/152/200, ConvNeXts)."""
     model = timm.create_model(name, num_classes=5)
     args = run_finetune.get_args_parser().parse_args(['--model', name, '--layer_decay', '0.5'])
     args.lr = 1e-3

@@ -1,19 +1,25 @@
 """Pieces of supervised classification training shared by the entry scripts (run_finetune.py, main_slak.py).
 
-timm's Mixup/CutMix and the matching criterion, and ConvNeXt-style parameter groups (SLaK's optimizer,
-spec slak.md 3.3): no weight decay for 1-D parameters and biases, and optional layer-wise lr decay over
-ConvNeXt's 12 depth groups.
+timm's Mixup/CutMix and the matching criterion (cross-entropy or, with --bce, timm's BinaryCrossEntropy), the
+layer-decay depths of ConvNeXt (BEiT-style, as ConvNeXt, SLaK and SparK use them) and of SparK's ResNets, and
+ConvNeXt-style parameter groups (SLaK's optimizer): no weight decay for 1-D parameters and biases, and optional
+layer-wise lr decay over ConvNeXt's 12 depth groups.
 """
+import functools
+import math
+
 import torch.nn as nn
 from timm.data import Mixup
-from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.loss import BinaryCrossEntropy, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
 
 def add_augmentation_args(parser, color_jitter=None, mixup=0.0, cutmix=0.0):
     """timm's augmentation, random erasing and Mixup/CutMix flags (MAE's and ConvNeXt's names and defaults, but
     for the defaults given here)."""
     parser.add_argument('--color_jitter', type=float, default=color_jitter, metavar='PCT')
-    parser.add_argument('--aa', type=str, default='rand-m9-mstd0.5-inc1', metavar='NAME')
+    parser.add_argument('--aa', type=str, default='rand-m9-mstd0.5-inc1', metavar='NAME',
+                        help="timm's auto-augment name (rand-..., augmix-..., v0, original), ta_wide (torchvision's "
+                             'TrivialAugmentWide) or none')
     parser.add_argument('--smoothing', type=float, default=0.1)
     parser.add_argument('--reprob', type=float, default=0.25, metavar='PCT')
     parser.add_argument('--remode', type=str, default='pixel')
@@ -37,6 +43,10 @@ def build_mixup(args):
 
 
 def build_criterion(args, mixup_fn):
+    """With `args.bce` (SparK's ResNet recipe) timm's BinaryCrossEntropy, which takes integer or mixed soft targets;
+    otherwise cross-entropy: soft-target under mixup, label-smoothed with --smoothing > 0, plain otherwise."""
+    if getattr(args, 'bce', False):  # under mixup the smoothing already is in the targets
+        return BinaryCrossEntropy(smoothing=0.0 if mixup_fn is not None else args.smoothing)
     if mixup_fn is not None:  # smoothing happens inside Mixup
         return SoftTargetCrossEntropy()
     return LabelSmoothingCrossEntropy(args.smoothing) if args.smoothing > 0 else nn.CrossEntropyLoss()
@@ -57,17 +67,58 @@ def convnext_layer_id(name, num_layers=12):
     return stage + 1 if stage < 2 else 3 + int(parts[2]) // 3
 
 
-def convnext_param_groups(model, weight_decay, layer_decay=1.0, num_layers=12):
+def timm_convnext_layer_id(name, num_layers):
+    """`convnext_layer_id` of a parameter of timm's ConvNeXt (stem, stages.i.downsample, stages.i.blocks.j, head)."""
+    parts = name.split('.')
+    if parts[0] == 'stem':
+        return convnext_layer_id('downsample_layers.0', num_layers)
+    if parts[0] == 'stages':
+        if parts[2] == 'downsample':
+            return convnext_layer_id(f'downsample_layers.{parts[1]}', num_layers)
+        return convnext_layer_id(f'stages.{parts[1]}.{parts[3]}', num_layers)
+    return num_layers + 1
+
+
+# SparK's ResNet depths (https://github.com/keyu-tian/SparK/blob/main/downstream_imagenet/models/__init__.py):
+# blocks of layer2 and of layer3 per depth, by the number of blocks in layer2 and layer3
+SPARK_RESNET_BLOCKS_PER_DEPTH = {(4, 6): (2, 3), (4, 23): (2, 3), (8, 36): (4, 4), (24, 36): (4, 4), (30, 48): (5, 6)}
+
+
+def spark_resnet_layer_id(name, layer2_blocks, layer3_blocks):
+    """SparK's layer-decay depth of a timm ResNet parameter: stem 0, layer1 1, layer2 and layer3 in runs of a few
+    blocks, layer4 N, fc N + 1 (ResNet-50: stem 0, layer1 1, layer2 2-3, layer3 4-5, layer4 6, fc 7).
+    Defined for the depths in SPARK_RESNET_BLOCKS_PER_DEPTH only (KeyError otherwise)."""
+    per2, per3 = SPARK_RESNET_BLOCKS_PER_DEPTH[layer2_blocks, layer3_blocks]
+    depths2, depths3 = math.ceil(layer2_blocks / per2), math.ceil(layer3_blocks / per3)
+    last = 2 + depths2 + depths3
+    parts = name.split('.')
+    if parts[0] == 'fc':
+        return last + 1
+    stage = {'layer1': 1, 'layer2': 2, 'layer3': 3, 'layer4': 4}.get(parts[0])
+    if stage is None:
+        return 0
+    block = int(parts[1])
+    return {1: 1, 2: 2 + block // per2, 3: 2 + depths2 + block // per3, 4: last}[stage]
+
+
+def layer_decay_param_groups(model, weight_decay, layer_decay, layer_id, num_layers):
     """Groups in order of first appearance (so an official optimizer state loads): 'decay' and 'no_decay'
-    (1-D or '.bias'), one pair per depth when layer_decay != 1, with lr_scale layer_decay ** (13 - depth)."""
+    (1-D or '.bias'), one pair per depth when layer_decay != 1, with lr_scale layer_decay ** (num_layers + 1 - depth),
+    where `layer_id(name)` gives a parameter's depth in 0 .. num_layers + 1."""
     groups = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
         no_decay = param.ndim == 1 or name.endswith('.bias')
-        depth = convnext_layer_id(name, num_layers) if layer_decay != 1 else num_layers + 1
+        depth = layer_id(name) if layer_decay != 1 else num_layers + 1
         if (depth, no_decay) not in groups:
             groups[depth, no_decay] = {'params': [], 'weight_decay': 0.0 if no_decay else weight_decay,
                                        'lr_scale': layer_decay ** (num_layers + 1 - depth)}
         groups[depth, no_decay]['params'].append(param)
     return list(groups.values())
+
+
+def convnext_param_groups(model, weight_decay, layer_decay=1.0, num_layers=12):
+    """`layer_decay_param_groups` over the official ConvNeXt's depths (`convnext_layer_id`)."""
+    return layer_decay_param_groups(model, weight_decay, layer_decay,
+                                    functools.partial(convnext_layer_id, num_layers=num_layers), num_layers)

@@ -1,4 +1,5 @@
-"""Image data for pretraining: where the images are, how they are read, how they are augmented.
+"""Image data: where the images are, how they are read, how they are augmented (pretraining, fine-tuning,
+evaluation).
 
 `--data_path` may be `demo` (generated photographs, see util/demo_data.py), an ImageNet-style
 folder with `train/` inside (the official LocalMIM code appends `train`), a folder of class
@@ -129,29 +130,57 @@ auto_augment.NAME_TO_OP.update({name: _posterize_zero_bits_ok for name in auto_a
                                 if name.startswith('Posterize')})
 
 
-def build_finetune_transform(is_train, args):
-    """Fine-tuning: timm's RandAugment/random-erasing pipeline (bicubic); linear probing: crop + flip only;
-    evaluation: resize to input/0.875 (up to 224 px inputs), centre crop."""
+EVAL_RESIZE_RULES = ('mae', 'convnext')
+
+
+def build_eval_transform(input_size, crop_pct=None, rule='mae'):
+    """Evaluation: bicubic resize to int(input_size / crop_pct) on the short side, centre crop, normalisation.
+
+    rule 'mae' (MAE / LocalMIM fine-tuning): crop_pct defaults to 224/256 up to 224 px and to 1.0 above.
+    rule 'convnext' (ConvNeXt / SLaK / SparK, https://github.com/VITA-Group/SLaK/blob/main/datasets.py): crop_pct
+    defaults to 224/256, and from 384 px on the image is resized to exactly input_size x input_size (an
+    aspect ratio other than 1 is warped, nothing is cropped).
+    """
+    if rule not in EVAL_RESIZE_RULES:
+        raise ValueError(f'unknown eval resize rule {rule!r} (one of {", ".join(EVAL_RESIZE_RULES)})')
+    if crop_pct is not None and not 0 < crop_pct <= 1:
+        raise ValueError(f'--crop_pct must be in (0, 1], got {crop_pct}')
+    bicubic = InterpolationMode.BICUBIC
+    if rule == 'convnext' and input_size >= 384:
+        resize = [transforms.Resize((input_size, input_size), interpolation=bicubic)]
+    else:
+        if crop_pct is None:
+            crop_pct = 224 / 256 if rule == 'convnext' or input_size <= 224 else 1.0
+        resize = [transforms.Resize(int(input_size / crop_pct), interpolation=bicubic),
+                  transforms.CenterCrop(input_size)]
+    return transforms.Compose([*resize, transforms.ToTensor(),
+                               transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)])
+
+
+def build_finetune_transform(is_train, args, eval_rule=None):
+    """Training: timm's create_transform (bicubic random resized crop, flip, then --aa, --color_jitter, random
+    erasing --reprob), where --aa may also be `ta_wide` (torchvision's TrivialAugmentWide in the AutoAugment slot,
+    as SparK's fine-tuning uses below 384 px). With --aa none, --reprob 0 and no --color_jitter that is crop + flip
+    only (MAE's linear-probe transform). Evaluation: `build_eval_transform` with --crop_pct and `eval_rule` (default:
+    --eval_resize, else 'mae')."""
+    if not is_train:
+        rule = eval_rule or getattr(args, 'eval_resize', 'mae')
+        return build_eval_transform(args.input_size, getattr(args, 'crop_pct', None), rule)
     from timm.data import create_transform
-    normalize = transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
-    if is_train and args.linprobe:
-        return transforms.Compose([transforms.RandomResizedCrop(args.input_size, interpolation=InterpolationMode.BICUBIC),
-                                   transforms.RandomHorizontalFlip(), transforms.ToTensor(), normalize])
-    if is_train:
-        return create_transform(args.input_size, is_training=True, color_jitter=args.color_jitter,
-                                auto_augment=None if args.aa in (None, '', 'none') else args.aa,
-                                interpolation='bicubic', re_prob=args.reprob,
-                                re_mode=args.remode, re_count=args.recount, mean=IMAGENET_DEFAULT_MEAN,
-                                std=IMAGENET_DEFAULT_STD)
-    crop_pct = 224 / 256 if args.input_size <= 224 else 1.0
-    return transforms.Compose([transforms.Resize(int(args.input_size / crop_pct), interpolation=InterpolationMode.BICUBIC),
-                               transforms.CenterCrop(args.input_size), transforms.ToTensor(), normalize])
+    aa = None if args.aa in (None, '', 'none') else args.aa
+    transform = create_transform(args.input_size, is_training=True, color_jitter=args.color_jitter,
+                                 auto_augment=None if aa == 'ta_wide' else aa, interpolation='bicubic',
+                                 re_prob=args.reprob, re_mode=args.remode, re_count=args.recount,
+                                 mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD)
+    if aa == 'ta_wide':  # where timm puts its AutoAugment: right after the crop and the flip
+        transform.transforms.insert(2, transforms.TrivialAugmentWide(interpolation=InterpolationMode.BICUBIC))
+    return transform
 
 
-def build_finetune_dataset(is_train, args):
+def build_finetune_dataset(is_train, args, eval_rule=None):
     """`train/` or `val/` class folders of --data_path (`demo`: the demo data's held-out split)."""
     split = 'train' if is_train else 'val'
     root = resolve_image_root(args.data_path, split)
     if root.name != split:
         raise FileNotFoundError(f'--data_path {args.data_path}: fine-tuning needs train/ and val/ class folders inside')
-    return ImageFolderOrFlat(root, transform=build_finetune_transform(is_train, args))
+    return ImageFolderOrFlat(root, transform=build_finetune_transform(is_train, args, eval_rule))

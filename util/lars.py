@@ -1,13 +1,14 @@
-"""LARS as SCE uses it (spec sce.md 4.1, eztorch's `optimizers/lars.py`), written from the spec.
+"""LARS as MAE's linear probe (https://github.com/facebookresearch/mae/blob/main/util/lars.py) and SCE
+(eztorch's `optimizers/lars.py`) use it.
 
 For a parameter p with gradient g, weight decay wd, trust coefficient eta:
   p.ndim > 1:  d = g + wd * p;  d *= eta * |p| / |d|  (ratio 1 when |p| or |d| is 0; Frobenius norms)
   p.ndim <= 1: d = g            (BN gamma/beta, biases: no weight decay and no trust ratio)
   mu = momentum * mu + d        (mu starts at 0, no dampening, no Nesterov);   p -= lr * mu
 
-Why not timm's `Lars`: its ratio is eta * |p| / (|g| + wd * |p| + eps), not eta * |p| / |g + wd * p|, its zero
-test looks at |g| instead of |d|, and it adapts 1-D parameters too unless their group has weight decay 0.
-Those differences are small but not zero (tests/test_sce_optim.py checks that timm's step differs).
+Why not timm's `Lars`: its momentum defaults to 0, its ratio is eta * |p| / (|g| + wd * |p| + eps), not
+eta * |p| / |g + wd * p|, its zero test looks at |g| instead of |d|, it applies the ratio only when the group has
+weight decay (or always_adapt), and then adapts and decays 1-D parameters too.
 No host sync: the ratio is chosen with torch.where.
 """
 import torch

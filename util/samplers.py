@@ -1,4 +1,4 @@
-"""Evaluation data loading in which every validation sample is counted exactly once.
+"""Evaluation data loading in which every validation sample is counted exactly once, and repeated augmentation.
 
 torch's DistributedSampler pads the index list to a multiple of the world size, so with
 `--dist_eval` the official code evaluates a few duplicated images whenever the validation set
@@ -9,7 +9,11 @@ strided, disjoint shards instead; some ranks get one sample fewer, which is harm
 `evaluate` reads from the loader's sampler whether the ranks hold disjoint shards (sums are
 all-reduced) or each holds the whole set (sums stay local): `build_eval_loader` is the one place that
 decides, so the two cannot disagree.
+
+`with_repeated_augmentation` swaps a training loader's sampler for timm's RepeatAugSampler (DeiT's repeated
+augmentation, used by SparK's ConvNeXt fine-tuning).
 """
+from timm.data.distributed_sampler import RepeatAugSampler
 from torch.utils.data import DataLoader, Sampler, SequentialSampler
 
 from util.dist import get_rank, get_world_size
@@ -49,3 +53,20 @@ def build_eval_loader(dataset, batch_size, num_workers, pin_memory, dist_eval):
         sampler = SequentialSampler(dataset)
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
                       pin_memory=pin_memory, drop_last=False)
+
+
+def with_repeated_augmentation(loader, num_repeats):
+    """`loader` (util.runtime.build_train_loader's) with timm's RepeatAugSampler: every image appears `num_repeats`
+    times in a shuffled epoch, its copies on different processes (differently augmented), and each process sees
+    len(dataset) / world_size samples per epoch (from 256 images on, the data set size rounded down to a multiple
+    of 256), as in timm and DeiT. The shuffle depends on the epoch only (`set_epoch`), identically on every process."""
+    if num_repeats < 1:
+        raise ValueError(f'--repeated_aug must be >= 1, got {num_repeats}')
+    sampler = RepeatAugSampler(loader.dataset, num_replicas=get_world_size(), rank=get_rank(), shuffle=True,
+                               num_repeats=num_repeats)
+    repeated = DataLoader(loader.dataset, sampler=sampler, batch_size=loader.batch_size,
+                          num_workers=loader.num_workers, pin_memory=loader.pin_memory, drop_last=loader.drop_last)
+    if len(repeated) == 0:
+        raise ValueError(f'with --repeated_aug {num_repeats} each process gets {len(sampler)} images per epoch, '
+                         f'fewer than one batch of {loader.batch_size}')
+    return repeated

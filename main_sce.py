@@ -1,5 +1,5 @@
-"""SCE (Similarity Contrastive Estimation) video pretraining of an R3D-18, the official eztorch run of seed 000
-(`resnet3d18_kinetics200.yaml`) as argparse flags whose defaults are the seed's settings.
+"""SCE (Similarity Contrastive Estimation) video pretraining of an R3D-18: the official eztorch reference run
+(`resnet3d18_kinetics200.yaml`) as argparse flags whose defaults are its settings.
 
     # 8 GPUs, global batch 512 (64 per GPU), lr 2.4 * 512 / 256 = 4.8
     bash record.sh python -m torch.distributed.launch --nproc_per_node=8 main_sce.py \\
@@ -13,20 +13,25 @@
         --num_frames 4 --global_batch_size 8 --queue_size 64 --epochs 2 --warmup_epochs 1 --num_workers 2
 
 Data: `<data_path>/train.csv` (`<class>/<video> <label> <num_frames>`) and `<data_path>/train/<class>/<video>/
-00000001.jpg ...` (spec 5.2; util/video_data.py). Outputs in --output_dir: checkpoint-last.pth every epoch (model
-with the target network, queue and pointer; LARS, GradScaler, step, RNG, online evaluator's Adam), checkpoint-<N>.pth
-every --save_freq epochs, log.txt (one JSON line per epoch), TensorBoard in --log_dir (losses, lr, mean positive
-weight, queue fill, std of normalised embeddings, online linear accuracy, clip pairs) and vis/clip_pairs_*.png.
+00000001.jpg ...` (util/video_data.py); `val.csv` and `val/` alike, if present, validate the online evaluator at
+the end of every epoch (one centre clip per video, trunk in eval mode; each video counted once under DDP).
+Outputs in --output_dir: checkpoint-last.pth every epoch (model with the target network, queue and pointer; LARS,
+GradScaler, step, RNG, online evaluator's Adam), checkpoint-<N>.pth every --save_freq epochs, log.txt (one JSON
+line per epoch, with online_val_{loss,acc1,acc5}), TensorBoard in --log_dir (losses, lr, mean positive weight,
+queue fill, std of normalised embeddings, online train / val accuracy, clip pairs) and vis/clip_pairs_*.png.
 Runs resume automatically from the newest checkpoint in --output_dir (--auto_resume false to start over).
 
 Differences from the official code (deliberate):
 - no Hydra / Lightning / pytorchvideo / torchaug: the GPU augmentations are plain torch (util/video_augment.py);
-- the loader shuffles every epoch on one device too (spec 9.8) and seeds are per rank (seed + rank);
-- --amp fp16 (the seed's precision 16) with a GradScaler; the SCE loss itself runs in fp32 (models/sce.py).
+- the loader shuffles every epoch on one device too and seeds are per rank (--seed + rank);
+- --amp fp16 (the reference run's precision 16) with a GradScaler; the SCE loss itself runs in fp32 (models/sce.py).
   bf16 needs no scaler and is the safer choice on Ampere or newer GPUs if fp16 overflows. On the CPU fp16 is
   replaced by fp32 (CPU fp16 autocast is ~30x slower for this model);
-- checkpoints every epoch (the seed keeps one every 100 epochs: --save_freq 100) and auto-resume;
-- --accum_iter (not in the seed) reaches the global batch with fewer GPUs; BN statistics are then per micro-batch;
+- checkpoints every epoch (the reference run keeps one every 100 epochs: --save_freq 100) and auto-resume;
+- online validation takes the centre clip of each video (the official draws one random clip) and never applies
+  the temporal difference; accuracies are logged as fractions, as the official online/val_acc_1;
+- --accum_iter (not in the reference run) reaches the global batch with fewer GPUs; BN statistics are then per
+  micro-batch;
 - SyncBatchNorm only under DDP on CUDA (gloo has none); the queue is enqueued after the optimizer step (same result).
 """
 import argparse
@@ -36,27 +41,30 @@ import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from PIL import Image
 from torch.nn.parallel import DistributedDataParallel
 
+from engine_finetune import evaluate
 from engine_pretrain import train_one_epoch
-from models.sce import SCEHook, add_sce_model_args, build_sce, convert_sync_batchnorm
+from models.sce import OnlineEvalClassifier, SCEHook, add_sce_model_args, build_sce, convert_sync_batchnorm
 from util.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from util.dist import get_world_size, is_main_process
 from util.runtime import add_bool_arg, append_log_line, build_train_loader, make_log_writer, run_cli, setup_run
+from util.samplers import build_eval_loader
 from util.sce_optim import build_lars, scale_learning_rate, sce_schedule
 from util.train_step import TrainStep
 from util.video_augment import build_sce_augmentations, clip_pair_grid
-from util.video_data import build_video_dataset
+from util.video_data import build_video_dataset, video_data_root
 
-# Colour jitter of the two configs (spec 0 / 5.7): the reference run's "strength 1" and the baseline's.
+# Colour jitter of the two configs: the reference run's "strength 1" and the baseline's.
 JITTER = {'strong': dict(brightness=0.8, contrast=0.8, saturation=0.4, hue=0.2),
           'baseline': dict(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)}
 
 
 def get_args_parser():
     p = argparse.ArgumentParser('SCE video pretraining', add_help=True)
-    g = p.add_argument_group('data (seed datamodule)')
+    g = p.add_argument_group('data (reference datamodule)')
     g.add_argument('--data_path', default=None, help="Kinetics folder with train.csv and train/, or 'demo'")
     g.add_argument('--decoder', default='frame', choices=['frame', 'video'])
     g.add_argument('--num_clips', default=2, type=int, help='clips per video (= SCE global views)')
@@ -69,6 +77,9 @@ def get_args_parser():
     g.add_argument('--crop_size', default=224, type=int)
     g.add_argument('--crop_scale', default=[0.2, 0.766], type=float, nargs=2)
     g.add_argument('--crop_ratio', default=[0.75, 1.3333], type=float, nargs=2)
+    g.add_argument('--val_crop_size', default=None, type=int,
+                   help='validation clips: short side resized to this, then the centre square (reference run: '
+                        '256); default round(crop_size * 256 / 224)')
     g.add_argument('--num_threads_io', default=4, type=int)
     g.add_argument('--num_threads_decode', default=4, type=int)
     g.add_argument('--num_workers', default=5, type=int, help='loader processes per GPU')
@@ -76,7 +87,7 @@ def get_args_parser():
     g.add_argument('--jitter_strength', default='strong', choices=sorted(JITTER),
                    help='GPU colour jitter: strong (b 0.8, c 0.8, s 0.4, h 0.2) or baseline (0.4, 0.4, 0.2, 0.1)')
     add_sce_model_args(p)
-    g = p.add_argument_group('optimisation (seed optimizer, scheduler, trainer)')
+    g = p.add_argument_group('optimisation (reference optimizer, scheduler, trainer)')
     g.add_argument('--global_batch_size', default=512, type=int, help='over all processes and --accum_iter')
     g.add_argument('--accum_iter', default=1, type=int, help='micro-steps per optimizer step')
     g.add_argument('--lr', default=2.4, type=float, help='initial_lr, scaled by --lr_scaler to the global batch')
@@ -91,10 +102,11 @@ def get_args_parser():
     g.add_argument('--warmup_start_lr', default=0.0, type=float, help='scaled like --lr')
     g.add_argument('--min_lr', default=0.0, type=float, help='eta_min of the cosine, scaled like --lr')
     g.add_argument('--clip_grad', default=None, type=float, help='default: none, as official')
-    g.add_argument('--amp', default='fp16', choices=['fp16', 'bf16', 'none'], help='seed: precision 16')
+    g.add_argument('--amp', default='fp16', choices=['fp16', 'bf16', 'none'], help='reference run: precision 16')
     add_bool_arg(g, '--sync_bn', True, 'SyncBatchNorm everywhere (under DDP on CUDA)')
     g.add_argument('--max_nonfinite', default=5, type=int, help='stop after N non-finite steps in a row (0: never)')
-    add_bool_arg(g, '--online_eval', True, 'online linear evaluator on detached trunk features (monitor only)')
+    add_bool_arg(g, '--online_eval', True, 'online linear evaluator on detached trunk features (monitor only), '
+                 'validated every epoch on <data_path>/val.csv when there is one')
     g = p.add_argument_group('run')
     g.add_argument('--output_dir', default='./output/sce_r3d18_kinetics200')
     g.add_argument('--log_dir', default=None, help='TensorBoard folder (default: <output_dir>/tensorboard)')
@@ -127,11 +139,13 @@ def resolve_batch_and_lr(args, world_size):
 
 def check_args(args):
     if not args.data_path:
-        raise ValueError("--data_path is required: a folder with train.csv and train/ (spec 5.2), or 'demo'")
+        raise ValueError("--data_path is required: a folder with train.csv and train/, or 'demo'")
     views = args.num_global_crops + args.num_local_crops
     if args.num_clips != 2 or views != 2:
         raise ValueError(f'--num_clips {args.num_clips} with {views} SCE crops: the video pipeline has two views '
                          f'(two clips, one per augmentation pipeline); use --num_clips 2 and 2 global crops')
+    if args.val_crop_size is not None and args.val_crop_size < 1:
+        raise ValueError(f'--val_crop_size must be a positive number of pixels, got {args.val_crop_size}')
     if not 0 <= args.warmup_epochs <= args.epochs:
         raise ValueError(f'--warmup_epochs {args.warmup_epochs} must be within [0, --epochs {args.epochs}]')
 
@@ -146,7 +160,7 @@ def build_dataset(args):
 
 class TwoViewLoss:
     """The engine's `compute_loss`: both clips of each video through their augmentation pipeline (on the device,
-    fp32, no grad: spec 1.7 step 2), then SCE. Keeps the first few augmented pairs of the latest step for the
+    fp32, no grad, as the official), then SCE. Keeps the first few augmented pairs of the latest step for the
     picture, so drawing it consumes no random numbers (a resumed run replays the same augmentations)."""
 
     def __init__(self, augmentations, keep=4):
@@ -167,6 +181,33 @@ def save_clip_pairs(pair, output_dir, epoch, log_writer=None):
         folder / f'clip_pairs_epoch{epoch:04d}.png')
     if log_writer is not None:
         log_writer.add_image('sce/clip_pairs', grid, epoch)
+
+
+def build_online_val_loader(args):
+    """Centre clips of the validation split, each video on one rank only; None (with a note) without val.csv."""
+    root = video_data_root(args.data_path, args.decoder)
+    if not (root / 'val.csv').is_file():
+        print(f'no {root / "val.csv"}: the online evaluator is trained but not validated')
+        return None
+    dataset = build_video_dataset(
+        root, 'val', args.decoder, center_clip=True, clip_duration=args.clip_duration, num_frames=args.num_frames,
+        fps=args.fps, crop_size=args.val_crop_size or round(args.crop_size * 256 / 224),
+        num_threads_io=args.num_threads_io, num_threads_decode=args.num_threads_decode)
+    return build_eval_loader(dataset, args.batch_size, args.num_workers, args.pin_mem and torch.cuda.is_available(),
+                             dist_eval=True)
+
+
+def validate_online(loader, model, device, amp_dtype):
+    """Loss, top-1 / top-5 accuracy and count of the online evaluator over the validation clips, the trunk in
+    eval mode (BN running statistics). Under DDP every rank first takes rank 0's BN statistics (without SyncBN
+    they drift apart; only evaluation reads them), so the result is that of the saved model. The training's
+    random streams are left untouched (a DataLoader draws its workers' seed from them)."""
+    if dist.is_available() and dist.is_initialized() and get_world_size() > 1:
+        for buffer in model.trunk.buffers():
+            dist.broadcast(buffer, 0)
+    cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == 'cuda' else []
+    with torch.random.fork_rng(devices=cuda):
+        return evaluate(loader, OnlineEvalClassifier(model), device, amp_dtype)
 
 
 def resume(args, model, trainer):
@@ -193,7 +234,8 @@ def main(args):
     resolve_batch_and_lr(args, world)
     dataset = build_dataset(args)
     loader = build_train_loader(dataset, args)
-    steps_per_epoch = len(dataset) // args.global_batch_size  # spec 9.14: schedules count rows / global batch
+    val_loader = build_online_val_loader(args) if args.online_eval else None
+    steps_per_epoch = len(dataset) // args.global_batch_size  # as eztorch: schedules count rows / global batch
     if steps_per_epoch < 1 or len(loader) < args.accum_iter:
         raise ValueError(f'{len(dataset)} videos make no full global batch of {args.global_batch_size}: '
                          f'lower --global_batch_size or add data')
@@ -232,13 +274,23 @@ def main(args):
         if is_main_process() and args.vis_freq and (epoch % args.vis_freq == 0 or last):
             save_clip_pairs(compute_loss.last_pair, args.output_dir, epoch, log_writer)
         epoch_time = stats.pop('epoch_time')
-        append_log_line(args.output_dir, {**{f'train_{k}': v for k, v in stats.items()}, 'epoch': epoch,
+        val_stats = {}
+        if val_loader is not None:
+            val = validate_online(val_loader, model, device, trainer.amp_dtype)
+            # accuracies as fractions, like train_online_acc1 (and the official online/val_acc_1)
+            val_stats = {'online_val_loss': val['loss'], 'online_val_acc1': val['acc1'] / 100,
+                         'online_val_acc5': val['acc5'] / 100}
+            print(f"online evaluator on {val['count']} val videos: " +
+                  ' '.join(f'{k} {v:.4f}' for k, v in val_stats.items()))
+        append_log_line(args.output_dir, {**{f'train_{k}': v for k, v in stats.items()}, **val_stats, 'epoch': epoch,
                                           'epoch_time': epoch_time, 'step': trainer.num_updates,
                                           'skipped_steps': int(trainer.skipped)})
         if log_writer is not None:
             for name in ('loss', 'pos_weight', 'z_std', 'k_std', 'queue_fill', 'online_acc1'):
                 if name in stats:
                     log_writer.add_scalar(f'epoch/{name}', stats[name], epoch)
+            for name, value in val_stats.items():
+                log_writer.add_scalar(f'epoch/{name}', value, epoch)
             log_writer.flush()
     print(f'training time {datetime.timedelta(seconds=int(time.time() - start_time))}')
 

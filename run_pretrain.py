@@ -64,6 +64,9 @@ def get_args_parser():
     parser.add_argument('--scale_lr', action='store_true', help='FreezeOut: peak lr of unit i is lr / t_i')
     parser.add_argument('--non_layerwise_lr', action='store_true',
                         help='FreezeOut: keep the global warmup + cosine and freeze abruptly at t_i')
+    parser.add_argument('--freezeout_wd', type=float, default=None,
+                        help='FreezeOut: weight decay of the decayed groups (default: --weight_decay, as LocalMIM); '
+                             '1e-5 reproduces the ViTFreeze runs')
     parser.add_argument('--freeze_cache', action='store_true',
                         help='FreezeOut: reuse frozen-prefix outputs per sample; fixes each sample\'s crop, flip '
                              'and mask for the whole run (that is what makes reuse exact)')
@@ -114,7 +117,7 @@ def build_schedule(args, model):
                                  args.lr, args.min_lr, args.scale_lr, layerwise=not args.non_layerwise_lr)
     freezeout = FreezeOut(model, schedule)
     print('FreezeOut freeze epochs: ' + ', '.join(f'{at:.2f}' for at, t in zip(schedule.freeze_at, schedule.t) if t < 1))
-    return freezeout, freezeout.param_groups(args.weight_decay)
+    return freezeout, freezeout.param_groups(args.weight_decay if args.freezeout_wd is None else args.freezeout_wd)
 
 
 def resume_if_possible(args, model, trainer, schedule):
@@ -141,6 +144,9 @@ def main(args):
 
     if args.freeze_cache and not args.how_scale:
         raise ValueError('--freeze_cache caches frozen FreezeOut units: give --how_scale too')
+    if args.freezeout_wd is not None and (not args.how_scale or args.freezeout_wd < 0):
+        raise ValueError(f'--freezeout_wd {args.freezeout_wd}: a weight decay >= 0 for FreezeOut runs '
+                         f'(with --how_scale); without FreezeOut use --weight_decay')
     dataset = build_pretrain_dataset(args.data_path, args.input_size)
     loader = build_train_loader(FixedViews(dataset, args.seed) if args.freeze_cache else dataset, args)
     model = build_model(args).to(device)

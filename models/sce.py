@@ -1,5 +1,5 @@
 """SCE, Similarity Contrastive Estimation (Denize et al.), as eztorch's `SCEModel` for R3D-18 video pretraining
-(spec sce.md 1-3, 9), written from the spec.
+(https://github.com/juliendenize/eztorch, eztorch/models/siamese/sce.py), written from a description of it.
 
 Online branch: clip -> trunk (R3D-18 + global pool, h in R^512) -> projector (z) -> predictor -> q. Target branch:
 EMA copies of trunk and projector (no predictor), run under no_grad in train mode (own BN batch statistics),
@@ -8,11 +8,11 @@ z' = normalize(projector'(trunk'(clip))). With a queue U [D, K] of past target o
   online logits  l_i = [q_i.k_i, q_i.U] / temp,       target logits  t_i = [0, k_i.U] / temp_m
   w_i = L1-normalise(coeff * onehot(0) + (1 - coeff) * softmax(t_i)),   L = mean_i -sum_j w_ij log_softmax(l_i)_j
 
-The positive's target logit is the constant 0, not -inf (spec 9.1; the official unit test asserts it). With
+The positive's target logit is the constant 0, not -inf (the official unit test asserts it). With
 use_keys, the gathered keys of every rank are negatives too and the positive's target logit is pushed to -1e9.
 With --sym (reference) every global view is a target for every other crop and the terms are averaged.
 
-One training iteration (spec 1.7) maps onto this repository's engine as:
+One training iteration maps onto this repository's engine as:
   forward: lambda/temp_m schedules; target forward per global view; online forward per crop; gather the
            targets; loss (in fp32, autocast off) against the queue as it was at the start of the step;
            online linear evaluator step on the detached h of the first online view; the gathered keys are
@@ -25,11 +25,12 @@ the same queue for every loss term and needs no clone.
 
 Documented differences from the official code:
 - the loss runs in fp32 even under AMP (the official computes it in fp16 under autocast);
-- `scheduler_value('linear')` runs in the right direction for increasing schedules (spec 9.12, latent bug);
+- `scheduler_value('linear')` runs in the right direction for increasing schedules (a latent bug there);
 - the queue write is modular, so its size need not be a multiple of the keys per step (identical otherwise);
 - rejected: shuffle_bn (SyncBatchNorm under DDP instead, as the reference run), num_splits > 0 (image-only);
 - the online evaluator (a Lightning callback there) lives here as `OnlineLinearEvaluator`, steps inside
-  forward on the detached features (it cannot affect training) and is ignored by DDP.
+  forward on the detached features (it cannot affect training) and is ignored by DDP; `OnlineEvalClassifier`
+  is its validation view (trunk in eval mode + its head, on raw clips).
 """
 import argparse
 import copy
@@ -72,7 +73,7 @@ def _sce_terms(q, k, queue, coeff, temp, temp_m, k_global=None, use_keys=False, 
 
 
 def sce_loss(q, k, queue, coeff, temp, temp_m, k_global=None, use_keys=False, rank=None):
-    """One direction of the SCE loss (spec 1.3-1.4), a 0-d tensor (mean over the local batch).
+    """One direction of the SCE loss, a 0-d tensor (mean over the local batch).
 
     q: [B, D] online predictions (gradients flow here); k: [B, D] target outputs of the other view (treated as
     constants); queue: [D, K] or None; k_global: [B * world, D] keys of all ranks in rank order (use_keys only;
@@ -83,7 +84,7 @@ def sce_loss(q, k, queue, coeff, temp, temp_m, k_global=None, use_keys=False, ra
 
 def scheduler_value(kind, start, end, step, max_step):
     """`kind` in {None, 'linear', 'cosine'} from start (step 0) to end (step max_step). The official 'linear'
-    runs backwards when end > start (spec 9.12); this one does not."""
+    runs backwards when end > start; this one does not."""
     if kind is None:
         return start
     t = min(max(step / max(max_step, 1), 0.0), 1.0)
@@ -95,7 +96,7 @@ def scheduler_value(kind, start, end, step, max_step):
 
 
 def momentum_value(step, total_steps, initial, kind='cosine', steps_per_epoch=1):
-    """EMA momentum after optimizer step `step` (0-based; spec 2): cosine from `initial` at step 0 to 1.0 at
+    """EMA momentum after optimizer step `step` (0-based): cosine from `initial` at step 0 to 1.0 at
     total_steps - 1; 'cosine_epoch' the same per epoch; 'constant' always `initial`."""
     if kind == 'constant':
         return initial
@@ -121,7 +122,7 @@ def concat_all_gather(x):
 # ----------------------------------------------------------------------------------------------- modules
 
 class MLPHead(nn.Module):
-    """eztorch's MLPHead (spec 3.2-3.4): hidden layers Linear(no bias) -> BN1d(affine) -> ReLU, then a last
+    """eztorch's MLPHead: hidden layers Linear(no bias) -> BN1d(affine) -> ReLU, then a last
     Linear(no bias) -> BN1d(affine=last_affine) only if last_norm. Default PyTorch init. Keys `layers.N.*`."""
 
     def __init__(self, input_dim, hidden_dims, output_dim, last_norm=False, last_affine=False):
@@ -139,7 +140,7 @@ class MLPHead(nn.Module):
 
 
 class OnlineLinearEvaluator(nn.Module):
-    """Monitoring only (spec 0): Linear(num_features -> num_classes) on detached features, its own Adam (lr 1e-4,
+    """Monitoring only: Linear(num_features -> num_classes) on detached features, its own Adam (lr 1e-4,
     no weight decay), stepped by `step(h, labels)` in fp32. Under DDP its gradients are averaged by hand (SCE
     tells DDP to ignore it) and its weights are broadcast from rank 0 at the first step."""
 
@@ -172,11 +173,31 @@ class OnlineLinearEvaluator(nn.Module):
         return {'online_loss': loss.detach(), 'online_acc1': acc1}
 
 
+class OnlineEvalClassifier(nn.Module):
+    """The online evaluator as a classifier of raw clips, for validation (engine_finetune.evaluate): clips
+    [B, 3, T, H, W] in 0..255 -> /255 and normalised (mean 0.45, std 0.225: the reference run's validation
+    transform) -> trunk -> the evaluator's linear head, run in fp32 as in its training step. It shares the
+    SCE's modules; `eval()` puts the trunk in eval mode (BN running statistics)."""
+
+    def __init__(self, sce, mean=0.45, std=0.225):
+        super().__init__()
+        sce = getattr(sce, 'module', sce)
+        if sce.online_evaluator is None:
+            raise ValueError('this SCE model has no online evaluator (built with num_classes 0)')
+        self.trunk, self.head = sce.trunk, sce.online_evaluator.linear
+        self.mean, self.std = mean, std
+
+    def forward(self, clips):
+        h = self.trunk((clips.float() / 255 - self.mean) / self.std)
+        with torch.autocast(h.device.type, enabled=False):
+            return self.head(h.float())
+
+
 class SCE(nn.Module):
     """SCE pretraining model. `forward(views, labels=None) -> (loss, logs)`; views: list of [B, C, T, H, W] clips,
     the `num_global_crops` global ones first. Call `SCEHook(sce).after_step` after every optimizer step.
 
-    `steps_per_epoch` (floor(rows / global batch), spec 9.14) and `epochs` define the momentum and the
+    `steps_per_epoch` (floor(rows / global batch), as eztorch) and `epochs` define the momentum and the
     coeff / temp_m schedules; `global_step` (optimizer steps done) is kept by the hook; set it on resume.
     State dict: trunk, projector, predictor, momentum_trunk, momentum_projector, queue, queue_ptr (the official
     keys) and online_evaluator.* when num_classes > 0."""
@@ -233,7 +254,7 @@ class SCE(nn.Module):
         self._pending_keys = []
         momentum_value(0, self.total_steps, initial_momentum, scheduler_momentum, steps_per_epoch)  # validates
 
-    # ----- schedules (host-side floats of global_step, spec 2)
+    # ----- schedules (host-side floats of global_step)
     def current_temp_m(self):
         spe, s = self.steps_per_epoch, self.global_step
         if self.warmup_epoch_temp_m > 0 and s < self.warmup_epoch_temp_m * spe:
@@ -350,7 +371,7 @@ class SCE(nn.Module):
 
     @torch.no_grad()
     def momentum_update(self, momentum):
-        """theta' <- m theta' + (1 - m) theta for trunk and projector parameters (not BN buffers, spec 2)."""
+        """theta' <- m theta' + (1 - m) theta for trunk and projector parameters (not BN buffers)."""
         for online, target in ((self.trunk, self.momentum_trunk), (self.projector, self.momentum_projector)):
             target_params = list(target.parameters())
             torch._foreach_mul_(target_params, momentum)
@@ -388,7 +409,7 @@ def _optional_name(value):
 
 
 def add_sce_model_args(parser):
-    """Every model flag of the reference run (seed 000), defaults = the seed's values."""
+    """Every model flag of the reference run, defaults = its values."""
     g = parser.add_argument_group('SCE model')
     bool_flag = dict(action=argparse.BooleanOptionalAction)
     g.add_argument('--coeff', type=float, default=0.5, help='lambda: weight of the one-hot positive')

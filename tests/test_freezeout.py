@@ -227,3 +227,32 @@ def test_freezeout_seed_commands_parse(line, expected):
     args = run_pretrain.get_args_parser().parse_args(line.split() + ['--local-rank=0'])
     assert all(getattr(args, k) == v for k, v in expected.items())
     assert not args.scale_lr and not args.non_layerwise_lr
+
+
+def test_freezeout_wd_sets_the_decayed_groups(tmp_path, monkeypatch):
+    """ViTFreeze's units decayed at 1e-5 (its param-group builder's default); --freezeout_wd reproduces that,
+    and without it every decayed group carries --weight_decay. Biases and norms (1-D) never decay."""
+    made = []
+
+    class RecordedAdamW(torch.optim.AdamW):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    monkeypatch.setattr(torch.optim, 'AdamW', RecordedAdamW)
+    data = write_images(tmp_path / 'flat', 4)
+    for name, extra, decay in (('wd', ['--how_scale', 'cubic', '--freezeout_wd', '1e-5'], 1e-5),
+                               ('default', ['--how_scale', 'cubic'], 0.05), ('baseline', [], 0.05)):
+        run_pretrain.main(pretrain_args(data, tmp_path / name, '--epochs', '1', '--warmup_epochs', '0',
+                                        '--weight_decay', '0.05', '--num_workers', '0', *extra))
+        optimizer = made.pop()
+        wds = [(g['weight_decay'], p.ndim) for g in optimizer.param_groups for p in g['params']]
+        assert {wd for wd, ndim in wds if ndim <= 1} == {0.0}
+        assert {wd for wd, ndim in wds if ndim > 1} == {decay}
+        saved = torch.load(tmp_path / name / LAST, weights_only=True)['optimizer']['param_groups']
+        assert {g['weight_decay'] for g in saved} == {0.0, decay}
+
+
+def test_freezeout_wd_needs_freezeout(tmp_path):
+    with pytest.raises(ValueError, match='--freezeout_wd'):
+        run_pretrain.main(pretrain_args(tmp_path / 'unused', tmp_path / 'out', '--freezeout_wd', '1e-5'))

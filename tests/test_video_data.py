@@ -8,7 +8,8 @@ import torch
 from PIL import Image
 
 from util.runtime import build_train_loader
-from util.video_data import (VideoClipDataset, VideoDecoderUnavailable, build_video_dataset, clip_frame_indices,
+from util.video_data import (CenterClipDataset, VideoClipDataset, VideoDecoderUnavailable, build_video_dataset,
+                             clip_frame_indices,
                              random_resized_crop_box, read_video_csv, require_torchcodec, sample_clip_windows,
                              temporal_difference, temporal_difference_pairs, uniform_offsets)
 from util.video_demo import default_demo_video_root, make_demo_videos
@@ -115,6 +116,21 @@ def test_dataset_frame_indices(tmp_path):
 
 
 # ---------------------------------------------------------------- temporal difference
+
+def test_center_clip_is_the_middle_window_resized_and_centre_cropped(tmp_path):
+    """Validation clips: the centre 2.56 s (frames [36.6, 113.4) of a 5 s video at 30 fps, all of a 1 s one),
+    4 frames kept uniformly, short side 24 -> 20 then the centre 20 x 20 square; no randomness."""
+    dataset(tmp_path, {'a/long': (0, range(150)), 'b/short': (1, [3 * k for k in range(30)])})
+    data = build_video_dataset(tmp_path, 'train', center_clip=True, num_frames=4, crop_size=20, num_threads_io=0,
+                               num_threads_decode=0)
+    assert isinstance(data, CenterClipDataset) and len(data) == 2
+    clip, label = data[0]
+    assert label == 0 and clip.dtype == torch.uint8 and clip.shape == (3, 4, 20, 20)
+    assert clip[0, :, 0, 0].tolist() == [37, 62, 87, 113]  # frame k has gray value k
+    assert torch.equal(clip, data[0][0]) and (clip == clip[:, :, :1, :1]).all()
+    short, label = data[1]
+    assert label == 1 and short[0, :, 0, 0].tolist() == [3 * k for k in (0, 9, 19, 29)]
+
 
 def test_temporal_difference_pairs():
     selected = [0, 10, 21, 32, 43, 54, 65, 76]

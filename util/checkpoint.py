@@ -1,9 +1,12 @@
 """One checkpoint format for every method, written atomically, loadable with weights_only=True.
 
-A checkpoint holds: model, optimizer, scaler, epoch (last finished), step (optimizer steps so far),
-args (plain dict), rng (per rank: python, numpy, torch CPU and CUDA states) and `extra` (method state such
-as a freeze set or sparse masks). `checkpoint-last.pth` is rewritten every epoch;
-`checkpoint-{epoch}.pth` is kept every --save_freq epochs and at the end.
+A checkpoint holds: model, optimizer, epoch (last finished), step (optimizer steps so far), args (plain
+dict), rng (per rank: python, numpy, torch CPU and CUDA states), `extra` (method state such as a freeze set
+or sparse masks) and, only when an fp16 GradScaler is active, `scaler` (its state). The key is left out
+otherwise (bf16, fp32): the official MAE-style resumes (`if 'scaler' in checkpoint:
+loss_scaler.load_state_dict(...)`, with an fp16 GradScaler) then start a fresh scaler instead of failing.
+`checkpoint-last.pth` is rewritten every epoch; `checkpoint-{epoch}.pth` is kept every --save_freq epochs
+and at the end.
 """
 import argparse
 import glob
@@ -77,8 +80,10 @@ def save_checkpoint(output_dir, epoch, step, args, model, optimizer, scaler=None
     if not is_main_process():
         return
     state = {'model': model.state_dict(), 'optimizer': optimizer.state_dict(),
-             'scaler': scaler.state_dict() if scaler is not None else None,
              'epoch': epoch, 'step': step, 'args': plain_args(args), 'rng': rng, 'extra': extra or {}}
+    scaler_state = scaler.state_dict() if scaler is not None else {}
+    if scaler_state:  # a disabled GradScaler's state is {}, which an enabled one refuses to load
+        state['scaler'] = scaler_state
     state.update(top_level or {})
     atomic_save(state, os.path.join(output_dir, name))
     if keep:
@@ -103,7 +108,7 @@ def latest_checkpoint(output_dir):
 
 
 def load_checkpoint(path, model, optimizer=None, scaler=None, strict=True, before_optimizer=None):
-    """Restores model (+ optimizer, scaler, RNG when given); returns the checkpoint dict.
+    """Restores model (+ optimizer, RNG, and the GradScaler when given and saved); returns the checkpoint dict.
     `before_optimizer(ckpt)` may reshape the optimizer (e.g. re-apply frozen units) to the saved layout."""
     if path.startswith('https://'):
         ckpt = torch.hub.load_state_dict_from_url(path, map_location='cpu', check_hash=True)
@@ -123,7 +128,7 @@ def load_checkpoint(path, model, optimizer=None, scaler=None, strict=True, befor
         if before_optimizer is not None:
             before_optimizer(ckpt)
         optimizer.load_state_dict(ckpt['optimizer'])
-        if scaler is not None and ckpt.get('scaler') is not None:
+        if scaler is not None and ckpt.get('scaler'):  # absent, None or {}: no fp16 run saved it; fresh scaler
             scaler.load_state_dict(ckpt['scaler'])
         rng = ckpt.get('rng') or []
         if len(rng) == get_world_size():

@@ -1,12 +1,14 @@
-"""Video data for SCE pretraining: Kinetics frame folders (or video files), two random clips per video.
+"""Video data for SCE pretraining: Kinetics frame folders (or video files), two random clips per video
+for training (`VideoClipDataset`), one centre clip per video for validation (`CenterClipDataset`).
 
-Layout (spec 5.2): `<data_path>/train.csv` lists one video per line, space-separated and without
+Layout (as eztorch's): `<data_path>/train.csv` lists one video per line, space-separated and without
 header, `<class>/<video_stem> <label> <num_frames>`, and the frames of that video are
 `<data_path>/train/<class>/<video_stem>/00000001.jpg ...`. With `decoder='video'` the CSV lines are
 `<class>/<file>.mp4 <label>` instead (pytorchvideo's format) and the files are decoded with torchcodec.
 Lines are split from the right, so paths may contain spaces. `write_frame_csv` writes such a CSV.
+`val.csv` and `val/` hold the validation split the same way.
 
-One sample (spec 5.3-5.6), drawn with torch's global RNG (seeded per DataLoader worker):
+One training sample, drawn with torch's global RNG (seeded per DataLoader worker):
   1. `num_clips` windows of `clip_duration` seconds, each start ~ U[0, max(duration - d, 0)];
      d is multiplied by a speed drawn from `speeds` and by U[1 - jitter, 1 + jitter] when set.
   2. The clip's frames at `fps` are range(ceil(fps*start), ceil(fps*end)); 8 of them are kept
@@ -21,8 +23,8 @@ One sample (spec 5.3-5.6), drawn with torch's global RNG (seeded per DataLoader 
 `time_difference_prob == 0`, else float32 for every clip (not rounded after the resize, as the
 official `decode_float=True`); the GPU augmentation divides by 255.
 
-Loader (spec 5.6): `util.runtime.build_train_loader` already gives what the seed asks for
-(drop_last, shuffled every epoch via DistributedSampler, pin_memory); the seed uses 5 workers
+Loader: `util.runtime.build_train_loader` already gives what the reference run asks for
+(drop_last, shuffled every epoch via DistributedSampler, pin_memory); it uses 3 workers per GPU
 and a global batch of 512.
 
 Differences from the official (eztorch) code, all deliberate:
@@ -82,7 +84,7 @@ def read_video_csv(csv_path, with_num_frames=True):
 
 
 def write_frame_csv(split_dir, csv_path):
-    """Write the CSV of a frame-folder split: labels index the sorted class folders (spec 5.2)."""
+    """Write the CSV of a frame-folder split: labels index the sorted class folders."""
     split_dir = Path(split_dir)
     classes = sorted(p.name for p in split_dir.iterdir() if p.is_dir())
     lines = []
@@ -100,7 +102,7 @@ def _uniform(low, high, generator):
 
 def sample_clip_windows(duration, num_clips=2, clip_duration=2.56, speeds=(1,), jitter_factor=0.0,
                         generator=None):
-    """`num_clips` independent (start, end) windows in seconds, as Fractions (spec 5.5)."""
+    """`num_clips` independent (start, end) windows in seconds, as Fractions."""
     windows = []
     for _ in range(num_clips):
         length = Fraction(clip_duration)
@@ -114,7 +116,7 @@ def sample_clip_windows(duration, num_clips=2, clip_duration=2.56, speeds=(1,), 
 
 
 def clip_frame_indices(start, end, num_frames, fps=30):
-    """Frame indices of the clip [start, end) of a video with `num_frames` frames at `fps` (spec 5.3)."""
+    """Frame indices of the clip [start, end) of a video with `num_frames` frames at `fps`."""
     end = min(Fraction(end), Fraction(num_frames, fps))
     first = min(math.ceil(fps * Fraction(start)), num_frames - 1)
     return range(first, max(math.ceil(fps * end), first + 1))
@@ -128,7 +130,7 @@ def uniform_offsets(length, num_samples=8):
 
 
 def temporal_difference_pairs(selected, num_frames):
-    """(minuend, subtrahend) frame indices per kept frame: (i, i+1), and (L-1, L) for the last one (spec 5.4)."""
+    """(minuend, subtrahend) frame indices per kept frame: (i, i+1), and (L-1, L) for the last one."""
     last = num_frames - 1
     pairs = [(i, min(i + 1, last)) for i in selected[:-1]]
     return pairs + [(max(selected[-1] - 1, 0), selected[-1])]
@@ -144,7 +146,7 @@ def temporal_difference(minuend, subtrahend):
 
 def random_resized_crop_box(height, width, scale=(0.2, 0.766), ratio=(0.75, 1.3333), num_tries=10,
                             generator=None):
-    """(top, left, h, w) of an Inception-style crop (pytorchvideo's rule, spec 5.6)."""
+    """(top, left, h, w) of an Inception-style crop (pytorchvideo's rule)."""
     log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
     for _ in range(num_tries):
         area = height * width * _uniform(scale[0], scale[1], generator)
@@ -212,7 +214,7 @@ def require_torchcodec():
 
 class EncodedVideo:
     """A video file decoded with torchcodec. Frame i is the frame shown at time i / fps, so the
-    sampling is the same as for frame folders extracted at `fps` (ffmpeg -r 30 in spec 5.2)."""
+    sampling is the same as for frame folders extracted at `fps` (eztorch extracts frames with ffmpeg -r 30)."""
 
     def __init__(self, path, fps=30, num_threads=1):
         self.decoder = require_torchcodec()(str(path), num_ffmpeg_threads=num_threads, seek_mode='approximate')
@@ -317,19 +319,58 @@ class VideoClipDataset(torch.utils.data.Dataset):
                            f'({self.skipped} skipped so far); check the data')
 
 
-def build_video_dataset(data_path, split='train', decoder='frame', **kwargs):
-    """VideoClipDataset over `<data_path>/{split}.csv` and `<data_path>/{split}/`, or the demo videos."""
+class CenterClipDataset(VideoClipDataset):
+    """One deterministic clip per video, for validation: the centre `clip_duration` window (start
+    max(duration - d, 0) / 2), `num_frames` of its frames kept uniformly, no temporal difference; each
+    frame's short side resized bilinearly (no antialias) to `crop_size`, then the centre crop_size square,
+    as the reference run's validation transform (pytorchvideo ShortSideScale, torchvision CenterCrop).
+    `__getitem__` returns ([3, T, S, S] uint8, label). An unreadable video is replaced like in training."""
+
+    def __init__(self, csv_path, video_root, decoder='frame', clip_duration=2.56, num_frames=8, fps=30,
+                 crop_size=256, num_threads_io=4, num_threads_decode=4):
+        super().__init__(csv_path, video_root, decoder, num_clips=1, clip_duration=clip_duration,
+                         num_frames=num_frames, fps=fps, crop_size=crop_size, num_threads_io=num_threads_io,
+                         num_threads_decode=num_threads_decode)
+        self.size = crop_size
+
+    def _sample(self, index):
+        video = self._open(index)
+        length = Fraction(self.clip_duration)
+        start = max(Fraction(video.num_frames, self.fps) - length, Fraction(0)) / 2
+        frames = clip_frame_indices(start, start + length, video.num_frames, self.fps)
+        selected = [frames[k] for k in uniform_offsets(len(frames), self.num_frames)]
+        needed = sorted(set(selected))
+        decoded = video.load(needed)
+        clip = decoded[[needed.index(i) for i in selected]].permute(1, 0, 2, 3)  # [C, T, h, w]
+        h, w = clip.shape[-2:]
+        short = self.size
+        size = (short, math.floor(w / h * short)) if h <= w else (math.floor(h / w * short), short)
+        clip = resize_clip(clip, size)
+        top, left = round((size[0] - short) / 2), round((size[1] - short) / 2)
+        clip = clip[..., top:top + short, left:left + short]
+        return clip.round_().clamp_(0, 255).to(torch.uint8)
+
+
+def video_data_root(data_path, decoder='frame'):
+    """The folder holding `{split}.csv` and `{split}/`: `data_path`, or for 'demo' the demo videos (built once)."""
     if str(data_path) == 'demo':
         if decoder != 'frame':
             raise ValueError('--data_path demo holds frame folders only; use --decoder frame')
         from util.video_demo import make_demo_videos
-        root = make_demo_videos()
-    else:
-        root = Path(data_path).expanduser()
-        if not root.is_dir():
-            raise FileNotFoundError(f'--data_path {root}: no such folder (expected {FRAME_LAYOUT.format(split=split)})')
+        return make_demo_videos()
+    root = Path(data_path).expanduser()
+    if not root.is_dir():
+        raise FileNotFoundError(f'--data_path {root}: no such folder (expected {FRAME_LAYOUT.format(split="train")})')
+    return root
+
+
+def build_video_dataset(data_path, split='train', decoder='frame', center_clip=False, **kwargs):
+    """VideoClipDataset (CenterClipDataset with `center_clip`) over `<data_path>/{split}.csv` and
+    `<data_path>/{split}/`, or the demo videos."""
+    root = video_data_root(data_path, decoder)
     for needed in (root / f'{split}.csv', root / split):
         if not needed.exists():
             raise FileNotFoundError(f'--data_path {root}: missing {needed} '
                                     f'(expected {FRAME_LAYOUT.format(split=split)})')
-    return VideoClipDataset(root / f'{split}.csv', root / split, decoder=decoder, **kwargs)
+    cls = CenterClipDataset if center_clip else VideoClipDataset
+    return cls(root / f'{split}.csv', root / split, decoder=decoder, **kwargs)

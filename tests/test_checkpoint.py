@@ -1,0 +1,86 @@
+"""util/checkpoint.py files as the official LocalMIM / MAE resume reads them, and the fp16 GradScaler state."""
+import glob
+import os
+
+import torch
+from timm.optim import param_groups_weight_decay
+
+import run_pretrain
+from test_run_pretrain import pretrain_args, write_images
+from util.checkpoint import LAST, load_checkpoint, save_checkpoint
+from util.train_step import TrainStep
+
+
+class OfficialNativeScaler:
+    """NativeScalerWithGradNormCount of LocalMIM's / MAE's util/misc.py, reduced to its state: it wraps an
+    enabled fp16 GradScaler (theirs is torch.cuda.amp.GradScaler() on a GPU; the CPU one behaves the same)."""
+    state_dict_key = 'amp_scaler'
+
+    def __init__(self):
+        self._scaler = torch.amp.GradScaler('cpu')
+
+    def state_dict(self):
+        return self._scaler.state_dict()
+
+    def load_state_dict(self, state_dict):
+        self._scaler.load_state_dict(state_dict)
+
+
+def official_auto_load_model(output_dir, model, optimizer, loss_scaler, resume=''):
+    """LocalMIM's util/misc.py `auto_load_model` (MAE's `load_model` is its second half): the newest
+    checkpoint-<N>.pth, strict model load, then optimizer, epoch and `if 'scaler' in checkpoint`."""
+    if not resume:
+        latest = -1
+        for path in glob.glob(os.path.join(output_dir, 'checkpoint-*.pth')):
+            suffix = path.split('-')[-1].split('.')[0]
+            if suffix.isdigit():
+                latest = max(int(suffix), latest)
+        if latest >= 0:
+            resume = os.path.join(output_dir, f'checkpoint-{latest}.pth')
+    checkpoint = torch.load(resume, map_location='cpu')
+    model.load_state_dict(checkpoint['model'])
+    if 'optimizer' in checkpoint and 'epoch' in checkpoint:
+        optimizer.load_state_dict(checkpoint['optimizer'])
+        if 'scaler' in checkpoint:
+            loss_scaler.load_state_dict(checkpoint['scaler'])
+        return checkpoint['epoch'] + 1
+    return 0
+
+
+def official_optimizer(model, args):
+    return torch.optim.AdamW(param_groups_weight_decay(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.95))
+
+
+def test_official_resume_reads_our_checkpoints_and_fp16_keeps_its_scale(tmp_path):
+    data = write_images(tmp_path / 'flat', 8)
+    for amp in ('none', 'bf16'):  # no GradScaler: the official resume must start a fresh one
+        args = pretrain_args(data, tmp_path / amp, '--epochs', '1', '--num_workers', '0', '--amp', amp)
+        run_pretrain.main(args)
+        ours = torch.load(tmp_path / amp / 'checkpoint-0.pth', weights_only=True)
+        model = run_pretrain.build_model(args)
+        optimizer = torch.optim.AdamW(param_groups_weight_decay(model, args.weight_decay), lr=args.lr,
+                                      betas=(0.9, 0.95))
+        loss_scaler = OfficialNativeScaler()
+        assert official_auto_load_model(str(tmp_path / amp), model, optimizer, loss_scaler) == 1
+        assert all(torch.equal(v, ours['model'][k]) for k, v in model.state_dict().items())
+        assert optimizer.state_dict()['state'][0]['step'] == 2  # 8 images / 4 per step
+        assert loss_scaler.state_dict() == OfficialNativeScaler().state_dict()
+
+    def fp16_trainer():
+        model = torch.nn.Linear(4, 2)
+        return TrainStep(model, torch.optim.AdamW(model.parameters(), lr=1e-3), 'cpu', amp='fp16')
+
+    saved = fp16_trainer()
+    saved.backward(saved.model(torch.randn(3, 4)).square().mean())
+    saved.step()
+    saved.scaler.update(new_scale=512.0)  # as after a few overflows
+    out = tmp_path / 'fp16'
+    out.mkdir()
+    save_checkpoint(str(out), 3, 7, pretrain_args(data, out), saved.model, saved.optimizer, saved.scaler, keep=True)
+    restored = fp16_trainer()
+    load_checkpoint(str(out / LAST), restored.model, restored.optimizer, restored.scaler)
+    assert restored.scaler.get_scale() == 512.0
+    official = OfficialNativeScaler()
+    model = torch.nn.Linear(4, 2)
+    assert official_auto_load_model(str(out), model, torch.optim.AdamW(model.parameters()), official) == 4
+    assert official.state_dict()['scale'] == 512.0

@@ -145,6 +145,10 @@ class SparK(nn.Module):
         self.fmap_h = self.fmap_w = input_size // self.downsample_ratio
         self.mask_ratio = mask_ratio
         self.len_keep = round(self.fmap_h * self.fmap_w * (1 - mask_ratio))
+        if self.len_keep < 1:
+            raise ValueError(f'--input_size {input_size} gives a {self.fmap_h}x{self.fmap_w} mask grid (downsample '
+                             f'ratio {self.downsample_ratio}) on which mask ratio {mask_ratio} leaves no patch '
+                             f'visible: use a larger --input_size or a lower --mask')
         self.sparse_encoder = sparse_encoder
         self.dense_decoder = dense_decoder
         self.sbn = sbn

@@ -105,6 +105,9 @@ def test_two_processes_train_checkpoint_and_resume(case, demo_env, tmp_path):
     assert_ranks_agree(first, 0)
     steps_per_epoch = first[0, 0]['step']
     assert steps_per_epoch >= 2
+    if 'freeze' in case:  # units 0-4 freeze after the first step; DDP is re-wrapped around the active ones
+        assert torch.load(out / 'checkpoint-last.pth', weights_only=True)['extra']['frozen_units'] > 0
+        assert len(first[0, 0]['find_unused_parameters']) > 1
 
     second = launch(case, 2, out, tmp_path / 'dump2', demo_env)
     assert set(second) == {(0, 1), (1, 1)}, 'the second launch must resume after epoch 0, not start over'

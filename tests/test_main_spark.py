@@ -142,7 +142,7 @@ def test_per_process_batch():
 
 
 def run_args(data, out, *extra):
-    argv = ['--exp_name=t', f'--exp_dir={out}', f'--data_path={data}', '--model=resnet18', '--input_size=32',
+    argv = ['--exp_name=t', f'--exp_dir={out}', f'--data_path={data}', '--model=resnet18', '--input_size=64',
             '--bs=4', '--ep=2', '--wp_ep=1', '--num_workers=0', '--device=cpu', '--print_freq=1', *extra]
     return main_spark.get_args_parser().parse_args(argv)
 

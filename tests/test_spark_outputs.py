@@ -248,6 +248,8 @@ def test_unready_model_and_bad_sizes_give_clear_errors(tmp_path):
         build_spark('your_convnet_huge', 64)
     with pytest.raises(ValueError, match='input_size=48 is not divisible by the downsample ratio 32'):
         build_spark('your_convnet', 48)
+    with pytest.raises(ValueError, match='--input_size 32 gives a 1x1 mask grid .* leaves no patch visible'):
+        build_spark('your_convnet', 32)
 
 
 @pytest.mark.slow
@@ -258,7 +260,7 @@ def test_two_process_launch_with_a_convnext(tmp_path):
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {**os.environ, 'DEMO_DATA_ROOT': str(tmp_path / 'demo'), 'OMP_NUM_THREADS': '1'}
     cmd = [sys.executable, '-m', 'torch.distributed.launch', '--nproc_per_node=2', os.path.join(repo, 'main_spark.py'),
-           '--exp_name=ddp', '--data_path=demo', '--model=convnext_atto', '--input_size=32', '--bs=64', '--ep=1',
+           '--exp_name=ddp', '--data_path=demo', '--model=convnext_atto', '--input_size=64', '--bs=64', '--ep=1',
            '--num_workers=0', '--print_freq=1', '--vis_freq=0']
     done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, '\n'.join(line for line in done.stderr.splitlines() if 'Error' in line)[-2000:]

@@ -2,6 +2,7 @@
 import glob
 import os
 
+import pytest
 import torch
 from timm.optim import param_groups_weight_decay
 
@@ -84,3 +85,25 @@ def test_official_resume_reads_our_checkpoints_and_fp16_keeps_its_scale(tmp_path
     model = torch.nn.Linear(4, 2)
     assert official_auto_load_model(str(out), model, torch.optim.AdamW(model.parameters()), official) == 4
     assert official.state_dict()['scale'] == 512.0
+
+
+def test_atomic_save_failure_keeps_the_previous_file_and_leaves_no_temporary(tmp_path, monkeypatch):
+    from util import checkpoint
+    path = tmp_path / LAST
+    checkpoint.atomic_save({'epoch': 1, 'w': torch.arange(4)}, str(path))
+    before = path.read_bytes()
+    real_save = torch.save
+
+    def dies_halfway(obj, f, *args, **kwargs):  # a crash (disk full, kill) in the middle of the write
+        f.write(b'half a checkpoint')
+        raise OSError('disk full')
+
+    monkeypatch.setattr(torch, 'save', dies_halfway)
+    with pytest.raises(OSError, match='disk full'):
+        checkpoint.atomic_save({'epoch': 2, 'w': torch.arange(8)}, str(path))
+    monkeypatch.setattr(torch, 'save', real_save)
+    assert path.read_bytes() == before
+    assert torch.load(path, weights_only=True)['epoch'] == 1
+    assert sorted(os.listdir(tmp_path)) == [LAST]  # no temporary file left behind
+    checkpoint.atomic_save({'epoch': 2}, str(path))  # and a later save replaces the file
+    assert torch.load(path, weights_only=True)['epoch'] == 2 and sorted(os.listdir(tmp_path)) == [LAST]

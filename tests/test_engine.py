@@ -64,17 +64,33 @@ def engine_args(**kw):
     return argparse.Namespace(**base)
 
 
-def run_epochs(model, dataset, args, world=1, rank=0, epochs=1, wrap=None, max_nonfinite=5):
+def sgd(params, lr):
+    """Plain SGD: the update is lr * gradient, so any error in the gradient's scale shows in the weights."""
+    return torch.optim.SGD(params, lr=lr)
+
+
+def run_epochs(model, dataset, args, world=1, rank=0, epochs=1, wrap=None, max_nonfinite=5, optimizer=None,
+               hooks=()):
     sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=0)
     loader = DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, drop_last=True)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, fused=True)
+    opt = (optimizer or (lambda ps, lr: torch.optim.AdamW(ps, lr=lr, fused=True)))(model.parameters(), args.lr)
     net = wrap(model) if wrap else model
     trainer = TrainStep(net, opt, 'cpu', 'none', args.accum_iter, max_nonfinite=max_nonfinite)
     losses = []
     for epoch in range(epochs):
         sampler.set_epoch(epoch)
-        losses.append(train_one_epoch(loader, trainer, torch.device('cpu'), epoch, args)['loss'])
+        losses.append(train_one_epoch(loader, trainer, torch.device('cpu'), epoch, args, hooks=hooks)['loss'])
     return losses, trainer
+
+
+class GradRecorder:
+    """A hook that keeps a copy of every parameter's gradient at each optimizer step (after DDP's all-reduce)."""
+
+    def __init__(self, model):
+        self.params, self.grads = list(model.parameters()), []
+
+    def after_step(self, trainer):
+        self.grads.append([None if p.grad is None else p.grad.detach().clone() for p in self.params])
 
 
 def test_accumulation_equals_large_batch():
@@ -83,12 +99,26 @@ def test_accumulation_equals_large_batch():
     big = LinearRegression()
     small = LinearRegression()
     small.load_state_dict(big.state_dict())
-    run_epochs(big, data, engine_args(batch_size=8, accum_iter=1))
-    _, trainer = run_epochs(small, data, engine_args(batch_size=4, accum_iter=2))
+    w0 = {k: v.clone() for k, v in big.state_dict().items()}
+    # the reference gradient, by hand: the mean loss over the whole batch of 8
+    reference = LinearRegression()
+    reference.load_state_dict(w0)
+    reference(data.tensors[0])[0].backward()
+    expected = [p.grad for p in reference.parameters()]
+    recorders = GradRecorder(big), GradRecorder(small)
+    lr = 0.1
+    run_epochs(big, data, engine_args(batch_size=8, accum_iter=1, lr=lr), optimizer=sgd, hooks=[recorders[0]])
+    _, trainer = run_epochs(small, data, engine_args(batch_size=4, accum_iter=2, lr=lr), optimizer=sgd,
+                            hooks=[recorders[1]])
     assert trainer.num_updates == 1
-    for a, b in zip(big.parameters(), small.parameters()):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
-        assert not torch.equal(a, LinearRegression().fc.weight) if a.ndim == 2 else True
+    for recorder in recorders:  # accumulated gradient of 2 x 4 samples == the gradient of the batch of 8
+        assert len(recorder.grads) == 1
+        for g, e in zip(recorder.grads[0], expected):
+            torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-7)
+    for (name, a), b, e in zip(big.named_parameters(), small.parameters(), expected):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(b, w0[name] - lr * e, rtol=1e-5, atol=1e-7)  # SGD: w0 - lr * g
+        assert (b - w0[name]).abs().max() > 1e-3  # it moved
 
 
 class Exploding(LinearRegression):
@@ -144,6 +174,9 @@ def image_data(n=16):
     return TensorDataset(torch.randn(n, 3, 32, 32, generator=g), torch.zeros(n))
 
 
+DDP_LR = 0.05
+
+
 def _ddp_worker(rank, world, port, state, out_path):
     os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
     torch.set_num_threads(1)  # two processes on a 2-core machine
@@ -151,13 +184,22 @@ def _ddp_worker(rank, world, port, state, out_path):
     try:
         model = MIMWithPerSampleMask()
         model.load_state_dict(state)
-        args = engine_args(batch_size=2, accum_iter=2, lr=1e-3)
+        recorder = GradRecorder(model)
+        args = engine_args(batch_size=2, accum_iter=2, lr=DDP_LR)
         losses, _ = run_epochs(model, image_data(), args, world, rank, epochs=3,
-                               wrap=torch.nn.parallel.DistributedDataParallel)
-        if rank == 0:
-            torch.save({'losses': losses, 'state': model.state_dict()}, out_path)
+                               wrap=torch.nn.parallel.DistributedDataParallel, optimizer=sgd, hooks=[recorder])
+        torch.save({'losses': losses, 'state': model.state_dict(), 'grads': recorder.grads}, f'{out_path}.{rank}')
     finally:
         torch.distributed.destroy_process_group()
+
+
+def assert_same_grads(got, expected, rtol=1e-4, atol=1e-7):
+    assert len(got) == len(expected)
+    for step, (a, b) in enumerate(zip(got, expected)):
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert (x is None) == (y is None), (step, i)
+            if x is not None:
+                torch.testing.assert_close(x, y, rtol=rtol, atol=atol, msg=lambda m: f'step {step}, param {i}: {m}')
 
 
 def test_ddp_two_processes_match_one_process(tmp_path):
@@ -166,10 +208,18 @@ def test_ddp_two_processes_match_one_process(tmp_path):
     state = {k: v.clone() for k, v in model.state_dict().items()}
     out = tmp_path / 'ddp.pt'
     mp.spawn(_ddp_worker, args=(2, _free_port(), state, str(out)), nprocs=2, join=True)
-    ddp = torch.load(out)
+    ddp = [torch.load(f'{out}.{rank}') for rank in range(2)]
     # one process, same global batch: 2 processes x batch 2 x accum 2 == 1 process x batch 4 x accum 2
-    single_losses, _ = run_epochs(model, image_data(), engine_args(batch_size=4, accum_iter=2, lr=1e-3), epochs=3)
+    recorder = GradRecorder(model)
+    single_losses, trainer = run_epochs(model, image_data(), engine_args(batch_size=4, accum_iter=2, lr=DDP_LR),
+                                        epochs=3, optimizer=sgd, hooks=[recorder])
+    assert trainer.num_updates == len(recorder.grads) == 6
     assert len(set(single_losses)) == 3  # the loss moves, so the comparison means something
-    assert ddp['losses'] == pytest.approx(single_losses, rel=1e-5)
-    for k, v in model.state_dict().items():  # Adam's g / sqrt(v) magnifies float-order noise in tiny grads
-        torch.testing.assert_close(ddp['state'][k], v, rtol=1e-3, atol=2e-4)
+    # after the all-reduce both ranks hold the same gradient: the mean over the global batch, as one process
+    assert_same_grads(ddp[1]['grads'], ddp[0]['grads'], rtol=0, atol=0)
+    assert_same_grads(ddp[0]['grads'], recorder.grads)
+    assert ddp[0]['losses'] == pytest.approx(single_losses, rel=1e-5)
+    moved = max((v - state[k]).abs().max().item() for k, v in model.state_dict().items())
+    assert moved > 1e-2
+    for k, v in model.state_dict().items():  # SGD: weight errors are lr times gradient errors
+        torch.testing.assert_close(ddp[0]['state'][k], v, rtol=1e-5, atol=1e-6)

@@ -178,3 +178,38 @@ def test_model_ema_hook_follows_the_closed_formula(tmp_path):
     for k, v in ema.state_dict().items():
         assert torch.equal(restored.state_dict()[k], v)
     mlp().load_state_dict(ema.state_dict())
+
+
+class GradRecorder:
+    """A hook that keeps a copy of the accumulated gradients at every optimizer step."""
+
+    def __init__(self, model):
+        self.params, self.grads = list(model.parameters()), []
+
+    def after_step(self, trainer):
+        self.grads.append([p.grad.detach().clone() for p in self.params])
+
+
+def test_accumulated_classification_gradient_is_the_large_batch_gradient():
+    """Plain SGD, so the gradient's scale reaches the weights: 2 micro-batches of 8 == one batch of 16 ==
+    the gradient of the mean cross-entropy over the 16 samples, computed here by hand."""
+    data = blobs(16, seed=3)
+    torch.manual_seed(0)
+    w0 = {k: v.clone() for k, v in mlp().state_dict().items()}
+    reference = mlp()
+    reference.load_state_dict(w0)
+    F.cross_entropy(reference(data.tensors[0]), data.tensors[1]).backward()
+    expected = [p.grad for p in reference.parameters()]
+    lr = 0.5
+    for batch_size, accum_iter in ((16, 1), (8, 2), (4, 4)):
+        model = mlp()
+        model.load_state_dict(w0)
+        recorder = GradRecorder(model)
+        trainer = TrainStep(model, torch.optim.SGD(model.parameters(), lr=lr), 'cpu', accum_iter=accum_iter)
+        args = finetune_args(batch_size=batch_size, accum_iter=accum_iter, lr=lr, min_lr=lr, warmup_epochs=0, epochs=1)
+        train_one_epoch(DataLoader(data, batch_size=batch_size), trainer, torch.device('cpu'), 0, args,
+                        torch.nn.CrossEntropyLoss(), hooks=[recorder])
+        assert trainer.num_updates == len(recorder.grads) == 1
+        for (name, p), g, e in zip(model.named_parameters(), recorder.grads[0], expected):
+            torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-7)
+            torch.testing.assert_close(p.detach(), w0[name] - lr * e, rtol=1e-5, atol=1e-7)

@@ -6,6 +6,7 @@ import timm
 import torch
 
 import models  # noqa: F401
+from models.localmim import MaskedAutoencoderViT
 import run_pretrain
 from test_run_pretrain import pretrain_args, write_images
 from util.datasets import ImageFolderOrFlat, build_pretrain_transform
@@ -64,12 +65,42 @@ def test_cache_is_rebuilt_when_depth_grows_and_respects_its_limit(tmp_path):
     assert len(small.entries) == 1 and small.bytes <= one_entry
 
 
-def test_run_with_freeze_cache(tmp_path):
-    data = write_images(tmp_path / 'flat', 8)
+def test_run_with_freeze_cache(tmp_path, monkeypatch):
+    """A real run reuses cached prefixes and they equal the recomputed ones. Four images in one batch: one step
+    per epoch, every sample in every step. Cubic FreezeOut over 7 epochs (t_0 0.01) freezes 0, 7, 8, 10, 10, 11,
+    12 units at the start of epochs 0..6, so epoch 4 (depth 10 again) is the only step served from the cache."""
+    prefix_calls, recheck = [], []
+    real_prefix = MaskedAutoencoderViT.forward_prefix
+
+    def counting_prefix(self, imgs, mask_ratio, noise=None):
+        prefix_calls.append(self.frozen_units)
+        return real_prefix(self, imgs, mask_ratio, noise)
+
+    class CheckedCache(FrozenPrefixCache):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            caches.append(self)
+
+        def forward_kwargs(self, samples, indices, mask_ratio):
+            hits = self.hits
+            out = super().forward_kwargs(samples, indices, mask_ratio)
+            if self.hits > hits:  # served from the cache: must equal a fresh computation on this batch
+                fresh = real_prefix(self.model, samples, mask_ratio, out['noise'])
+                recheck.append(all(torch.equal(a, b) for a, b in zip(out['prefix'], fresh)))
+            return out
+
+    caches = []
+    monkeypatch.setattr(MaskedAutoencoderViT, 'forward_prefix', counting_prefix)
+    monkeypatch.setattr(run_pretrain, 'FrozenPrefixCache', CheckedCache)
+    data = write_images(tmp_path / 'flat', 4)
     out = tmp_path / 'out'
-    run_pretrain.main(pretrain_args(data, out, '--epochs', '3', '--warmup_epochs', '0', '--how_scale', 'linear',
-                                    '--t_0', '0.3', '--num_workers', '0', '--freeze_cache'))
+    run_pretrain.main(pretrain_args(data, out, '--epochs', '7', '--warmup_epochs', '0', '--how_scale', 'cubic',
+                                    '--t_0', '0.01', '--num_workers', '0', '--freeze_cache'))
     log = [json.loads(line) for line in open(out / 'log.txt')]
-    assert [e['active_units'] for e in log] == [13, 9, 3]
+    assert [e['active_units'] for e in log] == [13, 6, 5, 3, 3, 2, 1]
+    assert prefix_calls == [0, 7, 8, 10, 11, 12]  # the frozen units' depth of each prefix forward: none in epoch 4
+    (cache,) = caches
+    assert (cache.hits, cache.misses) == (4, 5 * 4)
+    assert recheck == [True]
     with pytest.raises(ValueError, match='--how_scale'):
         run_pretrain.main(pretrain_args(data, tmp_path / 'x', '--freeze_cache'))

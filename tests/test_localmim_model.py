@@ -123,12 +123,50 @@ def test_input_size_incompatible_with_patch_grid(size):
         timm.create_model('MIM_vit_tiny_patch16', img_size=size)
 
 
+def numpy_pooled_hog(img, nbins, cells):
+    """numpy_hog with `cells` x `cells` cells of H / cells pixels, possibly fractional (ViT-H/14 at 224 px: 3.5):
+    cell i averages the pixels it touches, [floor(i * H / cells), ceil((i + 1) * H / cells))."""
+    kx = np.array([[1, 0, -1], [2, 0, -2], [1, 0, -1]], dtype=np.float64)
+    H = img.shape[-1]
+    pool = np.zeros((cells, H))
+    for i in range(cells):
+        lo, hi = (i * H) // cells, -((-(i + 1) * H) // cells)
+        pool[i, lo:hi] = 1 / (hi - lo)
+    channels = []
+    for ch in img.astype(np.float64):
+        p = np.pad(ch, 1, mode='reflect')
+        gx = sum(kx[a, b] * p[a:a + H, b:b + H] for a in range(3) for b in range(3))
+        gy = sum(kx.T[a, b] * p[a:a + H, b:b + H] for a in range(3) for b in range(3))
+        bins = np.mod(np.floor(np.arctan2(gx, gy) / np.pi * nbins), nbins).astype(int)
+        hist = np.stack([np.where(bins == b, np.hypot(gx, gy), 0.0) for b in range(nbins)])
+        hist = pool @ hist @ pool.T
+        channels.append(hist / np.maximum(np.sqrt((hist ** 2).sum(0, keepdims=True)), 1e-12))
+    out = np.concatenate(channels, 0)
+    return out.reshape(out.shape[0], -1).T
+
+
 def test_patch14_targets_match_decoder_grids():
     model = MaskedAutoencoderViT(img_size=56, patch_size=14, embed_dim=64, depth=6, num_heads=2,
                                  decoder_embed_dim=32, decoder_num_heads=2)
     _, outputs = model.predict(torch.randn(2, 3, 56, 56), 0.75)
     assert [o[1].shape[1] for o in outputs] == [16 ** 2, 8 ** 2, 4 ** 2, 2 ** 2]
     assert all(pred.shape == target.shape for pred, target, _ in outputs)
+
+
+def test_patch14_pooled_hog_values_at_224():
+    """MIM_vit_huge_patch14's targets at 224 px: a 16-patch grid, so HOG cells of 3.5, 7, 14 and 28 pixels
+    (64, 32, 16, 8 cells a side), the 3.5-pixel ones pooled over the pixels each cell touches. A small model with
+    the same patch size and input size has the same HOG layers and target grids."""
+    model = MaskedAutoencoderViT(img_size=224, patch_size=14, embed_dim=32, depth=4, num_heads=2,
+                                 decoder_embed_dim=32, decoder_num_heads=2)
+    torch.manual_seed(0)
+    imgs = torch.randint(-8, 9, (1, 3, 224, 224)) / 4.0  # quarter-integers: exact Sobel sums (see above)
+    hist = model.shared_histogram(imgs)
+    for k, cells in enumerate([64, 32, 16, 8]):
+        target = model.HOG(imgs, k, hist)
+        assert target.shape == (1, cells ** 2, 27)
+        np.testing.assert_allclose(target[0].numpy(), numpy_pooled_hog(imgs[0].numpy(), 9, cells), atol=2e-5,
+                                   err_msg=f'{cells} cells')
 
 
 def official_layout(embed_dim, depth, nbins=9, dec=256, grid=14, hog_bias=False):

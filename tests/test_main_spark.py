@@ -59,31 +59,45 @@ def test_schedule_object_sets_groups():
     assert SparkSchedule(1e-3, 0.04, 0.0, 10, 2, 5).wde == 0.04  # `wde or wd`
 
 
-def lamb_update(grads, max_grad_norm):
-    torch.manual_seed(0)
-    params = [torch.nn.Parameter(torch.randn(4, 3)), torch.nn.Parameter(torch.randn(5))]
-    before = [p.detach().clone() for p in params]
-    opt = timm.optim.Lamb([{'params': params[:1], 'weight_decay': 0.05}, {'params': params[1:], 'weight_decay': 0.0}],
-                          lr=0.1, betas=(0.9, 0.95), max_grad_norm=max_grad_norm)
-    for p, g in zip(params, grads):
-        p.grad = g.clone()
-    opt.step()
-    return [p.detach() - b for p, b in zip(params, before)]
+def two_lamb_steps(opt, params, grads):
+    for step_grads in grads:
+        for p, g in zip(params, step_grads):
+            p.grad = g.clone()
+        opt.step()
+    return [p.detach().clone() for p in params]
 
 
 def test_lamb_clips_the_global_norm_at_5():
+    """main_spark's LAMB scales every gradient by 5 / global norm when that norm is above 5. A step of Adam-style
+    moments hides a uniform scale, so two steps are taken: a huge gradient (norm 2000, clipped to 5), then one of norm
+    1 (left alone). Clipped, the second gradient weighs as much as the first in the moments; unclipped, it is noise."""
     args = main_spark.get_args_parser().parse_args(['--model=resnet18'])
     args.lr, args.ada = 1e-3, 0.95
-    opt = main_spark.build_optimizer(args, torch.nn.Linear(3, 2))
-    assert isinstance(opt, timm.optim.Lamb) and opt.defaults['max_grad_norm'] == 5.0
     torch.manual_seed(1)
-    grads = [torch.randn(4, 3) * 1e3, torch.randn(5) * 1e3]
-    norm = torch.linalg.vector_norm(torch.cat([g.flatten() for g in grads]))
-    clipped = lamb_update(grads, 5.0)
-    prescaled = lamb_update([g * 5.0 / norm for g in grads], None)
-    assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-7) for a, b in zip(clipped, prescaled))
-    small = [g * 1e-3 for g in grads]  # norm < 5: untouched
-    assert all(torch.allclose(a, b) for a, b in zip(lamb_update(small, 5.0), lamb_update(small, None)))
+    model = torch.nn.Linear(3, 2)
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    opt = main_spark.build_optimizer(args, model)
+    params = list(model.parameters())
+    first = [torch.randn_like(p) for p in params]
+    second = [-torch.randn_like(p) for p in params]
+    norm = lambda gs: torch.linalg.vector_norm(torch.cat([g.flatten() for g in gs]))  # noqa: E731
+    first = [g * 2000 / norm(first) for g in first]
+    second = [g / norm(second) for g in second]
+    got = two_lamb_steps(opt, params, [first, second])
+
+    def reference(step_grads):  # the same optimizer without clipping, fed the gradients clipped by hand
+        ref = torch.nn.Linear(3, 2)
+        ref.load_state_dict(start)
+        ref_opt = timm.optim.Lamb(spark_param_groups(ref), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.0,
+                                  max_grad_norm=None)
+        return two_lamb_steps(ref_opt, list(ref.parameters()), step_grads)
+
+    clipped = reference([[g * 5 / 2000 for g in first], second])
+    unclipped = reference([first, second])
+    assert max((a - b).abs().max() for a, b in zip(clipped, unclipped)) > 1e-4  # clipping matters here
+    for a, b in zip(got, clipped):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    assert isinstance(opt, timm.optim.Lamb) and opt.defaults['max_grad_norm'] == 5.0
 
 
 @pytest.mark.parametrize('opt', ['sgd', 'adamw'])

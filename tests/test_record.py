@@ -13,11 +13,14 @@ PY = sys.executable
 
 @pytest.fixture
 def env(tmp_path):
-    """Put a stub `python` first on PATH: `-m pip freeze` answers instantly (real pip takes ~1 s)."""
+    """Put a stub `python` first on PATH: `-m pip freeze` answers instantly (real pip takes ~1 s) and notes the
+    FOO it sees in tmp_path/freeze_env.txt (record.sh's own environment, not the recorded command's)."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     stub = bin_dir / "python"
-    stub.write_text(f'#!/bin/sh\n[ "$1 $2 $3" = "-m pip freeze" ] && {{ echo stub-pkg==1.0; exit 0; }}\n'
+    seen = shlex.quote(str(tmp_path / "freeze_env.txt"))
+    stub.write_text(f'#!/bin/sh\n[ "$1 $2 $3" = "-m pip freeze" ] && {{ echo "FOO=${{FOO-unset}}" > {seen}; '
+                    f'echo stub-pkg==1.0; exit 0; }}\n'
                     f'exec {shlex.quote(PY)} "$@"\n')
     stub.chmod(0o755)
     return {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
@@ -51,17 +54,19 @@ def only_record(records):
     return dirs[0]
 
 
-def test_env_vars_exit_code_and_files(repo):
-    code = "import os,sys; print(os.environ['FOO']); print('err', file=sys.stderr); sys.exit(3)"
+def test_env_vars_exit_code_and_files(repo, tmp_path):
+    code = ("import os,sys; print(os.environ['FOO']); print(repr(os.environ['BAZ'])); print('err', file=sys.stderr); "
+            "sys.exit(3)")
     res = record(repo, "FOO=bar", "BAZ=a b", PY, "-c", code)
     assert res.returncode == 3
-    assert "bar" in res.stdout  # streamed live to the terminal too
+    assert res.stdout.splitlines()[:2] == ["bar", "'a b'"]  # the command sees both, streamed live too
     d = only_record(repo[1])
     log = (d / "console.log").read_text()
     assert "bar" in log and "err" in log
     assert (d / "exit_code.txt").read_text().strip() == "3"
     assert (d / "env_vars.txt").read_text().splitlines() == ["FOO=bar", "BAZ=a b"]
-    assert "FOO" not in os.environ or os.environ["FOO"] != "bar"
+    # exported for the command only: record.sh's own `python -m pip freeze` ran without them
+    assert (tmp_path / "freeze_env.txt").read_text().strip() == "FOO=unset"
     git_txt = (d / "git.txt").read_text()
     assert "train.py" in git_txt and "notes.txt" in git_txt
     assert "records" not in git_txt
@@ -91,12 +96,18 @@ def test_named_after_script_then_command(repo):
     assert sorted(p.name.split("_", 1)[1] for p in repo[1].iterdir()) == ["train", "true"]
 
 
-def test_same_name_gets_suffix(repo):
-    for _ in range(2):
-        assert record(repo, "true", "--output_dir", "x").returncode == 0
-    first, second = sorted(p.name for p in repo[1].iterdir())
-    if first[:15] == second[:15]:  # same second: suffix added
-        assert first.endswith("_x") and second.endswith("_x_2")
+def test_same_name_gets_suffix(repo, tmp_path):
+    """Runs started within the same second get _2, _3: a fake `date` on PATH pins the time stamp."""
+    fake_date = tmp_path / "bin" / "date"
+    fake_date.write_text('#!/bin/sh\n[ "$1" = "+%Y%m%d-%H%M%S" ] && { echo 20240102-030405; exit 0; }\n'
+                         'exec /bin/date "$@"\n')
+    fake_date.chmod(0o755)
+    for _ in range(3):
+        res = record(repo, "true", "--output_dir", "x")
+        assert res.returncode == 0, res.stderr
+    assert sorted(p.name for p in repo[1].iterdir()) == ["20240102-030405_x", "20240102-030405_x_2",
+                                                         "20240102-030405_x_3"]
+    assert "20240102-030405_x_3" in res.stderr
 
 
 def test_command_txt_round_trips(repo):

@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 import run_pretrain
+import util.runtime
 from run_helpers import killed_at_epoch
 from util.checkpoint import LAST
 
@@ -80,13 +81,28 @@ def pretrain_args(data, out, *extra):
     return run_pretrain.get_args_parser().parse_args(argv)
 
 
-def test_resume_is_bit_exact(tmp_path):
+def test_resume_is_bit_exact(tmp_path, monkeypatch):
+    """Also: each epoch visits the images in a new order (the sampler's shuffle of epoch e is torch.randperm with
+    generator seed `--seed + e`), and the resumed run replays the order of the epoch it resumes at."""
+    orders = []
+
+    class RecordingSampler(util.runtime.DistributedSampler):
+        def __iter__(self):
+            order = list(super().__iter__())
+            orders.append(order)
+            return iter(order)
+
+    monkeypatch.setattr(util.runtime, 'DistributedSampler', RecordingSampler)
     data = write_images(tmp_path / 'flat', 8)  # flat folder: 2 steps per epoch at batch 4
     run_pretrain.main(pretrain_args(data, tmp_path / 'straight'))
+    straight, orders[:] = orders[:], []
 
     with killed_at_epoch(run_pretrain, 1):
         run_pretrain.main(pretrain_args(data, tmp_path / 'resumed'))
     run_pretrain.main(pretrain_args(data, tmp_path / 'resumed'))
+    expected = [torch.randperm(8, generator=torch.Generator().manual_seed(epoch)).tolist() for epoch in (0, 1)]
+    assert expected[0] != expected[1] and straight == expected
+    assert orders == expected  # epoch 0 of the interrupted run, then epoch 1 after the resume
 
     a = torch.load(tmp_path / 'straight' / LAST, weights_only=True)
     b = torch.load(tmp_path / 'resumed' / LAST, weights_only=True)

@@ -260,6 +260,31 @@ def test_momentum_schedule_and_ema():
     assert any(not torch.allclose(running[k], online[k]) for k in running)
 
 
+@pytest.mark.parametrize('amp', ['bf16', 'fp16'])
+def test_loss_is_float32_with_autocast_off_inside_amp(monkeypatch, amp):
+    import models.sce as sce_module
+    torch.manual_seed(0)
+    sce = tiny_sce()
+    trainer = TrainStep(sce, build_lars(sce, lr=0.1), 'cpu', amp=amp)
+    calls, predictions = [], []
+    real_terms = sce_module._sce_terms
+
+    def recording_terms(q, k, queue, coeff, temp, temp_m, k_global, *args):
+        calls.append((q.dtype, k.dtype, queue.dtype, k_global.dtype, torch.is_autocast_enabled('cpu')))
+        return real_terms(q, k, queue, coeff, temp, temp_m, k_global, *args)
+
+    monkeypatch.setattr(sce_module, '_sce_terms', recording_terms)
+    sce.predictor.register_forward_hook(lambda m, i, out: predictions.append(out.dtype))
+    views = clips()
+    with trainer.autocast():
+        loss, _ = sce(views)
+    assert predictions == [{'bf16': torch.bfloat16, 'fp16': torch.float16}[amp]] * 2  # autocast was really on
+    assert calls == [(torch.float32,) * 4 + (False,)] * 2 and loss.dtype == torch.float32
+    trainer.backward(loss)
+    trainer.step([SCEHook(sce)])
+    assert int(trainer.skipped) == 0 and all(torch.isfinite(p).all() for p in sce.parameters())
+
+
 def test_state_dict_holds_target_queue_and_pointer():
     sce = tiny_sce(num_classes=3)
     sce(clips())

@@ -1,4 +1,4 @@
-"""R3D-18 video trunk of SCE (spec sce.md 3.1): eztorch's `create_resnet3d_basic(model_depth=18)` plus the
+"""R3D-18 video trunk of SCE: eztorch's `create_resnet3d_basic(model_depth=18)` plus the
 parameter-free global-pool head, written from the spec.
 
 It is neither torchvision's r3d_18 (3x3x3 convs everywhere, 3x7x7 stem) nor pytorchvideo's `create_resnet`

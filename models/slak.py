@@ -1,4 +1,5 @@
-"""SLaK (Sparse Large Kernel ConvNeXt, ICLR 2023) in plain PyTorch, registered with timm (spec slak.md 1, 5, 7).
+"""SLaK (Sparse Large Kernel ConvNeXt, ICLR 2023) in plain PyTorch, registered with timm
+(https://github.com/VITA-Group/SLaK).
 
 Official factory names, constructor arguments and state-dict keys. Differences from the official code: plain
 PyTorch depthwise convs, padding (kh//2, kw//2), exact faster routes (`conv_impl`: crop / FFT); nn.BatchNorm2d
@@ -18,7 +19,7 @@ CONV_IMPLS = ('auto', 'dense', 'crop', 'fft')
 OLD_BRANCH_NAMES = {'Decom1': 'LoRA1', 'Decom2': 'LoRA2'}  # names of checkpoints from 2022-07-07..12
 
 
-# ---------------------------------------------------------------- depthwise convolution routes (spec 5)
+# ---------------------------------------------------------------- depthwise convolution routes
 
 def crop_kernel(weight, h, w):
     """The central part of a (C,1,kh,kw) kernel that a same-padded conv on an h x w map can reach."""
@@ -86,7 +87,7 @@ def auto_impl(x, kernel_sizes, training):
     return 'crop'
 
 
-# ---------------------------------------------------------------- blocks (spec 1.1-1.3)
+# ---------------------------------------------------------------- blocks
 
 def conv_bn(channels, kernel_size, bn=True):
     """Depthwise conv (no bias) [+ BN] with the official child names `conv`, `bn`."""
@@ -204,7 +205,7 @@ class ReparamLargeKernelConv(nn.Module):
 
 
 class LayerNorm(nn.Module):
-    """LayerNorm over channels of NCHW input, with the official manual formula (spec 1.5)."""
+    """LayerNorm over channels of NCHW input, with the official manual formula."""
 
     def __init__(self, normalized_shape, eps=1e-6):
         super().__init__()
@@ -242,7 +243,7 @@ class Block(nn.Module):
         return x + self.drop_path(y.permute(0, 3, 1, 2))
 
 
-# ---------------------------------------------------------------- network (spec 1.4, 1.6-1.8)
+# ---------------------------------------------------------------- network
 
 class SLaK(nn.Module):
     def __init__(self, in_chans=3, num_classes=1000, depths=(3, 3, 9, 3), dims=(96, 192, 384, 768),

@@ -2,7 +2,7 @@
 
 Registered under the official names (`vit_base_patch16`, ...), so `--model vit_base_patch16` works as
 in the official commands. The official class subclasses timm 0.3.2's ViT and overrides
-`forward_features`, which breaks on current timm (spec §5.1); timm 1.0 already has both of its
+`forward_features`, which breaks on current timm; timm 1.0 already has both of its
 pooling modes, so we only configure it:
 
 - `global_pool=True` (the default, MAE's): mean of the patch tokens (cls excluded), then `fc_norm`;

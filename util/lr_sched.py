@@ -38,7 +38,7 @@ class WarmupCosine:
 
 def cosine_scheduler(base_value, final_value, epochs, niter_per_ep, warmup_epochs=0, start_warmup_value=0.0,
                      warmup_steps=-1):
-    """One value per optimizer step, as ConvNeXt's/SLaK's utils.cosine_scheduler (spec slak.md 3.4): a linspace
+    """One value per optimizer step, as ConvNeXt's/SLaK's utils.cosine_scheduler: a linspace
     from start_warmup_value to base_value over the warmup (warmup_steps if > 0, else warmup_epochs epochs; its
     last value is base_value), then final + (base - final)(1 + cos(pi i / M)) / 2 for i = 0..M-1."""
     total = epochs * niter_per_ep

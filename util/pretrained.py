@@ -1,6 +1,6 @@
 """Initialise a fine-tuning model from a pretraining checkpoint (`--finetune`), with a report.
 
-The official loader (MAE / LocalMIM `main_finetune.py`, spec §2.3) drops a differing head, resamples
+The official loader (MAE / LocalMIM `main_finetune.py`) drops a differing head, resamples
 `pos_embed`, loads with strict=False and asserts that exactly the head and `fc_norm` are missing. That
 assertion fails for LocalMIM checkpoints in cls-token mode (they have tap norms `norm.0..3`, no final
 `norm`). Here every checkpoint key is either loaded or dropped for a stated reason, the only keys a

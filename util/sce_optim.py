@@ -1,4 +1,4 @@
-"""SCE's optimisation pieces around LARS (spec sce.md 4.2-4.3): parameter selection, LR scaling and the
+"""SCE's optimisation pieces around LARS: parameter selection, LR scaling and the
 per-optimizer-step linear-warmup + cosine schedule.
 
 - Parameters: the online trunk, projector and predictor only (the momentum target has requires_grad=False

@@ -1,4 +1,4 @@
-"""GPU batch video augmentation of SCE: the two asymmetric pipelines of the seed (spec sce.md 5.7).
+"""GPU batch video augmentation of SCE: the two asymmetric pipelines of the official SCE run.
 
 One call augments a whole batch of clips [B, 3, T, H, W] (uint8 or float, values 0..255) on the
 clips' own device, with random parameters drawn per clip and shared by all T frames:
@@ -32,11 +32,11 @@ Differences from the official code:
 - Random numbers are drawn on the CPU (a few per clip, from `generator` or the global CPU RNG)
   and copied to the clips' device: no host-device sync, and one seed gives the same augmentation
   on CPU and CUDA. The RNG stream is not torchaug's, so results are not bit-identical to it
-  (spec 9.11); the kernels match torchvision's to float rounding (tests).
+ ; the kernels match torchvision's to float rounding (tests).
 - Always out-of-place (the caller's clips are left untouched), float32 with autocast disabled.
 
 Inputs outside [0, 255] (e.g. a temporal-difference variant keeping negative differences; the
-official one maps them to (d + 255) / 2, spec 5.4, so the reference run never has any): Div255
+official one maps them to (d + 255) / 2, so the reference run never has any): Div255
 does not clamp, as in eztorch, so grayscale, blur, solarize, flip and normalise carry negative
 values through unchanged, while brightness, contrast and saturation clamp their output to
 [0, 1] exactly like torchaug. Hue is undefined on negative values (torchaug/torchvision return
@@ -61,7 +61,7 @@ GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # torchvision rgb_to_grayscale
 JITTER_ORDERS = torch.tensor(list(permutations(range(4))))  # [24, 4]; 0 b, 1 c, 2 s, 3 h
 JITTER_OPS = ('brightness', 'contrast', 'saturation', 'hue')
 
-# The two pipelines of the seed config; everything else is shared (see SCEVideoAugment defaults).
+# The two pipelines of the official config; everything else is shared (see SCEVideoAugment defaults).
 PIPELINES = {0: dict(blur_p=1.0, solarize_p=0.0), 1: dict(blur_p=0.1, solarize_p=0.2)}
 
 

@@ -1,7 +1,7 @@
 """Demo videos: small Kinetics-style frame folders made by panning and zooming over scikit-image photographs.
 
 `make_demo_videos()` lets the SCE script run without downloading Kinetics (`--data_path demo`). It
-builds, once and deterministically, the layout of spec 5.2:
+builds, once and deterministically, the Kinetics frame-folder layout main_sce.py reads:
 `<root>/{train,val}/<photograph>/<photograph>_NNN/00000001.jpg ...` plus `<root>/{train,val}.csv`.
 Each video is a virtual camera moving in a straight line from one box of a photograph to another
 (pan + zoom), 48-96 frames at 64x80 px, i.e. 1.6-3.2 s at 30 fps: some shorter and some longer

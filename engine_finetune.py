@@ -12,17 +12,12 @@ all-reduced once at the end when the ranks hold disjoint shards (see util/sample
 """
 import torch
 import torch.nn.functional as F
-from timm.utils import ModelEmaV3, accuracy
-from torch.nn.parallel import DistributedDataParallel
+from timm.utils import accuracy
 
 import engine_pretrain
-from util.dist import all_reduce_sum, get_world_size
+from util.dist import all_reduce_sum, get_world_size, unwrap
 from util.metric_logger import MetricLogger
 from util.samplers import is_sharded
-
-
-def unwrap(model):
-    return model.module if isinstance(model, DistributedDataParallel) else model
 
 
 def classification_loss(criterion, device, mixup_fn=None):
@@ -43,34 +38,6 @@ def train_one_epoch(data_loader, trainer, device, epoch, args, criterion, mixup_
     return engine_pretrain.train_one_epoch(data_loader, trainer, device, epoch, args, log_writer=log_writer,
                                            schedule=schedule, hooks=hooks,
                                            compute_loss=classification_loss(criterion, device, mixup_fn))
-
-
-class ModelEmaHook:
-    """An exponential moving average of the weights (and buffers), updated after every optimizer step.
-
-    Wraps timm's ModelEmaV3 around the bare model (not the DDP wrapper: every rank holds the same
-    weights after a step, so each keeps an identical EMA without communication). Following timm's
-    train.py the update gets `step=trainer.num_updates`: the first update copies the weights (decay 0),
-    later ones use `decay` (or, with `warmup`, timm's rising decay 1 - (1 + step)^(-2/3), capped at decay).
-    `state_dict()` holds the EMA model's own keys, so a saved EMA loads into a plain model too.
-    """
-
-    def __init__(self, model, decay=0.9999, warmup=False, device=None):
-        self.ema = ModelEmaV3(unwrap(model), decay=decay, use_warmup=warmup, device=device)
-
-    @property
-    def module(self):
-        """The EMA model (eval mode), e.g. for `evaluate(loader, ema.module, ...)`."""
-        return self.ema.module
-
-    def after_step(self, trainer):
-        self.ema.update(unwrap(trainer.model), step=trainer.num_updates)
-
-    def state_dict(self):
-        return self.ema.module.state_dict()
-
-    def load_state_dict(self, state):
-        self.ema.module.load_state_dict(state)
 
 
 @torch.no_grad()

@@ -13,7 +13,7 @@
         --num_frames 4 --global_batch_size 8 --queue_size 64 --epochs 2 --warmup_epochs 1 --num_workers 2
 
 Data: `<data_path>/train.csv` (`<class>/<video> <label> <num_frames>`) and `<data_path>/train/<class>/<video>/
-00000001.jpg ...` (util/video_data.py); `val.csv` and `val/` alike, if present, validate the online evaluator at
+00000001.jpg ...` (util/sce_video_data.py); `val.csv` and `val/` alike, if present, validate the online evaluator at
 the end of every epoch (one centre clip per video, trunk in eval mode; each video counted once under DDP).
 Outputs in --output_dir: checkpoint-last.pth every epoch (model with the target network, queue and pointer; LARS,
 GradScaler, step, RNG, online evaluator's Adam), checkpoint-<N>.pth every --save_freq epochs, log.txt (one JSON
@@ -22,7 +22,7 @@ queue fill, std of normalised embeddings, online train / val accuracy, clip pair
 Runs resume automatically from the newest checkpoint in --output_dir (--auto_resume false to start over).
 
 Differences from the official code (deliberate):
-- no Hydra / Lightning / pytorchvideo / torchaug: the GPU augmentations are plain torch (util/video_augment.py);
+- no Hydra / Lightning / pytorchvideo / torchaug: the GPU augmentations are plain torch (util/sce_video_augment.py);
 - the loader shuffles every epoch on one device too and seeds are per rank (--seed + rank);
 - --amp fp16 (the reference run's precision 16) with a GradScaler; the SCE loss itself runs in fp32 (models/sce.py).
   bf16 needs no scaler and is the safer choice on Ampere or newer GPUs if fp16 overflows. On the CPU fp16 is
@@ -47,15 +47,16 @@ from torch.nn.parallel import DistributedDataParallel
 
 from engine_finetune import evaluate
 from engine_pretrain import train_one_epoch
-from models.sce import OnlineEvalClassifier, SCEHook, add_sce_model_args, build_sce, convert_sync_batchnorm
+from models.sce import OnlineEvalClassifier, add_sce_model_args, build_sce, convert_sync_batchnorm
 from util.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from util.dist import get_world_size, is_main_process
 from util.runtime import add_bool_arg, append_log_line, build_train_loader, make_log_writer, run_cli, setup_run
+from util.hooks import SCEHook
 from util.samplers import build_eval_loader
 from util.sce_optim import build_lars, scale_learning_rate, sce_schedule
 from util.train_step import TrainStep
-from util.video_augment import build_sce_augmentations, clip_pair_grid
-from util.video_data import build_video_dataset, video_data_root
+from util.sce_video_augment import build_sce_augmentations, clip_pair_grid
+from util.sce_video_data import build_video_dataset, video_data_root
 
 # Colour jitter of the two configs: the reference run's "strength 1" and the baseline's.
 JITTER = {'strong': dict(brightness=0.8, contrast=0.8, saturation=0.4, hue=0.2),

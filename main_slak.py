@@ -9,7 +9,7 @@
 
 Flags and defaults are those of the official main.py; booleans take true/false (a bare
 `--model_ema` means true). Ours: --amp (with --use_amp true it defaults to bf16; the official AMP is fp16),
---conv_impl (models/slak.py), --print_freq, --max_nonfinite. With --sparse, util/sparse_training.py's masks are
+--conv_impl (models/slak.py), --print_freq, --max_nonfinite. With --sparse, util/slak_sparse_training.py's masks are
 built after the model, DDP wrapper, optimizer and loader, and an engine hook applies, prunes and regrows them
 after every optimizer step, before the masked EMA update. Checkpoints: checkpoint-last.pth every epoch (what
 auto-resume picks), the official checkpoint-<epoch>.pth every --save_ckpt_freq epochs and at the end (the newest
@@ -47,7 +47,7 @@ from timm.optim import create_optimizer_v2
 from torch.nn.parallel import DistributedDataParallel
 
 import models  # noqa: F401  (registers SLaK_* with timm)
-from engine_finetune import ModelEmaHook, evaluate, train_one_epoch
+from engine_finetune import evaluate, train_one_epoch
 from models.slak import CONV_IMPLS
 from util.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from util.classification import add_augmentation_args, build_criterion, build_mixup, convnext_param_groups
@@ -56,7 +56,8 @@ from util.dist import get_world_size, is_main_process
 from util.lr_sched import IterationSchedule, cosine_scheduler
 from util.runtime import add_bool_arg, append_log_line, build_train_loader, make_log_writer, run_cli, setup_run
 from util.samplers import build_eval_loader
-from util.sparse_training import MaskedEmaHook, Masking, add_sparse_args, density_from_sparsity
+from util.hooks import MaskedEmaHook, ModelEmaHook
+from util.slak_sparse_training import Masking, add_sparse_args, density_from_sparsity
 from util.train_step import AMP_DTYPES, TrainStep
 
 EVAL_RESIZE = 'convnext'  # util.datasets.build_eval_transform's rule: as ConvNeXt's and SLaK's datasets.py

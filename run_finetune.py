@@ -24,12 +24,13 @@ from timm.optim import Lamb, param_groups_layer_decay
 from torch.nn.parallel import DistributedDataParallel
 
 import models
-from engine_finetune import ModelEmaHook, evaluate, train_one_epoch
+from engine_finetune import evaluate, train_one_epoch
 from util.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from util.classification import (SPARK_RESNET_BLOCKS_PER_DEPTH, add_augmentation_args, build_criterion, build_mixup,
                                   layer_decay_param_groups, spark_resnet_layer_id, timm_convnext_layer_id)
 from util.datasets import build_finetune_dataset
 from util.dist import get_world_size
+from util.hooks import ModelEmaHook
 from util.lars import LARS
 from util.pretrained import load_pretrained
 from util.runtime import append_log_line, build_train_loader, make_log_writer, run_cli, setup_run

@@ -23,7 +23,7 @@ from util.dist import get_world_size, is_main_process
 from util.mim_vis import fixed_vis_batch, save_mim_pictures, vis_transform
 from util.runtime import (append_log_line, build_train_loader, make_log_writer, run_cli,
                           setup_run)
-from util.freeze_cache import FixedViews, FrozenPrefixCache
+from util.freezeout_cache import FixedViews, FrozenPrefixCache
 from util.freezeout import FreezeOut, FreezeOutSchedule
 from util.lr_sched import WarmupCosine
 from util.train_step import TrainStep

@@ -30,12 +30,13 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 import main_sce  # noqa: E402
-from models.sce import SCEHook, build_sce  # noqa: E402
+from models.sce import build_sce  # noqa: E402
+from util.hooks import SCEHook  # noqa: E402
 from util.sce_optim import build_lars  # noqa: E402
 from util.train_step import TrainStep  # noqa: E402
-from util.video_augment import build_sce_augmentations  # noqa: E402
-from util.video_data import VideoClipDataset  # noqa: E402
-from util.video_demo import make_demo_videos  # noqa: E402
+from util.sce_video_augment import build_sce_augmentations  # noqa: E402
+from util.sce_video_data import VideoClipDataset  # noqa: E402
+from util.sce_video_demo import make_demo_videos  # noqa: E402
 
 
 def get_args():

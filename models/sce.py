@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.r3d import r3d18_trunk
+from util.dist import unwrap
 
 LARGE_NUM = 1e9
 
@@ -181,7 +182,7 @@ class OnlineEvalClassifier(nn.Module):
 
     def __init__(self, sce, mean=0.45, std=0.225):
         super().__init__()
-        sce = getattr(sce, 'module', sce)
+        sce = unwrap(sce)
         if sce.online_evaluator is None:
             raise ValueError('this SCE model has no online evaluator (built with num_classes 0)')
         self.trunk, self.head = sce.trunk, sce.online_evaluator.linear
@@ -376,20 +377,6 @@ class SCE(nn.Module):
             target_params = list(target.parameters())
             torch._foreach_mul_(target_params, momentum)
             torch._foreach_add_(target_params, list(online.parameters()), alpha=1 - momentum)
-
-
-class SCEHook:
-    """Engine hook: after optimizer step s (trainer.num_updates = s + 1) enqueue the step's keys, then update
-    the target with m(s), and count the step for the schedules."""
-
-    def __init__(self, sce):
-        self.sce = getattr(sce, 'module', sce)
-
-    def after_step(self, trainer):
-        sce = self.sce
-        sce.enqueue_pending()
-        sce.momentum_update(sce.current_momentum(trainer.num_updates - 1))
-        sce.global_step = trainer.num_updates
 
 
 def convert_sync_batchnorm(model):

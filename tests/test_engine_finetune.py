@@ -11,7 +11,8 @@ from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from torch.utils.data import DataLoader, TensorDataset
 
-from engine_finetune import ModelEmaHook, evaluate, train_one_epoch
+from engine_finetune import evaluate, train_one_epoch
+from util.hooks import ModelEmaHook
 from util.samplers import UnpaddedDistributedSampler, build_eval_loader
 from util.train_step import TrainStep
 

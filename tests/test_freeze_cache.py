@@ -10,7 +10,7 @@ from models.localmim import MaskedAutoencoderViT
 import run_pretrain
 from test_run_pretrain import pretrain_args, write_images
 from util.datasets import ImageFolderOrFlat, build_pretrain_transform
-from util.freeze_cache import FixedViews, FrozenPrefixCache
+from util.freezeout_cache import FixedViews, FrozenPrefixCache
 from util.freezeout import FreezeOut, FreezeOutSchedule
 
 

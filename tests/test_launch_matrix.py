@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from util.demo_data import demo_imagefolder
-from util.video_demo import make_demo_videos
+from util.sce_video_demo import make_demo_videos
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.slow

@@ -21,8 +21,8 @@ from run_helpers import killed_at_epoch
 from util.checkpoint import LAST
 from util.runtime import run_cli
 from util.sce_optim import warmup_cosine_lr
-from util.video_augment import SCEVideoAugment
-from util.video_demo import make_demo_videos
+from util.sce_video_augment import SCEVideoAugment
+from util.sce_video_demo import make_demo_videos
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 parse = main_sce.get_args_parser().parse_args

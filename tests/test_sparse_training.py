@@ -12,9 +12,10 @@ import torch.multiprocessing as mp
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-import util.sparse_training as st
-from util.sparse_training import (CosineDecay, Masking, MaskedEmaHook, add_sparse_args, erk_densities,
+import util.slak_sparse_training as st
+from util.slak_sparse_training import (CosineDecay, Masking, add_sparse_args, erk_densities,
                                   masked_ema_update)
+from util.hooks import MaskedEmaHook
 from util.train_step import TrainStep
 
 

@@ -29,6 +29,11 @@ def is_main_process():
     return get_rank() == 0
 
 
+def unwrap(model):
+    """The model inside a DistributedDataParallel wrapper (or the model itself)."""
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
 def setup_for_distributed(is_master):
     """Silence print() on non-master ranks; prefix a timestamp; `force=True` prints anyway."""
     def print(*args, **kwargs):

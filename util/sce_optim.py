@@ -16,6 +16,7 @@ import math
 import numpy as np
 import torch.nn as nn
 
+from util.dist import unwrap
 from util.lars import LARS
 from util.lr_sched import IterationSchedule
 
@@ -36,7 +37,7 @@ def scale_learning_rate(initial_lr, batch_size, scaler='linear', multiply_lr=1.0
 
 def learnable_modules(model):
     """The online modules the optimizer trains (unwraps DDP)."""
-    model = getattr(model, 'module', model)
+    model = unwrap(model)
     return [m for m in (model.trunk, model.projector, getattr(model, 'predictor', None)) if m is not None]
 
 

@@ -356,7 +356,7 @@ def video_data_root(data_path, decoder='frame'):
     if str(data_path) == 'demo':
         if decoder != 'frame':
             raise ValueError('--data_path demo holds frame folders only; use --decoder frame')
-        from util.video_demo import make_demo_videos
+        from util.sce_video_demo import make_demo_videos
         return make_demo_videos()
     root = Path(data_path).expanduser()
     if not root.is_dir():

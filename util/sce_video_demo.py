@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image
 
 from util.demo_data import DEMO_PHOTOGRAPHS, DEMO_SEED, REPOSITORY_ROOT, _load_photograph, build_once
-from util.video_data import write_frame_csv
+from util.sce_video_data import write_frame_csv
 
 DEMO_VIDEOS_PER_CLASS = {'train': 8, 'val': 2}
 DEMO_FRAME_RANGE = (48, 96)       # frames per video, inclusive

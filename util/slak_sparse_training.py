@@ -42,7 +42,8 @@ import math
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel
+
+from util.dist import unwrap
 
 SPARSE_INITS = ('uniform', 'ERK', 'snip', 'resume')
 PRUNE_MODES = ('magnitude',)
@@ -69,9 +70,6 @@ def add_sparse_args(parser):
     group.add_argument('--verbose', action='store_true', help='per-layer counts at every prune/grow event')
     return parser
 
-
-def unwrap(model):
-    return model.module if isinstance(model, DistributedDataParallel) else model
 
 
 def density_from_sparsity(sparsity):
@@ -367,24 +365,3 @@ def masked_ema_update(ema_model, model, masks, decay):
             mask = masks[k].to(ema_v.device)
             new = new * mask + (mask & (ema_v == 0)) * decay * model_v
         ema_v.copy_(new)  # integer buffers (num_batches_tracked) are truncated, as officially
-
-
-class MaskedEmaHook:
-    """EMA of the weights (and buffers) that respects the masks, as the official ModelEma.update(model, mask):
-    a constant decay per optimizer step, no warm-up. The same interface as engine_finetune.ModelEmaHook
-    (`module`, `after_step`, `state_dict`); list it after the Masking hook so it sees this step's masks."""
-
-    def __init__(self, model, masking, decay=0.9999, device=None):
-        self.module = copy.deepcopy(unwrap(model)).eval().requires_grad_(False)
-        if device is not None:
-            self.module.to(device)
-        self.masking, self.decay = masking, decay
-
-    def after_step(self, trainer):
-        masked_ema_update(self.module, unwrap(trainer.model), self.masking.masks, self.decay)
-
-    def state_dict(self):
-        return self.module.state_dict()
-
-    def load_state_dict(self, state):
-        self.module.load_state_dict(state)

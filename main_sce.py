@@ -47,7 +47,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from engine_finetune import evaluate
 from engine_pretrain import train_one_epoch
-from models.sce import OnlineEvalClassifier, add_sce_model_args, build_sce, convert_sync_batchnorm
+from models.sce import SCE, OnlineEvalClassifier, convert_sync_batchnorm
 from util.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from util.dist import get_world_size, is_main_process
 from util.runtime import add_bool_arg, append_log_line, build_train_loader, make_log_writer, run_cli, setup_run
@@ -122,6 +122,94 @@ def get_args_parser():
     g.add_argument('--dist_on_itp', action='store_true')
     g.add_argument('--dist_url', default='env://')
     return p
+
+
+def _optional_name(value):
+    return None if value.lower() in ('none', 'null', '') else value
+
+
+def add_sce_model_args(parser):
+    """Every model flag of the reference run, defaults = its values."""
+    g = parser.add_argument_group('SCE model')
+    bool_flag = dict(action=argparse.BooleanOptionalAction)
+    g.add_argument('--coeff', type=float, default=0.5, help='lambda: weight of the one-hot positive')
+    g.add_argument('--temp', type=float, default=0.1, help='tau, online temperature')
+    g.add_argument('--temp_m', type=float, default=0.05, help='tau_m, target temperature')
+    g.add_argument('--start_warmup_temp_m', type=float, default=0.05)
+    g.add_argument('--warmup_epoch_temp_m', type=int, default=0)
+    g.add_argument('--warmup_scheduler_temp_m', type=_optional_name, default='cosine',
+                   choices=['linear', 'cosine', None])
+    g.add_argument('--warmup_epoch_coeff', type=int, default=0)
+    g.add_argument('--start_warmup_coeff', type=float, default=1.0)
+    g.add_argument('--warmup_scheduler_coeff', type=_optional_name, default='linear',
+                   choices=['linear', 'cosine', None])
+    g.add_argument('--scheduler_coeff', type=_optional_name, default=None, choices=['linear', 'cosine', None])
+    g.add_argument('--final_scheduler_coeff', type=float, default=0.0)
+    g.add_argument('--queue_size', type=int, default=32768, help='0: no queue (needs --use_keys)')
+    g.add_argument('--queue_feature_dim', type=int, default=256)
+    g.add_argument('--initial_momentum', type=float, default=0.99)
+    g.add_argument('--scheduler_momentum', default='cosine', choices=['constant', 'cosine', 'cosine_epoch'])
+    g.add_argument('--sym', default=True, **bool_flag)
+    g.add_argument('--use_keys', default=False, **bool_flag)
+    g.add_argument('--normalize_outputs', default=True, **bool_flag)
+    g.add_argument('--mutual_pass', default=False, **bool_flag)
+    g.add_argument('--num_global_crops', type=int, default=2)
+    g.add_argument('--num_local_crops', type=int, default=0)
+    g.add_argument('--num_splits', type=int, default=0, help='image-only spatial splits: only 0 is supported')
+    g.add_argument('--num_splits_per_combination', type=int, default=2, help='unused while --num_splits 0')
+    g.add_argument('--shuffle_bn', default=False, **bool_flag,
+                   help='not supported: SyncBatchNorm is used under DDP instead (reference run)')
+    g.add_argument('--num_devices', type=int, default=-1, help='only used by --shuffle_bn; accepted and ignored')
+    g.add_argument('--simulate_n_devices', type=int, default=8,
+                   help='only used by --shuffle_bn; accepted and ignored')
+    g.add_argument('--projector_hidden_dims', type=int, nargs='*', default=[1024, 1024])
+    g.add_argument('--projector_output_dim', type=int, default=256)
+    g.add_argument('--projector_last_norm', default=True, **bool_flag)
+    g.add_argument('--projector_last_affine', default=False, **bool_flag)
+    g.add_argument('--predictor_hidden_dims', type=int, nargs='*', default=[1024])
+    g.add_argument('--predictor_output_dim', type=int, default=256)
+    g.add_argument('--predictor_last_norm', default=False, **bool_flag)
+    g.add_argument('--predictor_last_affine', default=False, **bool_flag)
+    g.add_argument('--online_eval_lr', type=float, default=1e-4, help='Adam lr of the online linear evaluator')
+    return parser
+
+
+def check_sce_args(args):
+    """Raises ValueError naming the flag for options that are not implemented."""
+    if args.shuffle_bn:
+        raise ValueError('--shuffle_bn is not supported: under DDP every BN is a SyncBatchNorm (as in the '
+                         'reference run), and on one device the official SplitBatchNorm only converts 2-D BN, '
+                         'a no-op for R3D; drop the flag')
+    if args.num_splits != 0:
+        raise ValueError(f'--num_splits {args.num_splits} is not supported (image-only spatial splits); use 0')
+    for name in ('coeff', 'start_warmup_coeff', 'final_scheduler_coeff'):
+        if not 0.0 <= getattr(args, name) <= 1.0:
+            raise ValueError(f'--{name} must be in [0, 1], got {getattr(args, name)}')
+    for name in ('temp', 'temp_m', 'start_warmup_temp_m'):
+        if getattr(args, name) <= 0:
+            raise ValueError(f'--{name} must be > 0, got {getattr(args, name)}')
+    if not 0.0 <= args.initial_momentum <= 1.0:
+        raise ValueError(f'--initial_momentum must be in [0, 1], got {args.initial_momentum}')
+
+
+SCE_ARG_NAMES = ('coeff', 'temp', 'temp_m', 'start_warmup_temp_m', 'warmup_epoch_temp_m', 'warmup_scheduler_temp_m',
+                 'warmup_epoch_coeff', 'start_warmup_coeff', 'warmup_scheduler_coeff', 'scheduler_coeff',
+                 'final_scheduler_coeff', 'queue_size', 'queue_feature_dim', 'initial_momentum',
+                 'scheduler_momentum', 'sym', 'use_keys', 'normalize_outputs', 'mutual_pass', 'num_global_crops',
+                 'num_local_crops', 'projector_hidden_dims', 'projector_output_dim', 'projector_last_norm',
+                 'projector_last_affine', 'predictor_hidden_dims', 'predictor_output_dim', 'predictor_last_norm',
+                 'predictor_last_affine', 'online_eval_lr')
+
+
+def build_sce(args=None, steps_per_epoch=1, epochs=None, num_classes=0, trunk=None, **overrides):
+    """SCE from parsed flags (`add_sce_model_args`) and/or keyword overrides; `epochs` defaults to args.epochs."""
+    kwargs = {}
+    if args is not None:
+        check_sce_args(args)
+        kwargs = {name: getattr(args, name) for name in SCE_ARG_NAMES if hasattr(args, name)}
+        epochs = epochs if epochs is not None else getattr(args, 'epochs', 1)
+    kwargs.update(overrides)
+    return SCE(trunk=trunk, steps_per_epoch=steps_per_epoch, epochs=epochs or 1, num_classes=num_classes, **kwargs)
 
 
 def resolve_batch_and_lr(args, world_size):

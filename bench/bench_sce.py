@@ -30,7 +30,7 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 import main_sce  # noqa: E402
-from models.sce import build_sce  # noqa: E402
+from main_sce import build_sce  # noqa: E402
 from util.hooks import SCEHook  # noqa: E402
 from util.sce_optim import build_lars  # noqa: E402
 from util.train_step import TrainStep  # noqa: E402

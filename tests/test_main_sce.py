@@ -16,7 +16,6 @@ import torch.nn.functional as F
 from PIL import Image
 
 import main_sce
-from models.sce import build_sce
 from run_helpers import killed_at_epoch
 from util.checkpoint import LAST
 from util.runtime import run_cli
@@ -112,7 +111,7 @@ def hand_val_stats(ckpt_path, root, size=VAL_SIZE, num_frames=4):
     the centre 2.56 s clip of each video in <root>/val.csv, computed here from the frames (PIL) and the weights."""
     ckpt = torch.load(ckpt_path, weights_only=True)
     rows = [line.rsplit(None, 2) for line in (root / 'val.csv').read_text().splitlines()]
-    model = build_sce(parse(shlex.split(TINY)), num_classes=ckpt['model']['online_evaluator.linear.bias'].numel())
+    model = main_sce.build_sce(parse(shlex.split(TINY)), num_classes=ckpt['model']['online_evaluator.linear.bias'].numel())
     model.load_state_dict(ckpt['model'])
     model.eval()
     logits, labels = [], []

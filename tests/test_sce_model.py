@@ -11,8 +11,8 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from models.r3d import r3d18_trunk
-from models.sce import (SCE, add_sce_model_args, build_sce, check_sce_args, momentum_value,
-                        sce_loss, scheduler_value)
+from main_sce import add_sce_model_args, build_sce, check_sce_args
+from models.sce import SCE, momentum_value, sce_loss, scheduler_value
 from util.sce_optim import build_lars, sce_param_groups
 from util.hooks import SCEHook
 from util.train_step import TrainStep

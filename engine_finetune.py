@@ -30,14 +30,14 @@ def classification_loss(criterion, device, mixup_fn=None):
     return compute_loss
 
 
-def train_one_epoch(data_loader, trainer, device, epoch, args, criterion, mixup_fn=None, log_writer=None,
-                    schedule=None, hooks=()):
-    """One epoch of `trainer` (a util.train_step.TrainStep) over (images, labels) batches; returns the epoch
-    means of the logged metrics (loss, lr, grad_norm). The logged lr is the schedule's, i.e. that of the
-    groups with lr_scale 1 (the head under layer decay), the largest one."""
-    return engine_pretrain.train_one_epoch(data_loader, trainer, device, epoch, args, log_writer=log_writer,
-                                           schedule=schedule, hooks=hooks,
-                                           compute_loss=classification_loss(criterion, device, mixup_fn))
+def train_one_epoch(data_loader, trainer, epoch, schedule, criterion, mixup_fn=None, hooks=(), log_writer=None,
+                    print_freq=50):
+    """One epoch of `trainer` over (images, labels) batches (engine_pretrain's loop with a classification loss);
+    returns the epoch means of loss, lr and grad_norm. The logged lr is the schedule's, i.e. that of the groups
+    with lr_scale 1 (the head under layer decay), the largest one."""
+    return engine_pretrain.train_one_epoch(data_loader, trainer, epoch, schedule,
+                                           classification_loss(criterion, trainer.device, mixup_fn), hooks,
+                                           log_writer, print_freq)
 
 
 @torch.no_grad()

@@ -1,13 +1,17 @@
-"""One epoch of self-supervised pretraining: the model takes a batch and returns its loss.
+"""The training epoch every entry script runs: pretraining (a model that returns its loss) and, through
+engine_finetune, supervised training (a classification loss).
 
-Per step: set the lr at the start of each accumulation window (warmup + cosine, fractional epoch),
-forward under autocast, backward (no DDP all-reduce until the window's last micro-step), and step
-the optimizer at the window's end. Method logic plugs in as objects, not branches: the `schedule`
-(lrs, and freezing for FreezeOut) and `hooks` run after each optimizer step (`after_step(trainer)`).
-Metrics stay on the device until a print step.
+The contract (all a method needs to plug in; the loop itself never changes):
+- `trainer`: a util.train_step.TrainStep (model, optimizer, device, accumulation, autocast, clipping,
+  non-finite steps). The engine reads `trainer.model` at every step, so a schedule may rewrap it.
+- `schedule`: `adjust(optimizer, epoch_float) -> lr` sets the param groups' lrs (and anything else, e.g.
+  FreezeOut's freezing) at the start of each accumulation window; `metrics() -> dict` adds scalars to the log.
+  util.lr_sched.WarmupCosine is MAE's; util.lr_sched.IterationSchedule takes precomputed per-step arrays.
+- `compute_loss(model, samples, targets)` -> loss or (loss, dict of scalars to log), run under autocast.
+- `hooks`: objects with `after_step(trainer)`, run after each optimizer step (util/hooks.py).
+Metrics stay on the device until a print step (no host sync per step).
 """
 from util.dist import get_world_size
-from util.lr_sched import WarmupCosine
 from util.metric_logger import MetricLogger
 
 
@@ -23,28 +27,25 @@ def tensorboard_callback(log_writer, epoch, steps_per_epoch):
     return write
 
 
-def masked_modeling_loss(args):
-    """The default `compute_loss`: the model takes the images and returns its loss (and logs)."""
-    return lambda model, samples, targets: model(samples, mask_ratio=args.mask_ratio)
+def masked_modeling_loss(mask_ratio):
+    """`compute_loss` of a masked-image model that takes the images and returns its loss (and logs)."""
+    return lambda model, samples, targets: model(samples, mask_ratio=mask_ratio)
 
 
-def train_one_epoch(data_loader, trainer, device, epoch, args, log_writer=None, schedule=None, hooks=(),
-                    compute_loss=None):
-    """`schedule.adjust(optimizer, epoch)` sets the lrs at each window start (default: warmup + cosine);
-    it may also change the model (FreezeOut), so every step uses `trainer.model`.
-    `compute_loss(model, samples, targets)` -> loss or (loss, logs), run under autocast."""
-    schedule = schedule or WarmupCosine(args)
-    compute_loss = compute_loss or masked_modeling_loss(args)
+def train_one_epoch(data_loader, trainer, epoch, schedule, compute_loss, hooks=(), log_writer=None, print_freq=50):
+    """One pass over `data_loader`; returns the epoch means of the logged metrics (loss, lr, grad_norm, the
+    model's and the schedule's extras) over all processes, and `epoch_time`."""
+    device = trainer.device
     trainer.model.train()
     steps = len(data_loader)
-    meter = MetricLogger(steps, args.print_freq, f'Epoch: [{epoch}]',
-                         images_per_step=args.batch_size * get_world_size())
+    meter = MetricLogger(steps, print_freq, f'Epoch: [{epoch}]')
     meter.on_print.append(lambda *_: trainer.check())
     if log_writer is not None:
         meter.on_print.append(tensorboard_callback(log_writer, epoch, steps))
     for step, (samples, targets) in enumerate(meter.log_every(data_loader)):
         if step % trainer.accum_iter == 0:
             lr = schedule.adjust(trainer.optimizer, step / steps + epoch)
+        meter.images_per_step = len(samples) * get_world_size()
         samples = samples.to(device, non_blocking=True)
         update = trainer.is_update(step)
         with trainer.no_sync_unless(update):

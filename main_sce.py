@@ -43,14 +43,14 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from PIL import Image
-from torch.nn.parallel import DistributedDataParallel
 
 from engine_finetune import evaluate
 from engine_pretrain import train_one_epoch
 from models.sce import SCE, OnlineEvalClassifier, convert_sync_batchnorm
-from util.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from util.checkpoint import save_checkpoint
 from util.dist import get_world_size, is_main_process
-from util.runtime import add_bool_arg, append_log_line, build_train_loader, make_log_writer, run_cli, setup_run
+from util.runtime import (add_bool_arg, append_log_line, attach_ddp, build_train_loader, keeps_checkpoint,
+                          make_log_writer, per_process_batch, resume_path, resume_training, run_cli, setup_run)
 from util.hooks import SCEHook
 from util.samplers import build_eval_loader
 from util.sce_optim import build_lars, scale_learning_rate, sce_schedule
@@ -214,12 +214,7 @@ def build_sce(args=None, steps_per_epoch=1, epochs=None, num_classes=0, trunk=No
 
 def resolve_batch_and_lr(args, world_size):
     """Per-process micro-batch (args.batch_size, the loader's) and the scaled lr (args.abs_lr) of the global batch."""
-    if args.accum_iter < 1:
-        raise ValueError(f'--accum_iter must be >= 1, got {args.accum_iter}')
-    if args.global_batch_size <= 0 or args.global_batch_size % (world_size * args.accum_iter):
-        raise ValueError(f'--global_batch_size {args.global_batch_size} must be a positive multiple of the number '
-                         f'of processes ({world_size}) times --accum_iter ({args.accum_iter})')
-    args.batch_size = args.global_batch_size // (world_size * args.accum_iter)
+    args.batch_size = per_process_batch(args.global_batch_size, world_size, args.accum_iter, '--global_batch_size')
     scale = lambda lr: scale_learning_rate(lr, args.global_batch_size, args.lr_scaler)  # noqa: E731
     args.abs_lr, args.abs_warmup_start_lr, args.abs_min_lr = scale(args.lr), scale(args.warmup_start_lr), \
         scale(args.min_lr)
@@ -301,16 +296,14 @@ def validate_online(loader, model, device, amp_dtype):
 
 def resume(args, model, trainer):
     """Restores model (target network, queue, pointer, online evaluator), LARS, GradScaler, RNG and the step."""
-    path = args.resume or (latest_checkpoint(args.output_dir) if args.auto_resume and args.output_dir else None)
+    path = resume_path(args.resume, args.auto_resume, args.output_dir)
     if not path:
         return
-    ckpt = load_checkpoint(path, model, trainer.optimizer, trainer.scaler)
-    args.start_epoch = ckpt['epoch'] + 1
-    trainer.num_updates = model.global_step = ckpt.get('step', 0)
+    ckpt = resume_training(args, path, model, trainer)
+    model.global_step = trainer.num_updates
     online_state = ckpt.get('extra', {}).get('online_evaluator_optimizer')
     if model.online_evaluator is not None and online_state:
         model.online_evaluator.optimizer.load_state_dict(online_state)
-    print(f'resumed from {path} (epoch {ckpt["epoch"]} done, {trainer.num_updates} optimizer steps)')
 
 
 def main(args):
@@ -322,7 +315,8 @@ def main(args):
     world = get_world_size()
     resolve_batch_and_lr(args, world)
     dataset = build_dataset(args)
-    loader = build_train_loader(dataset, args)
+    loader = build_train_loader(dataset, args.batch_size, args.num_workers, args.pin_mem, args.seed,
+                                '--global_batch_size')
     val_loader = build_online_val_loader(args) if args.online_eval else None
     steps_per_epoch = len(dataset) // args.global_batch_size  # as eztorch: schedules count rows / global batch
     if steps_per_epoch < 1 or len(loader) < args.accum_iter:
@@ -337,11 +331,10 @@ def main(args):
     trainer = TrainStep(model, optimizer, device, args.amp, args.accum_iter, args.clip_grad, args.max_nonfinite)
     args.start_epoch = 0
     resume(args, model, trainer)
-    if args.distributed:  # the target and the online evaluator are outside DDP's reducer (models/sce.py)
-        # Buffers (queue, pointer, BN statistics) are copied from rank 0 once here, never at each forward: the
-        # queue's random start differs per rank seed. (`broadcast_buffers=False` would skip that first copy.)
-        trainer.model = DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda' else None,
-                                                forward_sync_buffers=False)
+    # Under DDP the target and the online evaluator are outside the reducer (models/sce.py). Buffers (queue,
+    # pointer, BN statistics) are copied from rank 0 once, never at each forward: the queue's random start differs
+    # per rank seed. (`broadcast_buffers=False` would skip that first copy.)
+    attach_ddp(trainer, device, forward_sync_buffers=False)
     schedule = sce_schedule(args.abs_lr, args.weight_decay, args.epochs, args.warmup_epochs, steps_per_epoch,
                             len(loader), args.accum_iter, args.abs_warmup_start_lr, args.abs_min_lr)
     compute_loss = TwoViewLoss(build_sce_augmentations(**JITTER[args.jitter_strength]))
@@ -353,13 +346,13 @@ def main(args):
     start_time = time.time()
     for epoch in range(args.start_epoch, args.epochs):
         loader.sampler.set_epoch(epoch)
-        stats = train_one_epoch(loader, trainer, device, epoch, args, log_writer, schedule,
-                                hooks=[SCEHook(model)], compute_loss=compute_loss)
+        stats = train_one_epoch(loader, trainer, epoch, schedule, compute_loss, [SCEHook(model)], log_writer,
+                                args.print_freq)
         last = epoch + 1 == args.epochs
         extra = {'online_evaluator_optimizer': model.online_evaluator.optimizer.state_dict()
                  if model.online_evaluator is not None else None}
         save_checkpoint(args.output_dir, epoch, trainer.num_updates, args, model, optimizer, trainer.scaler,
-                        extra=extra, keep=(epoch + 1) % args.save_freq == 0 or last)
+                        extra=extra, keep=keeps_checkpoint(epoch, args.save_freq, args.epochs))
         if is_main_process() and args.vis_freq and (epoch % args.vis_freq == 0 or last):
             save_clip_pairs(compute_loss.last_pair, args.output_dir, epoch, log_writer)
         epoch_time = stats.pop('epoch_time')

@@ -44,17 +44,17 @@ import timm
 import torch
 import torch.nn as nn
 from timm.optim import create_optimizer_v2
-from torch.nn.parallel import DistributedDataParallel
 
 import models  # noqa: F401  (registers SLaK_* with timm)
 from engine_finetune import evaluate, train_one_epoch
 from models.slak import CONV_IMPLS
-from util.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from util.checkpoint import load_checkpoint, save_checkpoint
 from util.classification import add_augmentation_args, build_criterion, build_mixup, convnext_param_groups
 from util.datasets import ImageFolderOrFlat, build_finetune_dataset, build_finetune_transform
 from util.dist import get_world_size, is_main_process
 from util.lr_sched import IterationSchedule, cosine_scheduler
-from util.runtime import add_bool_arg, append_log_line, build_train_loader, make_log_writer, run_cli, setup_run
+from util.runtime import (add_bool_arg, append_log_line, attach_ddp, build_train_loader, keeps_checkpoint,
+                          make_log_writer, resume_path, resume_training, run_cli, setup_run)
 from util.samplers import build_eval_loader
 from util.hooks import MaskedEmaHook, ModelEmaHook
 from util.slak_sparse_training import Masking, add_sparse_args, density_from_sparsity
@@ -125,7 +125,8 @@ def get_args_parser():
     p.add_argument('--resume', default='', help='checkpoint to resume (or, with --eval true, to evaluate)')
     boolean('--auto_resume', True, 'resume from the latest checkpoint in --output_dir unless --resume is given')
     boolean('--save_ckpt', True)
-    p.add_argument('--save_ckpt_freq', default=10, type=int)
+    p.add_argument('--save_ckpt_freq', default=10, type=int,
+                   help='also keep checkpoint-<epoch>.pth for epochs 0, N, 2N, ... and the last (official: N-1, 2N-1, ...)')
     p.add_argument('--save_ckpt_num', default=3, type=int)
     p.add_argument('--start_epoch', default=0, type=int)
     boolean('--eval', False, 'only evaluate the --resume checkpoint')
@@ -218,16 +219,6 @@ def build_schedule(args, batches_per_epoch):
     return IterationSchedule(lrs, wds, batches_per_epoch, args.update_freq)
 
 
-def resume_path(args):
-    if args.resume:
-        return args.resume
-    return latest_checkpoint(args.output_dir) if args.auto_resume and args.output_dir else None
-
-
-def load(path, model, trainer=None):
-    return load_checkpoint(path, model, trainer and trainer.optimizer, trainer and trainer.scaler)
-
-
 def build_masking(args, trainer, loader, steps_per_epoch, ckpt):
     """Masks: from the checkpoint when resuming (its masks, else its non-zeros), else --sparse_init."""
     saved = ckpt.get('extra', {}).get('masking') if ckpt else None
@@ -270,10 +261,10 @@ def report_nonzeros(model):
 
 
 def evaluate_checkpoint(args, model, val_loader, device):
-    path = resume_path(args)
+    path = resume_path(args.resume, args.auto_resume, args.output_dir)
     if not path:
         raise ValueError('--eval true needs a checkpoint: give --resume PATH')
-    ckpt = load(path, model)
+    ckpt = load_checkpoint(path, model)
     print(f'evaluating {path} (epoch {ckpt.get("epoch")})')
     report_nonzeros(model)
     stats = evaluate(val_loader, model, device, AMP_DTYPES[args.amp])
@@ -308,7 +299,7 @@ def save(args, epoch, trainer, model, masking, ema, best, improved):
         return
     extra = {**best, 'masking': masking.state_dict() if masking is not None else None}
     official = {'model_ema': ema.state_dict()} if ema is not None else None  # the official key, read on resume
-    keep = (epoch + 1) % args.save_ckpt_freq == 0 or epoch + 1 == args.epochs
+    keep = keeps_checkpoint(epoch, args.save_ckpt_freq, args.epochs)
     state = (args.output_dir, epoch, trainer.num_updates, args, model, trainer.optimizer, trainer.scaler, extra)
     save_checkpoint(*state, keep=keep, best='' in improved, top_level=official)
     if '_ema' in improved:
@@ -335,7 +326,8 @@ def main(args):
     if args.eval:
         return evaluate_checkpoint(args, model, val_loader, device)
 
-    train_loader = build_train_loader(build_dataset(True, args), args)
+    train_loader = build_train_loader(build_dataset(True, args), args.batch_size, args.num_workers, args.pin_mem,
+                                      args.seed)
     steps_per_epoch = len(train_loader) // args.update_freq
     if steps_per_epoch == 0:
         raise ValueError(f'{len(train_loader)} batches per process are fewer than --update_freq {args.update_freq}')
@@ -344,19 +336,14 @@ def main(args):
     optimizer = build_optimizer(args, model)
     trainer = TrainStep(model, optimizer, device, args.amp, args.update_freq, args.clip_grad, args.max_nonfinite)
     log_writer = make_log_writer(args.log_dir)
-    path = resume_path(args)
-    ckpt = load(path, model, trainer) if path else None
+    path = resume_path(args.resume, args.auto_resume, args.output_dir)
+    ckpt = resume_training(args, path, model, trainer) if path else None
     best = {'max_accuracy': 0.0, 'max_accuracy_ema': 0.0}
     if ckpt:
-        if not isinstance(ckpt.get('epoch'), int):
-            raise ValueError(f'--resume {path} is the "{ckpt.get("epoch")}" checkpoint; resume from '
-                             'checkpoint-<epoch>.pth or checkpoint-last.pth (or use it with --eval true / --finetune)')
-        args.start_epoch = ckpt['epoch'] + 1
-        trainer.num_updates = ckpt.get('step', args.start_epoch * steps_per_epoch)
+        if 'step' not in ckpt:  # an official checkpoint
+            trainer.num_updates = args.start_epoch * steps_per_epoch
         best.update({k: ckpt.get('extra', {}).get(k, 0.0) for k in best})
-        print(f'resumed from {path} (epoch {ckpt["epoch"]}): training epochs {args.start_epoch} to {args.epochs - 1}')
-    if args.distributed:
-        trainer.model = DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda' else None)
+    attach_ddp(trainer, device)
     masking = build_masking(args, trainer, train_loader, steps_per_epoch, ckpt) if args.sparse else None
     ema = build_ema(args, model, masking, ckpt)
     hooks = [hook for hook in (masking, ema) if hook is not None]  # the EMA sees this step's masks
@@ -367,8 +354,8 @@ def main(args):
     start_time = time.time()
     for epoch in range(args.start_epoch, args.epochs):
         train_loader.sampler.set_epoch(epoch)
-        train_stats = train_one_epoch(train_loader, trainer, device, epoch, args, criterion, mixup_fn, log_writer,
-                                      schedule, hooks)
+        train_stats = train_one_epoch(train_loader, trainer, epoch, schedule, criterion, mixup_fn, hooks, log_writer,
+                                      args.print_freq)
         log = {f'train_{k}': v for k, v in train_stats.items()}
         improved = set() if args.disable_eval else evaluate_epoch(args, val_loader, model, ema, device, best, log)
         if masking is not None:

@@ -28,7 +28,6 @@ import time
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.optim import Lamb
-from torch.nn.parallel import DistributedDataParallel
 from torchvision import transforms
 from torchvision.transforms import InterpolationMode
 
@@ -37,7 +36,8 @@ from models.spark import build_spark, spark_default_drop_path
 from util.datasets import ImageFolderOrFlat, resolve_image_root
 from util.dist import get_world_size, is_main_process
 from util.mim_vis import fixed_vis_batch, vis_transform
-from util.runtime import add_bool_arg, build_train_loader, make_log_writer, run_cli, setup_run, tee_console
+from util.runtime import (add_bool_arg, attach_ddp, build_train_loader, make_log_writer, per_process_batch, run_cli,
+                          setup_run, tee_console)
 from util.spark_checkpoint import find_resume_file, resume_spark, save_spark_outputs
 from util.spark_sched import SparkSchedule, spark_param_groups
 from util.spark_vis import save_spark_pictures
@@ -89,15 +89,6 @@ def get_args_parser():
     p.add_argument('--local_rank', '--local-rank', default=-1, type=int)
     p.add_argument('--dist_url', default='env://')
     return p
-
-
-def per_process_batch(bs, world_size, accum_iter=1):
-    if accum_iter < 1:
-        raise ValueError(f'--accum_iter must be >= 1, got {accum_iter}')
-    if bs <= 0 or bs % (world_size * accum_iter):
-        raise ValueError(f'--bs={bs} is the GLOBAL batch size and must be a positive multiple of the '
-                         f'number of processes ({world_size}) times --accum_iter ({accum_iter})')
-    return bs // (world_size * accum_iter)
 
 
 def exp_dir_of(args):
@@ -164,7 +155,7 @@ def main(args):
     args.cmd = ' '.join(sys.argv)
     device = setup_run(args)
     world = get_world_size()
-    args.batch_size = per_process_batch(args.bs, world, args.accum_iter)
+    args.batch_size = per_process_batch(args.bs, world, args.accum_iter)  # per process and micro-step
     args.glb_batch_size = args.batch_size * world * args.accum_iter
     args.lr = args.base_lr * args.glb_batch_size / 256
     if not args.distributed or device.type != 'cuda':
@@ -176,7 +167,7 @@ def main(args):
 
     model = build_spark(args.model, args.input_size, args.mask, args.sbn, args.dp).to(device)  # bad model: ValueError
     dataset = ImageFolderOrFlat(data_root(args.data_path), transform=spark_transform(args.input_size))
-    loader = build_train_loader(dataset, args)
+    loader = build_train_loader(dataset, args.batch_size, args.num_workers, args.pin_mem, args.seed, '--bs')
     if len(loader) < args.accum_iter:
         raise ValueError(f'{len(dataset)} images make {len(loader)} batches per process, fewer than --accum_iter '
                          f'{args.accum_iter}: lower --bs or --accum_iter')
@@ -194,9 +185,7 @@ def main(args):
         trainer.num_updates = step if step is not None else args.start_epoch * (len(loader) // args.accum_iter)
         min_loss = extra.get('min_loss', min_loss)
         print(f'resumed from {resume_path} (epoch {last_epoch} done)')
-    if args.distributed:
-        trainer.model = DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda' else None,
-                                                find_unused_parameters=False, forward_sync_buffers=False)
+    attach_ddp(trainer, device, find_unused_parameters=False, forward_sync_buffers=False)
     schedule = SparkSchedule(args.lr, args.wd, args.wde, args.ep, args.wp_ep, len(loader) // args.accum_iter)
     log_writer = make_log_writer(args.log_dir or os.path.join(args.exp_dir, 'tensorboard_log'))
     log_txt = os.path.join(args.exp_dir, 'pretrain_log.txt')
@@ -213,8 +202,8 @@ def main(args):
         start = time.time()
         for epoch in range(args.start_epoch, args.ep):
             loader.sampler.set_epoch(epoch)
-            stats = train_one_epoch(loader, trainer, device, epoch, args, log_writer, schedule,
-                                    compute_loss=lambda m, samples, targets: m(samples))
+            stats = train_one_epoch(loader, trainer, epoch, schedule, lambda m, samples, targets: m(samples),
+                                    log_writer=log_writer, print_freq=args.print_freq)
             last_loss = float(stats['loss'])
             min_loss = min(min_loss, last_loss)
             save_spark_outputs(args, epoch, trainer, model, optimizer, {'min_loss': min_loss, 'last_loss': last_loss})

@@ -21,11 +21,10 @@ from timm.layers import freeze_batch_norm_2d
 from timm.models.convnext import ConvNeXt
 from timm.models.resnet import ResNet
 from timm.optim import Lamb, param_groups_layer_decay
-from torch.nn.parallel import DistributedDataParallel
 
 import models
 from engine_finetune import evaluate, train_one_epoch
-from util.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from util.checkpoint import load_checkpoint, save_checkpoint
 from util.classification import (SPARK_RESNET_BLOCKS_PER_DEPTH, add_augmentation_args, build_criterion, build_mixup,
                                   layer_decay_param_groups, spark_resnet_layer_id, timm_convnext_layer_id)
 from util.datasets import build_finetune_dataset
@@ -33,7 +32,9 @@ from util.dist import get_world_size
 from util.hooks import ModelEmaHook
 from util.lars import LARS
 from util.pretrained import load_pretrained
-from util.runtime import append_log_line, build_train_loader, make_log_writer, run_cli, setup_run
+from util.lr_sched import WarmupCosine
+from util.runtime import (append_log_line, attach_ddp, build_train_loader, keeps_checkpoint, make_log_writer,
+                          resume_path, resume_training, run_cli, setup_run)
 from util.samplers import build_eval_loader, with_repeated_augmentation
 from util.train_step import AMP_DTYPES, TrainStep
 
@@ -219,7 +220,6 @@ def build_optimizer(args, model):
 
 def main(args):
     device = setup_run(args)
-
     dataset_val = build_finetune_dataset(False, args)
     val_loader = build_eval_loader(dataset_val, args.batch_size, args.num_workers,
                                    args.pin_mem and torch.cuda.is_available(), args.dist_eval)
@@ -229,36 +229,26 @@ def main(args):
         args.lr = args.blr * eff_batch_size / 256
     print(f'{args.model}: {sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.2f}M trainable '
           f'parameters; actual lr {args.lr:.2e}, effective batch size {eff_batch_size}')
+    amp_dtype = AMP_DTYPES[args.amp]
+    if args.eval:
+        return evaluate_checkpoint(args, model, val_loader, device, amp_dtype)
 
     optimizer = build_optimizer(args, model)
     trainer = TrainStep(model, optimizer, device, args.amp, args.accum_iter, args.clip_grad, args.max_nonfinite)
-    path = args.resume or (latest_checkpoint(args.output_dir) if args.auto_resume and args.output_dir else None)
-    ckpt = load_checkpoint(path, model, None if args.eval else optimizer, trainer.scaler) if path else None
+    path = resume_path(args.resume, args.auto_resume, args.output_dir)
+    ckpt = resume_training(args, path, model, trainer) if path else {}
     ema = ModelEmaHook(model, args.model_ema_decay) if args.model_ema else None  # starts from the loaded weights
-    max_accuracy = 0.0
-    if ckpt:
-        if ema is not None and ckpt.get('extra', {}).get('ema'):
-            ema.load_state_dict(ckpt['extra']['ema'])
-        if not args.eval:
-            args.start_epoch, trainer.num_updates = ckpt['epoch'] + 1, ckpt.get('step', 0)
-            max_accuracy = ckpt.get('extra', {}).get('max_accuracy', 0.0)
-        print(f'resumed from {path} (epoch {ckpt["epoch"]})')
-    elif args.eval:
-        raise ValueError('--eval needs a checkpoint: give --resume PATH')
-
-    amp_dtype = AMP_DTYPES[args.amp]
-    if args.eval:
-        evaluate(val_loader, model, device, amp_dtype)
-        return
-
-    model_without_ddp = model
+    if ema is not None and ckpt.get('extra', {}).get('ema'):
+        ema.load_state_dict(ckpt['extra']['ema'])
+    max_accuracy = ckpt.get('extra', {}).get('max_accuracy', 0.0)
     if args.compile:
         model.compile()
-    if args.distributed:
-        trainer.model = DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda' else None)
-    train_loader = build_train_loader(build_finetune_dataset(True, args), args)
+    attach_ddp(trainer, device)
+    train_loader = build_train_loader(build_finetune_dataset(True, args), args.batch_size, args.num_workers,
+                                      args.pin_mem, args.seed)
     if args.repeated_aug:
         train_loader = with_repeated_augmentation(train_loader, args.repeated_aug)
+    schedule = WarmupCosine(args.lr, args.min_lr, args.epochs, args.warmup_epochs)
     mixup_fn = build_mixup(args)
     criterion = build_criterion(args, mixup_fn)
     log_writer = make_log_writer(args.log_dir)
@@ -267,9 +257,9 @@ def main(args):
     start_time = time.time()
     for epoch in range(args.start_epoch, args.epochs):
         train_loader.sampler.set_epoch(epoch)
-        train_stats = train_one_epoch(train_loader, trainer, device, epoch, args, criterion, mixup_fn, log_writer,
-                                      hooks=[ema] if ema else ())
-        test_stats = evaluate(val_loader, model_without_ddp, device, amp_dtype)
+        train_stats = train_one_epoch(train_loader, trainer, epoch, schedule, criterion, mixup_fn,
+                                      hooks=[ema] if ema else (), log_writer=log_writer, print_freq=args.print_freq)
+        test_stats = evaluate(val_loader, model, device, amp_dtype)
         log = {**{f'train_{k}': v for k, v in train_stats.items()}, **{f'test_{k}': v for k, v in test_stats.items()}}
         if ema is not None:
             log.update({f'test_ema_{k}': v for k, v in evaluate(val_loader, ema.module, device, amp_dtype).items()})
@@ -279,15 +269,24 @@ def main(args):
               f'(max {max_accuracy:.2f}%)')
         if args.output_dir:
             extra = {'max_accuracy': max_accuracy, 'ema': ema.state_dict() if ema else None}
-            save_checkpoint(args.output_dir, epoch, trainer.num_updates, args, model_without_ddp, optimizer,
-                            trainer.scaler, extra=extra, keep=epoch % args.save_freq == 0 or epoch + 1 == args.epochs,
-                            best=best)
+            save_checkpoint(args.output_dir, epoch, trainer.num_updates, args, model, optimizer, trainer.scaler,
+                            extra=extra, keep=keeps_checkpoint(epoch, args.save_freq, args.epochs), best=best)
         if log_writer is not None:
             for key in ('acc1', 'acc5', 'loss'):
                 log_writer.add_scalar(f'perf/test_{key}', test_stats[key], epoch)
             log_writer.flush()
         append_log_line(args.output_dir, {**log, 'epoch': epoch, 'max_accuracy': max_accuracy})
     print(f'training time {datetime.timedelta(seconds=int(time.time() - start_time))}')
+
+
+def evaluate_checkpoint(args, model, val_loader, device, amp_dtype):
+    """--eval: the weights of --resume (or, with auto-resume, the newest checkpoint) on the validation set."""
+    path = resume_path(args.resume, args.auto_resume, args.output_dir)
+    if not path:
+        raise ValueError('--eval needs a checkpoint: give --resume PATH')
+    ckpt = load_checkpoint(path, model)
+    print(f'evaluating {path} (epoch {ckpt["epoch"]})')
+    return evaluate(val_loader, model, device, amp_dtype)
 
 
 if __name__ == '__main__':

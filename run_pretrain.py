@@ -13,16 +13,15 @@ import time
 import timm
 import torch
 from timm.optim import param_groups_weight_decay
-from torch.nn.parallel import DistributedDataParallel
 
 import models  # noqa: F401  (registers the models with timm)
-from engine_pretrain import train_one_epoch
-from util.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from engine_pretrain import masked_modeling_loss, train_one_epoch
+from util.checkpoint import save_checkpoint
 from util.datasets import ImageFolderOrFlat, build_pretrain_dataset
 from util.dist import get_world_size, is_main_process
 from util.mim_vis import fixed_vis_batch, save_mim_pictures, vis_transform
-from util.runtime import (append_log_line, build_train_loader, make_log_writer, run_cli,
-                          setup_run)
+from util.runtime import (append_log_line, attach_ddp, build_train_loader, keeps_checkpoint, make_log_writer,
+                          resume_path, resume_training, run_cli, setup_run)
 from util.freezeout_cache import FixedViews, FrozenPrefixCache
 from util.freezeout import FreezeOut, FreezeOutSchedule
 from util.lr_sched import WarmupCosine
@@ -112,7 +111,8 @@ def build_model(args):
 def build_schedule(args, model):
     """The lr schedule (and FreezeOut, which also freezes units) with the optimizer's param groups."""
     if not args.how_scale:
-        return WarmupCosine(args), param_groups_weight_decay(model, args.weight_decay)
+        schedule = WarmupCosine(args.lr, args.min_lr, args.epochs, args.warmup_epochs)
+        return schedule, param_groups_weight_decay(model, args.weight_decay)
     schedule = FreezeOutSchedule(len(model.blocks) + 1, args.how_scale, args.t_0, args.epochs, args.warmup_epochs,
                                  args.lr, args.min_lr, args.scale_lr, layerwise=not args.non_layerwise_lr)
     freezeout = FreezeOut(model, schedule)
@@ -120,35 +120,32 @@ def build_schedule(args, model):
     return freezeout, freezeout.param_groups(args.weight_decay if args.freezeout_wd is None else args.freezeout_wd)
 
 
-def resume_if_possible(args, model, trainer, schedule):
-    path = args.resume or (latest_checkpoint(args.output_dir) if args.auto_resume and args.output_dir else None)
-    if not path:
-        return
-
-    def refreeze(ckpt):  # the optimizer state was saved without the frozen units' groups
+def refreezer(path, trainer, schedule):
+    """`before_optimizer` of a resume: a FreezeOut optimizer state was saved without the frozen units' groups."""
+    def refreeze(ckpt):
         frozen = ckpt.get('extra', {}).get('frozen_units', 0)
         if frozen and not isinstance(schedule, FreezeOut):
             raise ValueError(f'{path} was trained with FreezeOut ({frozen} frozen units): resume it with the '
                              f'same --how_scale and --t_0')
         if frozen:
             schedule.freeze(trainer.optimizer, frozen)
-
-    ckpt = load_checkpoint(path, model, trainer.optimizer, trainer.scaler, before_optimizer=refreeze)
-    args.start_epoch = ckpt['epoch'] + 1
-    trainer.num_updates = ckpt.get('step', 0)
-    print(f'resumed from {path} (epoch {ckpt["epoch"]} done, {trainer.num_updates} optimizer steps)')
+    return refreeze
 
 
-def main(args):
-    device = setup_run(args)
-
+def check_args(args):
     if args.freeze_cache and not args.how_scale:
         raise ValueError('--freeze_cache caches frozen FreezeOut units: give --how_scale too')
     if args.freezeout_wd is not None and (not args.how_scale or args.freezeout_wd < 0):
         raise ValueError(f'--freezeout_wd {args.freezeout_wd}: a weight decay >= 0 for FreezeOut runs '
                          f'(with --how_scale); without FreezeOut use --weight_decay')
+
+
+def main(args):
+    check_args(args)
+    device = setup_run(args)
     dataset = build_pretrain_dataset(args.data_path, args.input_size)
-    loader = build_train_loader(FixedViews(dataset, args.seed) if args.freeze_cache else dataset, args)
+    loader = build_train_loader(FixedViews(dataset, args.seed) if args.freeze_cache else dataset, args.batch_size,
+                                args.num_workers, args.pin_mem, args.seed)
     model = build_model(args).to(device)
     print(f'{args.model}: {sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.1f}M trainable '
           f'parameters; {len(dataset)} images from {dataset.root}')
@@ -158,48 +155,41 @@ def main(args):
         args.lr = args.blr * eff_batch_size / 256
     print(f'base lr: {args.lr * 256 / eff_batch_size:.2e}  actual lr: {args.lr:.2e}  accumulate grad iterations: '
           f'{args.accum_iter}  effective batch size: {eff_batch_size}')
-
     schedule, param_groups = build_schedule(args, model)
     optimizer = torch.optim.AdamW(param_groups, lr=args.lr, betas=(0.9, 0.95), fused=True)
     trainer = TrainStep(model, optimizer, device, args.amp, args.accum_iter, args.clip_grad, args.max_nonfinite)
-    resume_if_possible(args, model, trainer, schedule)
-
-    model_without_ddp = model
+    path = resume_path(args.resume, args.auto_resume, args.output_dir)
+    if path:
+        resume_training(args, path, model, trainer, before_optimizer=refreezer(path, trainer, schedule))
     if args.compile:
         if args.how_scale:  # each freeze changes requires_grad and the no-grad prefix: one recompile each
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 4 * len(model.blocks))
         model.compile()
-    if args.distributed:
-        def wrap_ddp():  # after a freeze too: frozen parameters are then neither bucketed nor all-reduced
-            trainer.model = DistributedDataParallel(
-                model_without_ddp, device_ids=[device.index] if device.type == 'cuda' else None)
-        wrap_ddp()
-        if isinstance(schedule, FreezeOut):
-            schedule.on_freeze.append(wrap_ddp)
-    cache = (FrozenPrefixCache(model_without_ddp, args.seed, int(args.freeze_cache_gb * 2 ** 30),
-                               args.freeze_cache_dir) if args.freeze_cache else None)
+    attach_ddp(trainer, device, schedule)
+    cache = (FrozenPrefixCache(model, args.seed, int(args.freeze_cache_gb * 2 ** 30), args.freeze_cache_dir)
+             if args.freeze_cache else None)
+    compute_loss = cache.compute_loss(args.mask_ratio) if cache else masked_modeling_loss(args.mask_ratio)
     log_writer = make_log_writer(args.log_dir)
     vis_imgs, vis_noise = fixed_vis_batch(ImageFolderOrFlat(dataset.root, vis_transform(args.input_size)),
-                                          num_patches=model_without_ddp.grid_size ** 2)
+                                          num_patches=model.grid_size ** 2)
 
     print(f'start training for {args.epochs} epochs from epoch {args.start_epoch}')
     start_time = time.time()
     for epoch in range(args.start_epoch, args.epochs):
         loader.sampler.set_epoch(epoch)
-        stats = train_one_epoch(loader, trainer, device, epoch, args, log_writer, schedule,
-                                compute_loss=cache.compute_loss(args.mask_ratio) if cache else None)
+        stats = train_one_epoch(loader, trainer, epoch, schedule, compute_loss, log_writer=log_writer,
+                                print_freq=args.print_freq)
         last = epoch + 1 == args.epochs
         if args.output_dir:
-            save_checkpoint(args.output_dir, epoch, trainer.num_updates, args, model_without_ddp, optimizer,
-                            trainer.scaler, extra={'frozen_units': model_without_ddp.frozen_units},
-                            keep=epoch % args.save_freq == 0 or last)
+            save_checkpoint(args.output_dir, epoch, trainer.num_updates, args, model, optimizer, trainer.scaler,
+                            extra={'frozen_units': model.frozen_units},
+                            keep=keeps_checkpoint(epoch, args.save_freq, args.epochs))
         if is_main_process() and args.vis_freq and (epoch % args.vis_freq == 0 or last):
-            save_mim_pictures(model_without_ddp, vis_imgs.to(device), vis_noise.to(device), args.output_dir,
-                              epoch, log_writer)
+            save_mim_pictures(model, vis_imgs.to(device), vis_noise.to(device), args.output_dir, epoch, log_writer)
         epoch_time = stats.pop('epoch_time')
         append_log_line(args.output_dir, {**{f'train_{k}': v for k, v in stats.items()}, 'epoch': epoch,
                                           'epoch_time': epoch_time, 'skipped_steps': int(trainer.skipped),
-                                          'active_units': len(model_without_ddp.blocks) + 1 - model_without_ddp.frozen_units})
+                                          'active_units': len(model.blocks) + 1 - model.frozen_units})
         if log_writer is not None:
             log_writer.flush()
     print(f'training time {datetime.timedelta(seconds=int(time.time() - start_time))}')

@@ -5,19 +5,12 @@ i-1; the last block never freezes) the model is frozen as training does it (`Fre
 AdamW over `FreezeOut.param_groups`) and optimizer steps (`TrainStep`, synthetic batch on the device)
 are timed: median over --steps, lowest over --rounds. FLOP cost model: time_k = time_0 * flops_k /
 flops_0 (FLOPs of one forward + backward); the affine variant adds a constant per-step term fitted
-on the first and last depth. The schedule gives the fraction of the run at each depth, hence the saving.
+on the first and last depth. The schedule gives the fraction of the run at each depth, hence the saving,
+and the epochs of an equal-cost baseline (how to compare with it: README, "FreezeOut on LocalMIM").
 
-    # CPU
-    python bench/bench_freezeout.py --model MIM_vit_tiny_patch16 --input_size 64 --batch_size 16
-    # (on a small or shared CPU, --threads 1 --rounds 3 gives much steadier numbers)
-    # GPU (add --json results.jsonl to keep the result)
-    python bench/bench_freezeout.py --batch_size 128 --amp bf16
-
-Comparing FreezeOut with the equal-cost baseline: FreezeOut's run of E epochs costs as much as a
-baseline (no FreezeOut) run of the printed "equal-cost epochs" E * (1 - saving). Pretrain that
-baseline with --epochs set to it and the same warmup *fraction* (--warmup_epochs scaled by the same
-factor), fine-tune both checkpoints with the same recipe, and compare fine-tuned accuracy (and the
-measured total wall-clock of the two pretraining runs, which should match).
+    python bench/bench_freezeout.py --model MIM_vit_tiny_patch16 --input_size 64 --batch_size 16   # CPU
+    python bench/bench_freezeout.py --batch_size 128 --amp bf16 --json results.jsonl            # GPU
+(on a small or shared CPU, --threads 1 --rounds 3 gives much steadier numbers)
 """
 import contextlib
 import json
@@ -57,7 +50,8 @@ def depth_fractions(schedule):
 
 
 def analytic_saving(schedule, beta=2.0):
-    """Spec 2.3, encoder blocks only, equal cost: S = beta * sum(1 - tau_i) / ((1 + beta) * n_blocks)."""
+    """Analytic saving, encoder blocks only, with a backward pass beta times the forward:
+    S = beta * sum(1 - tau_i) / ((1 + beta) * n_blocks)."""
     w = schedule.warmup_epochs / schedule.epochs
     taus = [w + (1 - w) * t for t in schedule.t[1:]]  # units 1.. are the blocks
     return beta * sum(1 - tau for tau in taus) / ((1 + beta) * len(taus))
@@ -143,7 +137,7 @@ def main():
           f"(a) predicted saving, measured per-depth times: {saving['measured']:.1%}\n"
           f"(b) predicted saving, FLOP model:                {saving['flop_model']:.1%}\n"
           f"(c) analytic encoder-only estimate (beta = 2):   {saving['analytic_encoder_beta2']:.1%} "
-          f'(spec 2.3: about 14.5% for 12 blocks, cubic 0.8, 10/100 warmup)\n'
+          f'(about 14.5% for 12 blocks, cubic 0.8, 10/100 warmup)\n'
           f'(d) equal-cost baseline: {equal_epochs:.1f} epochs '
           f'(warmup {args.warmup_epochs * equal_epochs / args.epochs:.1f} epochs keeps the warmup fraction)')
     if args.json:

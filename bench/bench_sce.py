@@ -8,8 +8,8 @@
   data   VideoClipDataset.__getitem__ (2 clips: decode JPEGs, temporal difference, crop + resize to --crop_size)
          in this process with one torch thread, as one DataLoader worker runs it: clips/s per worker process
          (= per CPU core when --num_threads_io/--num_threads_decode are 0), on the demo videos (64x80 frames)
-         and on the same videos upscaled to Kinetics' short side 256 (256x320 JPEGs, the seed's frames), since
-         JPEG decoding scales with the frame size. `cores_to_feed_step` = step clips/s / data clips/s per core.
+         and on the same videos upscaled to Kinetics' short side 256 (256x320 JPEGs, as in the reference run),
+         since JPEG decoding scales with the frame size. `cores_to_feed_step` = step clips/s / data clips/s per core.
 
     python bench/bench_sce.py --device cpu --batch_size 2 --steps 1 --threads 2            # this CPU
     python bench/bench_sce.py --batch_size 64 --amp fp16 --steps 10                        # one GPU (64 = 512/8)

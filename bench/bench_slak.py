@@ -5,19 +5,10 @@ dense (F.conv2d, full kernel), crop (kernel cropped to the reachable (2H-1) x (2
 one transform of x for the three branches; in eval the branches are folded into one kernel), merged
 (`reparameterize()`, then crop; inference only) and auto (the model default). Median over --steps, after
 --warmup untimed ones; CUDA synchronised around each. ConvNeXt-T (timm convnext_tiny) is timed with the same
-code for reference.
+code for reference. The CPU numbers that set `auto_impl` are in the README ("Results and throughput").
 
     python bench/bench_slak.py --threads 2 --batch_size 4              # CPU
     python bench/bench_slak.py --device cuda --batch_size 64 --json slak.jsonl
-
-Measured (2 shared CPU cores, load 4-5, --threads 2; ms per step, fwd+bwd / eval fwd), which set `auto_impl`:
-    batch 2, one stage      dense         crop          fft           merged (eval)
-    stage1 56^2 K51        813 / 208     817 / 204     312 / 64      2082
-    stage2 28^2 K49        521 / 114     501 / 113     216 / 49       757
-    stage3 14^2 K47        682 / 247     534 / 186     ~540* / 150    525   (*one unit: 37 vs 36 crop)
-    stage4  7^2 K13        124 / 25      135 / 25      136 / 30        27
-    whole SLaK-T, batch 2 (quiet machine): crop 2.05 s / 0.53 s, auto 1.23 s / 0.33 s (1.6 / 6.1 img/s);
-    ConvNeXt-T 0.33 s / 0.09 s (6.0 / 21.6 img/s). No GPU was available: CUDA 'auto' = crop, unmeasured.
 """
 import argparse
 import copy

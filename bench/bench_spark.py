@@ -1,15 +1,14 @@
 """Throughput of SparK pretraining steps, and how much of the encoder's compute the masked dense convolutions
 waste on masked positions.
 
-SparK runs the CNN densely on the masked image and re-masks every output (spec 1), so the encoder costs the
-same at any mask ratio. A sparse (submanifold) convolution would compute only the visible positions: at
-mask 0.6 that is 40% of the encoder's FLOPs. The bench reports, for one training step (forward + backward
-+ LAMB step through the engine's TrainStep, synthetic batch on the device):
+SparK runs the CNN densely on the masked image and re-masks every output, so the encoder costs the same at
+any mask ratio; a sparse (submanifold) convolution would compute only the visible positions (40% of the
+FLOPs at mask 0.6). For one training step (forward + backward + LAMB step through the engine's TrainStep,
+synthetic batch on the device) the bench reports:
   step       the whole SparK step, images/s
   encoder    forward + backward of the sparse encoder alone (what a sparse kernel would speed up)
-  ideal      forward + backward of the dense CNN on a compact image holding only the visible patches
-             (len_keep patches packed into a near-square rectangle): the time an ideal sparse kernel with
-             no gather/scatter overhead would need, the best case a sparse kernel could reach
+  ideal      forward + backward of the dense CNN on a compact image of only the visible patches: the best
+             case for a sparse kernel with no gather/scatter overhead
 and the FLOPs of the encoder on the full image vs on the visible positions only.
 
     python bench/bench_spark.py --model resnet50 --batch_size 8 --threads 2            # CPU

@@ -1,41 +1,39 @@
 """Key names and parameter order of the official (facebookresearch) ConvNeXt <-> timm's ConvNeXt.
 
-SparK's official ConvNeXt files (`convnext_*_1kpretrained_timm_style.pth`, and the encoder part of
-`*_withdecoder_1kpretrained_spark_style.pth` under `sparse_encoder.sp_cnn.`) use the official names;
-this repository builds timm's ConvNeXt, whose tensors are the same under other names:
+SparK's official ConvNeXt files use the official names; this repository builds timm's ConvNeXt, whose
+tensors are the same (same shapes, also for timm's conv-MLP variants) under the names of `_NAME_PAIRS`.
 
-    official                       timm
-    downsample_layers.0.{0,1}      stem.{0,1}
-    downsample_layers.i.{0,1}      stages.i.downsample.{0,1}        (i = 1, 2, 3)
-    stages.i.j.dwconv / pwconv1 / pwconv2 / norm / gamma
-                                   stages.i.blocks.j.conv_dw / mlp.fc1 / mlp.fc2 / norm / gamma
-    norm / head (classifier)       head.norm / head.fc
-
-Only names change, never shapes (timm's conv-MLP variants, convnext_atto..nano, keep their 1x1-conv
-weights; the official code has no such model). The official model also registers its modules in another
-order (all downsample layers, stem first, before all stages), which is the order of an official
-optimizer state: `official_convnext_order` sorts timm names into it.
+The official model registers all downsample layers (stem first) before all stages; that is the parameter
+order of an official optimizer state, which `official_convnext_order` reproduces.
 """
 import re
 
-_TO_TIMM = [
-    (re.compile(r'^downsample_layers\.0\.(\d)\.'), r'stem.\1.'),
-    (re.compile(r'^downsample_layers\.(\d)\.(\d)\.'), r'stages.\1.downsample.\2.'),
-    (re.compile(r'^stages\.(\d+)\.(\d+)\.dwconv\.'), r'stages.\1.blocks.\2.conv_dw.'),
-    (re.compile(r'^stages\.(\d+)\.(\d+)\.pwconv(\d)\.'), r'stages.\1.blocks.\2.mlp.fc\3.'),
-    (re.compile(r'^stages\.(\d+)\.(\d+)\.(norm\.|gamma$)'), r'stages.\1.blocks.\2.\3'),
-    (re.compile(r'^norm\.'), 'head.norm.'),
-    (re.compile(r'^head\.(weight|bias)$'), r'head.fc.\1'),
+# (official, timm) name pairs, tried in order; {d} is one digit, {n} a number, both copied across. A name
+# ending in '.' is a prefix, any other a whole key.
+_NAME_PAIRS = [
+    ('downsample_layers.0.{d}.', 'stem.{d}.'),
+    ('downsample_layers.{d}.{d}.', 'stages.{d}.downsample.{d}.'),
+    ('stages.{n}.{n}.dwconv.', 'stages.{n}.blocks.{n}.conv_dw.'),
+    ('stages.{n}.{n}.pwconv{d}.', 'stages.{n}.blocks.{n}.mlp.fc{d}.'),
+    ('stages.{n}.{n}.norm.', 'stages.{n}.blocks.{n}.norm.'),
+    ('stages.{n}.{n}.gamma', 'stages.{n}.blocks.{n}.gamma'),
+    ('norm.', 'head.norm.'),
+    ('head.weight', 'head.fc.weight'),
+    ('head.bias', 'head.fc.bias'),
 ]
-_TO_OFFICIAL = [
-    (re.compile(r'^stem\.(\d)\.'), r'downsample_layers.0.\1.'),
-    (re.compile(r'^stages\.(\d)\.downsample\.(\d)\.'), r'downsample_layers.\1.\2.'),
-    (re.compile(r'^stages\.(\d+)\.blocks\.(\d+)\.conv_dw\.'), r'stages.\1.\2.dwconv.'),
-    (re.compile(r'^stages\.(\d+)\.blocks\.(\d+)\.mlp\.fc(\d)\.'), r'stages.\1.\2.pwconv\3.'),
-    (re.compile(r'^stages\.(\d+)\.blocks\.(\d+)\.(norm\.|gamma$)'), r'stages.\1.\2.\3'),
-    (re.compile(r'^head\.norm\.'), 'norm.'),
-    (re.compile(r'^head\.fc\.(weight|bias)$'), r'head.\1'),
-]
+
+
+def _rule(source, target):
+    """(compiled pattern, replacement) renaming `source` names to `target` names."""
+    parts = re.split(r'\{([dn])\}', source)  # literal, kind, literal, kind, ..., literal
+    pattern = ''.join(re.escape(p) if i % 2 == 0 else r'(\d)' if p == 'd' else r'(\d+)' for i, p in enumerate(parts))
+    groups = iter(range(1, len(parts) // 2 + 1))
+    replacement = re.sub(r'\{[dn]\}', lambda _: rf'\g<{next(groups)}>', target)
+    return re.compile('^' + pattern + ('' if source.endswith('.') else '$')), replacement
+
+
+_TO_TIMM = [_rule(official, timm) for official, timm in _NAME_PAIRS]
+_TO_OFFICIAL = [_rule(timm, official) for official, timm in _NAME_PAIRS]
 
 
 def _rename(key, rules, prefix):
@@ -50,7 +48,7 @@ def _rename(key, rules, prefix):
 
 
 def is_official_convnext(state_dict, prefix=''):
-    """Official ConvNeXt keys: `downsample_layers.*` and blocks with a `dwconv` (SLaK shares the first, not the second)."""
+    """Official ConvNeXt keys: `downsample_layers.*` and blocks with a `dwconv` (SLaK has only the first)."""
     return any(k.startswith(prefix + 'stages.') and '.dwconv.' in k for k in state_dict) and \
         any(k.startswith(prefix + 'downsample_layers.') for k in state_dict)
 

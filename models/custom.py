@@ -1,22 +1,15 @@
 """Pretraining your own CNN with SparK: the template the SparK README describes, made runnable.
 
-A CNN is SparK-ready when it has three methods (what `SparseEncoder` calls):
+A CNN is SparK-ready when it has the three methods `SparseEncoder` calls: `get_downsample_ratio()` (the
+total stride, also SparK's mask patch size), `get_feature_map_channels()` and `forward(x, hierarchical=True)`
+returning the feature maps largest first, each an integer multiple of the smallest in size (with
+hierarchical=False it returns whatever fine-tuning needs, e.g. logits).
 
-1. `get_downsample_ratio()`: the total stride of the network (32 here). It is also SparK's patch size:
-   masks are drawn on the input_size / ratio grid of the smallest feature map.
-2. `get_feature_map_channels()`: the channels of the maps `forward(x, hierarchical=True)` returns,
-   largest map first (the decoder gets one densify projection per map).
-3. `forward(x, hierarchical=False)`: with hierarchical=True, the list of feature maps, largest first,
-   each map's size an integer multiple of the smallest; otherwise whatever fine-tuning needs (logits).
-
-Every parameter must take part in `forward(x, hierarchical=True)` (DDP runs without find_unused_parameters):
-with num_classes=0 hold no classifier, as below. Then register a factory with `@register_model` and, if it
-needs pretraining defaults (e.g. a drop path rate), add them to `SPARK_DEFAULT_KWARGS` in models/spark.py.
-`python main_spark.py --model=your_convnet` then works with no other change. Use layers SparK can make
-sparse: Conv2d, BatchNorm2d/SyncBatchNorm, LayerNorm (channels-last) and timm's LayerNorm2d, MaxPool2d,
-AvgPool2d, plus anything pointwise (activations, Linear on channels-last maps). Global pooling, SE blocks and
-GroupNorm would mix masked positions into visible ones and are rejected or must be made sparse first (SparK
-issues #54, #56).
+Every parameter must take part in the hierarchical forward (DDP runs without find_unused_parameters), so
+with num_classes=0 hold no classifier. Register a factory with `@register_model` (pretraining defaults go to
+`SPARK_DEFAULT_KWARGS` in models/spark.py) and `python main_spark.py --model=your_convnet` works. Use layers
+SparK can make sparse (models/spark_sparse.py: convolutions, batch and layer norms, pooling, pointwise ops);
+global pooling, SE blocks and GroupNorm mix masked positions into visible ones (SparK issues #54, #56).
 """
 import torch.nn as nn
 from timm.models import register_model

@@ -17,26 +17,11 @@ from timm.models import register_model
 from timm.models.vision_transformer import Block
 
 from models.factory import model_kwargs
+from models.layers import LayerNorm2d
 from models.hog import HOGLayer
 from util.pos_embed import get_2d_sincos_pos_embed
 
 SCALES = (4.0, 2.0, 1.0, 0.5)  # decoder output grid relative to the patch grid, per tap
-
-
-class LayerNorm(nn.Module):
-    """LayerNorm over the channels of a [B, C, H, W] tensor (the official channels-first variant)."""
-
-    def __init__(self, num_channels, eps=1e-6):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(num_channels))
-        self.bias = nn.Parameter(torch.zeros(num_channels))
-        self.eps = eps
-
-    def forward(self, x):
-        mean = x.mean(1, keepdim=True)
-        var = (x - mean).pow(2).mean(1, keepdim=True)
-        x = (x - mean) / torch.sqrt(var + self.eps)
-        return self.weight[:, None, None] * x + self.bias[:, None, None]
 
 
 def _init_linear_and_norm(m):
@@ -52,7 +37,7 @@ def _init_linear_and_norm(m):
 def _prediction_head(scale, dim, out_dim):
     """The per-scale `pred` Sequential; its indices are part of the official state-dict keys."""
     if scale == 4.0:
-        return nn.Sequential(nn.ConvTranspose2d(dim, dim // 2, 2, 2), LayerNorm(dim // 2), nn.GELU(),
+        return nn.Sequential(nn.ConvTranspose2d(dim, dim // 2, 2, 2), LayerNorm2d(dim // 2), nn.GELU(),
                              nn.ConvTranspose2d(dim // 2, dim // 4, 2, 2), nn.Conv2d(dim // 4, out_dim, 1))
     if scale == 2.0:
         return nn.Sequential(nn.ConvTranspose2d(dim, dim // 2, 2, 2), nn.Conv2d(dim // 2, out_dim, 1))

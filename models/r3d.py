@@ -1,5 +1,5 @@
 """R3D-18 video trunk of SCE: eztorch's `create_resnet3d_basic(model_depth=18)` plus the
-parameter-free global-pool head, written from the spec.
+parameter-free global-pool head.
 
 It is neither torchvision's r3d_18 (3x3x3 convs everywhere, 3x7x7 stem) nor pytorchvideo's `create_resnet`
 (bottlenecks): the stem is a 1x7x7 conv, stages 1-2 use 1x3x3 convs and stages 3-4 a 3x3x3 `conv_a`, and the

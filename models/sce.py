@@ -1,36 +1,16 @@
 """SCE, Similarity Contrastive Estimation (Denize et al.), as eztorch's `SCEModel` for R3D-18 video pretraining
-(https://github.com/juliendenize/eztorch, eztorch/models/siamese/sce.py), written from a description of it.
+(https://github.com/juliendenize/eztorch, eztorch/models/siamese/sce.py).
 
-Online branch: clip -> trunk (R3D-18 + global pool, h in R^512) -> projector (z) -> predictor -> q. Target branch:
-EMA copies of trunk and projector (no predictor), run under no_grad in train mode (own BN batch statistics),
-z' = normalize(projector'(trunk'(clip))). With a queue U [D, K] of past target outputs, one direction is
+Online branch: trunk (R3D-18 + global pool) -> projector -> predictor -> q. Target branch: EMA copies of trunk
+and projector, run under no_grad in train mode, k = normalize(projector'(trunk'(clip))). With a queue U [D, K]
+of past target outputs, one direction of the loss is
 
   online logits  l_i = [q_i.k_i, q_i.U] / temp,       target logits  t_i = [0, k_i.U] / temp_m
   w_i = L1-normalise(coeff * onehot(0) + (1 - coeff) * softmax(t_i)),   L = mean_i -sum_j w_ij log_softmax(l_i)_j
 
-The positive's target logit is the constant 0, not -inf (the official unit test asserts it). With
-use_keys, the gathered keys of every rank are negatives too and the positive's target logit is pushed to -1e9.
-With --sym (reference) every global view is a target for every other crop and the terms are averaged.
-
-One training iteration maps onto this repository's engine as:
-  forward: lambda/temp_m schedules; target forward per global view; online forward per crop; gather the
-           targets; loss (in fp32, autocast off) against the queue as it was at the start of the step;
-           online linear evaluator step on the detached h of the first online view; the gathered keys are
-           kept for the queue.
-  `SCEHook.after_step` (after the optimizer step): enqueue the kept keys ([view0 ; view1], every rank
-           identical; under gradient accumulation all micro-steps' keys at once, as the official does), then
-           the EMA update with m(s) of the step s just taken.
-The official enqueues before backward and clones the queue for the snapshot; enqueueing after the step gives
-the same queue for every loss term and needs no clone.
-
-Documented differences from the official code:
-- the loss runs in fp32 even under AMP (the official computes it in fp16 under autocast);
-- `scheduler_value('linear')` runs in the right direction for increasing schedules (a latent bug there);
-- the queue write is modular, so its size need not be a multiple of the keys per step (identical otherwise);
-- rejected: shuffle_bn (SyncBatchNorm under DDP instead, as the reference run), num_splits > 0 (image-only);
-- the online evaluator (a Lightning callback there) lives here as `OnlineLinearEvaluator`, steps inside
-  forward on the detached features (it cannot affect training) and is ignored by DDP; `OnlineEvalClassifier`
-  is its validation view (trunk in eval mode + its head, on raw clips).
+The positive's target logit is the constant 0, not -inf (the official unit test asserts it). `SCEHook.after_step`
+enqueues the step's keys and updates the EMA after the optimizer step, so every loss term of a step sees the
+queue as it was at the step's start without the official clone of the queue.
 """
 import copy
 import math

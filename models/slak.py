@@ -14,6 +14,7 @@ from timm.layers import DropPath, trunc_normal_
 from timm.models import register_model
 
 from models.factory import model_kwargs
+from models.layers import LayerNorm2d
 
 CONV_IMPLS = ('auto', 'dense', 'crop', 'fft')
 OLD_BRANCH_NAMES = {'Decom1': 'LoRA1', 'Decom2': 'LoRA2'}  # names of checkpoints from 2022-07-07..12
@@ -204,22 +205,6 @@ class ReparamLargeKernelConv(nn.Module):
         return sum(b.bn(o) if self.bn else o for b, o in zip(branches, outs))
 
 
-class LayerNorm(nn.Module):
-    """LayerNorm over channels of NCHW input, with the official manual formula."""
-
-    def __init__(self, normalized_shape, eps=1e-6):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(normalized_shape))
-        self.bias = nn.Parameter(torch.zeros(normalized_shape))
-        self.eps = eps
-
-    def forward(self, x):
-        u = x.mean(1, keepdim=True)
-        s = (x - u).pow(2).mean(1, keepdim=True)
-        x = (x - u) / torch.sqrt(s + self.eps)
-        return self.weight[:, None, None] * x + self.bias[:, None, None]
-
-
 class Block(nn.Module):
     """Large-kernel unit -> LN -> Linear 4x -> GELU -> Linear -> layer scale -> drop path, residual."""
 
@@ -261,9 +246,9 @@ class SLaK(nn.Module):
         dims = [int(d * width_factor) for d in dims]
         self.dims, self.num_classes = dims, num_classes
         self.downsample_layers = nn.ModuleList([nn.Sequential(nn.Conv2d(in_chans, dims[0], 4, stride=4),
-                                                              LayerNorm(dims[0]))])
+                                                              LayerNorm2d(dims[0]))])
         for i in range(3):
-            self.downsample_layers.append(nn.Sequential(LayerNorm(dims[i]),
+            self.downsample_layers.append(nn.Sequential(LayerNorm2d(dims[i]),
                                                         nn.Conv2d(dims[i], dims[i + 1], 2, stride=2)))
         rates = torch.linspace(0, drop_path_rate, sum(depths), device='cpu').tolist()
         self.stages = nn.ModuleList()

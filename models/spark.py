@@ -1,40 +1,11 @@
 """SparK masked image modelling for CNNs: LightDecoder, densify layers, mask tokens and loss, as the official
 https://github.com/keyu-tian/SparK/blob/main/pretrain/spark.py and decoder.py.
 
-Pieces
-  LightDecoder(up_sample_ratio, width=768, sbn=True)
-      log2(ratio) UNet blocks (ConvTranspose 2x up, conv3x3-BN-ReLU6-conv3x3-BN), channels halving
-      from `width`; features are ADDED before each block (smallest scale first); final 1x1 conv to
-      3 channels. Keys as the official decoder: dec.{i}.up_sample.*, dec.{i}.conv.{0,1,3,4}.*, proj.*.
-  SparK(sparse_encoder, dense_decoder, mask_ratio=0.6, densify_norm='bn', sbn=False)
-      mask(B, device, generator=None) -> bool [B, 1, f, f], True = visible, exactly len_keep =
-          round(f*f*(1 - mask_ratio)) visible per sample (CPU torch.rand + argsort, as official).
-      forward(inp, active_b1ff=None, vis=False) -> scalar loss, or with vis=True the triple
-          (inp, masked inp, reconstruction with visible patches copied from inp), all in the
-          (ImageNet-)normalised space of `inp` (predicted patches mapped back with the TRUE per-patch
-          mean/std of inp, as official). De-normalise for display.
-      Loss: per-patch normalised targets of the UNMASKED input (mean, std = sqrt(unbiased var + 1e-6),
-          patch flattened row, col, channel), per-patch mean squared error, averaged over all masked
-          patches of the batch (sum / (count + 1e-8)).
-      Modules are registered in the official order (sparse_encoder, dense_decoder, densify_norms,
-      densify_projs, mask_tokens); index i = 0 is the SMALLEST (1/32) feature map; densify_projs.0 is
-      Identity (no keys) when its widths match. The unused deprecated buffers imn_m, imn_s, norm_black are
-      kept so official checkpoints load strictly. state_dict(with_config=True) adds 'config';
-      load_state_dict pops and checks it, and takes official ConvNeXt key names too.
-      official_state_dict() / official_named_parameters(): the same tensors under the official module's
-      names and, for parameters, in its registration order (the order of an official optimizer state).
-  build_spark(model_name, input_size=224, mask_ratio=0.6, sbn=False, dp=0.0)
-      timm CNN (num_classes=0, global_pool='', drop_path_rate=dp) -> SparseEncoder -> SparK with
-      LightDecoder(downsample ratio, width 768); densify norm 'bn' for ResNets, 'ln' for ConvNeXts,
-      none otherwise. Any SparK-ready model works (models/custom.py); dp is used as given.
-  encoder_state_dict(spark, official=False)
-      The encoder weights in timm key layout (`<model>_1kpretrained.pth`, for timm.create_model), or in
-      the official model's (`<model>_1kpretrained_timm_style.pth`).
-
-Differences from the official code: the active mask is not a module global (the encoder and the densify
-norms hold their own); ConvNeXts are timm's ConvNeXt (any size timm has), named and ordered as the official
-FB ConvNeXt only in the official files (models/convnext_keys.py); the encoder's channel list is not consumed
-by the constructor (no "build twice" quirk).
+The CNN runs as a `SparseEncoder` (models/spark_sparse.py) on the masked image; its feature maps, smallest
+(1/32) first, are densified (sparse norm, mask token at masked positions, projection) and added into a UNet
+decoder that predicts the whole image. Module names and registration order are the official module's, so
+official checkpoints load strictly and an official optimizer state lines up (`official_state_dict`,
+`official_named_parameters`; ConvNeXt key names are mapped by models/convnext_keys.py).
 """
 import math
 import sys
@@ -82,6 +53,9 @@ class UNetBlock(nn.Module):
 
 
 class LightDecoder(nn.Module):
+    """log2(ratio) UNet blocks (2x ConvTranspose up, conv3x3-BN-ReLU6-conv3x3-BN), channels halving from
+    `width`, then a 1x1 conv to 3 channels; each densified feature map is added before its block."""
+
     def __init__(self, up_sample_ratio, width=768, sbn=True):
         super().__init__()
         n = round(math.log2(up_sample_ratio))
@@ -136,6 +110,11 @@ def unpatchify(bln, p, h, w, C=3):
 
 
 class SparK(nn.Module):
+    """forward(inp) -> loss: the mean over masked patches of the MSE to per-patch normalised targets of the
+    unmasked input (mean, sqrt(unbiased var + 1e-6)). With vis=True: (inp, masked inp, reconstruction with
+    the visible patches copied from inp), in inp's normalised space. Index 0 of the per-scale lists
+    (densify_norms, densify_projs, mask_tokens) is the smallest (1/32) feature map."""
+
     def __init__(self, sparse_encoder, dense_decoder, mask_ratio=0.6, densify_norm='bn', sbn=False):
         super().__init__()
         if not 0.0 <= mask_ratio < 1.0:

@@ -1,30 +1,14 @@
 """SparK's "sparse" encoder: masked dense layers for timm CNNs
 (https://github.com/keyu-tian/SparK/blob/main/pretrain/encoder.py).
 
-SparK never runs a real sparse convolution. Every layer runs densely and its output is re-masked,
-and normalisation layers compute their statistics over the visible ("active") positions only, so
-a CNN sees only the visible patches of a masked image, as a sparse CNN would.
+SparK never runs a real sparse convolution: every layer runs densely and its output is re-masked (masked
+positions are exact zeros), and normalisation layers compute their statistics over the visible positions
+only, so the CNN sees only the visible patches, as a sparse CNN would.
 
-The active mask is a bool tensor [B, 1, f, f] on the coarsest grid (f = input_size // 32), True =
-visible. The official code keeps it in a module-level global; here it lives in an `ActiveMask`
-holder owned by one `SparseEncoder` and referenced by each of its sparse layers, so two encoders
-in one process never see each other's mask. The encoder sets the mask for the duration of one
-forward call and clears it afterwards (also on exceptions).
-
-Documented behaviour without a mask: when the holder's mask is None (a converted model called
-outside `SparseEncoder.forward(x, active_b1ff)`, or `SparseEncoder.forward(x)` with no mask),
-every sparse layer runs exactly as its dense original, so the model equals the dense model.
-
-Layer classes subclass the dense layer and only override `forward`, so parameter, buffer and
-state-dict names are those of the dense timm model:
-  SparseConv2d, SparseMaxPooling, SparseAvgPooling   dense op, output times the mask at its size
-  SparseBatchNorm2d, SparseSyncBatchNorm2d           batch statistics over visible positions only
-  SparseLayerNorm (channels-last, nn.LayerNorm / timm LayerNorm inside ConvNeXt blocks),
-  SparseLayerNorm2d (channels-first, timm LayerNorm2d in the ConvNeXt stem/downsample layers)
-  SparseConvNeXtBlock                                timm ConvNeXtBlock re-masked before the residual
-Masked positions of every output are exact zeros (not a norm layer's bias). `SparseEncoder` also turns the
-modules its forward never runs (timm's classifier and ConvNeXt head/pre-head norms) into Identity, so every
-encoder parameter is used (DDP without find_unused_parameters) and none is exported.
+The active mask (bool [B, 1, f, f], True = visible, f = input_size // 32) lives in an `ActiveMask` holder
+owned by one `SparseEncoder`, not in a module global, so two encoders in one process never see each other's
+mask; without a mask every sparse layer runs exactly as its dense original. The sparse layers subclass the
+dense ones and only override `forward`, so state-dict keys are those of the dense timm model.
 """
 import copy
 import warnings
@@ -72,8 +56,12 @@ class ActiveMask:
 
 
 class _Sparse:
-    """Mixin: the holder attribute and masking helpers shared by all sparse layers."""
+    """Mixin: the `holder` argument and attribute and the masking helpers shared by all sparse layers."""
     holder = None
+
+    def __init__(self, *args, holder=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.holder = holder
 
     def _active(self, h, w):
         return None if self.holder is None else self.holder.expand(h, w)
@@ -85,19 +73,11 @@ class _Sparse:
 
 
 class SparseConv2d(_Sparse, nn.Conv2d):
-    def __init__(self, *args, holder=None, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.holder = holder
-
     def forward(self, x):
         return self._remask(super().forward(x))
 
 
 class SparseMaxPooling(_Sparse, nn.MaxPool2d):
-    def __init__(self, *args, holder=None, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.holder = holder
-
     def forward(self, x):
         if self.return_indices:
             raise NotImplementedError('SparseMaxPooling does not support return_indices=True')
@@ -105,10 +85,6 @@ class SparseMaxPooling(_Sparse, nn.MaxPool2d):
 
 
 class SparseAvgPooling(_Sparse, nn.AvgPool2d):
-    def __init__(self, *args, holder=None, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.holder = holder
-
     def forward(self, x):
         return self._remask(super().forward(x))
 
@@ -132,15 +108,11 @@ class _SparseBNForward(_Sparse):
 
 
 class SparseBatchNorm2d(_SparseBNForward, nn.BatchNorm2d):
-    def __init__(self, *args, holder=None, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.holder = holder
+    pass
 
 
 class SparseSyncBatchNorm2d(_SparseBNForward, nn.SyncBatchNorm):
-    def __init__(self, *args, holder=None, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.holder = holder
+    pass
 
 
 class SparseLayerNorm(_Sparse, nn.LayerNorm):
@@ -148,10 +120,6 @@ class SparseLayerNorm(_Sparse, nn.LayerNorm):
 
     LN is per position, so LN over the gathered visible rows equals dense LN with masked positions
     forced to 0; we compute the latter (cheaper, same gradients at visible positions)."""
-
-    def __init__(self, *args, holder=None, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.holder = holder
 
     def forward(self, x):
         y = F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
@@ -165,10 +133,6 @@ class SparseLayerNorm(_Sparse, nn.LayerNorm):
 
 class SparseLayerNorm2d(_Sparse, LayerNorm2d):
     """Channels-first LayerNorm over C of [B, C, H, W] (timm LayerNorm2d: ConvNeXt stem/downsample)."""
-
-    def __init__(self, *args, holder=None, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.holder = holder
 
     def forward(self, x):
         y = F.layer_norm(x.permute(0, 2, 3, 1), self.normalized_shape, self.weight, self.bias, self.eps)

@@ -14,10 +14,10 @@ def killed_at_epoch(script, epoch):
     epoch's checkpoint was written), and the block must end with that interruption."""
     real = script.train_one_epoch
 
-    def train_until(loader, trainer, device, current, *args, **kwargs):
+    def train_until(loader, trainer, current, *args, **kwargs):
         if current == epoch:
             raise Interrupted
-        return real(loader, trainer, device, current, *args, **kwargs)
+        return real(loader, trainer, current, *args, **kwargs)
 
     script.train_one_epoch = train_until
     try:

@@ -11,8 +11,8 @@ import torch.multiprocessing as mp
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 import models  # noqa: F401
-from engine_pretrain import train_one_epoch
-from util.lr_sched import adjust_learning_rate, cosine_lr
+from engine_pretrain import masked_modeling_loss, train_one_epoch
+from util.lr_sched import WarmupCosine, cosine_lr
 from util.train_step import NonFiniteLossError, TrainStep
 
 
@@ -32,11 +32,10 @@ def test_lr_schedule_matches_formula_and_spec_values():
     assert cosine_lr(0, 1e-3, 1e-6, 1, 3) == 0.0
 
 
-def test_adjust_learning_rate_applies_group_scales():
+def test_warmup_cosine_applies_group_scales():
     p1, p2 = torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1))
     opt = torch.optim.AdamW([{'params': [p1], 'lr_scale': 0.1}, {'params': [p2]}], lr=1.0)
-    args = argparse.Namespace(lr=2e-3, min_lr=0.0, warmup_epochs=1, epochs=5)
-    lr = adjust_learning_rate(opt, 0.5, args)
+    lr = WarmupCosine(lr=2e-3, min_lr=0.0, epochs=5, warmup_epochs=1).adjust(opt, 0.5)
     assert lr == pytest.approx(1e-3)
     assert [g['lr'] for g in opt.param_groups] == pytest.approx([1e-4, 1e-3])
 
@@ -79,7 +78,8 @@ def run_epochs(model, dataset, args, world=1, rank=0, epochs=1, wrap=None, max_n
     losses = []
     for epoch in range(epochs):
         sampler.set_epoch(epoch)
-        losses.append(train_one_epoch(loader, trainer, torch.device('cpu'), epoch, args, hooks=hooks)['loss'])
+        losses.append(train_one_epoch(loader, trainer, epoch, WarmupCosine(args.lr, args.min_lr, args.epochs, args.warmup_epochs),
+                                      masked_modeling_loss(args.mask_ratio), hooks, print_freq=args.print_freq)['loss'])
     return losses, trainer
 
 

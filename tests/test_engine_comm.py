@@ -18,8 +18,10 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import engine_pretrain
 import run_pretrain
+import util.runtime
 from test_engine import LinearRegression, _free_port
 from test_run_pretrain import pretrain_args, write_images
+from util.lr_sched import WarmupCosine
 from util.metric_logger import MetricLogger
 from util.train_step import TrainStep
 
@@ -46,7 +48,7 @@ def _pretrain_worker(rank, world, port, data, out, record_path):
         return allreduce_hook(None, bucket).then(reduced)
 
     class CountingDDP(DistributedDataParallel):
-        """run_pretrain's DistributedDataParallel, with a comm hook that records every all-reduce."""
+        """The DistributedDataParallel of run_pretrain, with a comm hook that records every all-reduce."""
 
         def __init__(self, module, *args, **kwargs):
             super().__init__(module, *args, **kwargs)
@@ -60,7 +62,7 @@ def _pretrain_worker(rank, world, port, data, out, record_path):
             self._record['forwards'] += 1
             return super().forward(*args, **kwargs)
 
-    run_pretrain.DistributedDataParallel = CountingDDP
+    util.runtime.DistributedDataParallel = CountingDDP  # run_pretrain wraps through util.runtime.attach_ddp
     try:
         run_pretrain.main(pretrain_args(data, out, '--epochs', '3', '--warmup_epochs', '0', '--how_scale', 'linear',
                                         '--t_0', '0.3', '--accum_iter', '2', '--batch_size', '2', '--num_workers', '0',
@@ -158,7 +160,8 @@ def test_no_host_sync_inside_the_step_loop(monkeypatch, capsys):
     w = model.fc.weight.detach().clone()
     log = SyncLog(monkeypatch)
     loader = PhasedLoader(DataLoader(data, batch_size=4), log)
-    engine_pretrain.train_one_epoch(loader, trainer, torch.device('cpu'), 0, args)
+    engine_pretrain.train_one_epoch(loader, trainer, 0, WarmupCosine(args.lr, args.min_lr, args.epochs, args.warmup_epochs),
+                                    engine_pretrain.masked_modeling_loss(args.mask_ratio), print_freq=args.print_freq)
     calls = list(log.calls)
     monkeypatch.undo()
     assert trainer.num_updates == 4 and not torch.equal(w, model.fc.weight)  # it trained

@@ -12,6 +12,7 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from torch.utils.data import DataLoader, TensorDataset
 
 from engine_finetune import evaluate, train_one_epoch
+from util.lr_sched import WarmupCosine
 from util.hooks import ModelEmaHook
 from util.samplers import UnpaddedDistributedSampler, build_eval_loader
 from util.train_step import TrainStep
@@ -121,8 +122,9 @@ def fit(model, criterion, args, mixup_fn=None, hooks=()):
     trainer = TrainStep(model, opt, 'cpu', accum_iter=args.accum_iter)
     val_loader = build_eval_loader(val, 64, 0, False, dist_eval=False)
     before = evaluate(val_loader, model, 'cpu')
-    losses = [train_one_epoch(loader, trainer, torch.device('cpu'), epoch, args, criterion, mixup_fn,
-                              hooks=hooks)['loss'] for epoch in range(args.epochs)]
+    schedule = WarmupCosine(args.lr, args.min_lr, args.epochs, args.warmup_epochs)
+    losses = [train_one_epoch(loader, trainer, epoch, schedule, criterion, mixup_fn, hooks,
+                              print_freq=args.print_freq)['loss'] for epoch in range(args.epochs)]
     return before, evaluate(val_loader, model, 'cpu'), losses, trainer
 
 
@@ -208,8 +210,8 @@ def test_accumulated_classification_gradient_is_the_large_batch_gradient():
         recorder = GradRecorder(model)
         trainer = TrainStep(model, torch.optim.SGD(model.parameters(), lr=lr), 'cpu', accum_iter=accum_iter)
         args = finetune_args(batch_size=batch_size, accum_iter=accum_iter, lr=lr, min_lr=lr, warmup_epochs=0, epochs=1)
-        train_one_epoch(DataLoader(data, batch_size=batch_size), trainer, torch.device('cpu'), 0, args,
-                        torch.nn.CrossEntropyLoss(), hooks=[recorder])
+        train_one_epoch(DataLoader(data, batch_size=batch_size), trainer, 0, WarmupCosine(args.lr, args.min_lr, args.epochs, args.warmup_epochs),
+                        torch.nn.CrossEntropyLoss(), hooks=[recorder], print_freq=args.print_freq)
         assert trainer.num_updates == len(recorder.grads) == 1
         for (name, p), g, e in zip(model.named_parameters(), recorder.grads[0], expected):
             torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-7)

@@ -11,13 +11,14 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 import models  # noqa: F401
 import run_pretrain
-from engine_pretrain import train_one_epoch
-from test_engine import GradRecorder, MIMWithPerSampleMask, _free_port, assert_same_grads, engine_args, image_data
+from engine_pretrain import masked_modeling_loss, train_one_epoch
+from test_engine import GradRecorder, MIMWithPerSampleMask, _free_port, assert_same_grads, image_data
 from run_helpers import killed_at_epoch
 from test_run_pretrain import pretrain_args, write_images
 from util.checkpoint import LAST
 from util.freezeout import FreezeOut, FreezeOutSchedule, unit_parameters
 from util.lr_sched import cosine_lr
+from util.runtime import attach_ddp
 from util.train_step import TrainStep
 
 
@@ -114,7 +115,7 @@ def test_freeze_events_only_at_accumulation_window_starts():
     opt = torch.optim.AdamW(freezeout.param_groups(0.05), lr=1e-3, fused=True)
     trainer = TrainStep(model, opt, 'cpu', accum_iter=3)
     loader = DataLoader(image_data(24), batch_size=2)  # 12 micro-steps, 4 windows of 3
-    train_one_epoch(loader, trainer, torch.device('cpu'), 0, engine_args(accum_iter=3, batch_size=2), schedule=freezeout)
+    train_one_epoch(loader, trainer, 0, freezeout, masked_modeling_loss(0.75))
     windows = [model.seen[i:i + 3] for i in range(0, 12, 3)]
     assert all(len(set(w)) == 1 for w in windows)
     assert [w[0] for w in windows] == [sched.frozen_units(s / 12) for s in (0, 3, 6, 9)]
@@ -154,25 +155,20 @@ def test_resume_across_a_freeze_equals_uninterrupted(tmp_path):
         run_pretrain.main(pretrain_args(data, tmp_path / 'straight', '--epochs', '4', '--num_workers', '0'))
 
 
-def run_freezeout_epochs(model, world=1, rank=0, batch_size=4, wrap=None, recorder=None):
+def run_freezeout_epochs(model, world=1, rank=0, batch_size=4, recorder=None):
     """Plain SGD (FreezeOut's per-unit lrs, no momentum): a wrong gradient scale reaches the weights."""
     sched = FreezeOutSchedule(13, 'linear', 0.3, epochs=3, warmup_epochs=0, base_lr=0.05, min_lr=0.0)
     freezeout = FreezeOut(model.mim, sched)
     opt = torch.optim.SGD(freezeout.param_groups(0.0), lr=0.05)
     trainer = TrainStep(model, opt, 'cpu', accum_iter=2)
-    if wrap:
-        def rewrap():
-            trainer.model = wrap(model)
-        rewrap()
-        freezeout.on_freeze.append(rewrap)
+    attach_ddp(trainer, torch.device('cpu'), freezeout)  # under a process group: DDP, rewrapped at each freeze
     data = image_data()
     sampler = DistributedSampler(data, num_replicas=world, rank=rank, shuffle=True, seed=0)
     loader = DataLoader(data, batch_size=batch_size, sampler=sampler, drop_last=True)
-    args = engine_args(batch_size=batch_size, accum_iter=2)
     losses = []
     for epoch in range(3):
         sampler.set_epoch(epoch)
-        losses.append(train_one_epoch(loader, trainer, torch.device('cpu'), epoch, args, schedule=freezeout,
+        losses.append(train_one_epoch(loader, trainer, epoch, freezeout, masked_modeling_loss(0.75),
                                       hooks=[recorder] if recorder else ())['loss'])
     return losses
 
@@ -185,8 +181,7 @@ def _ddp_freeze_worker(rank, world, port, state, out_path):
         model = MIMWithPerSampleMask()
         model.load_state_dict(state)
         recorder = GradRecorder(model)
-        losses = run_freezeout_epochs(model, world, rank, batch_size=2,
-                                      wrap=torch.nn.parallel.DistributedDataParallel, recorder=recorder)
+        losses = run_freezeout_epochs(model, world, rank, batch_size=2, recorder=recorder)
         if rank == 0:
             torch.save({'losses': losses, 'state': model.state_dict(), 'frozen': model.mim.frozen_units,
                         'grads': recorder.grads}, out_path)
@@ -196,7 +191,7 @@ def _ddp_freeze_worker(rank, world, port, state, out_path):
 
 def test_ddp_across_freeze_events_matches_one_process(tmp_path):
     """The all-reduced gradients of 2 processes equal one process's at every step, across the freezes (this test's
-    own re-wrap; run_pretrain's is test_engine_comm's)."""
+    re-wrap is run_pretrain's, util.runtime.attach_ddp)."""
     torch.manual_seed(0)
     model = MIMWithPerSampleMask()
     state = {k: v.clone() for k, v in model.state_dict().items()}

@@ -16,7 +16,7 @@ from run_helpers import killed_at_epoch
 from util.checkpoint import LAST
 from util.classification import convnext_param_groups
 from util.lr_sched import IterationSchedule, cosine_scheduler
-from util.runtime import run_cli
+from util.runtime import resume_path, run_cli
 from util.samplers import build_eval_loader
 from util.train_step import AMP_DTYPES
 
@@ -247,12 +247,16 @@ def test_official_checkpoint_finetunes_with_a_new_head(runs, official_checkpoint
     assert all(torch.equal(state[k], v) for k, v in ours['model'].items() if not k.startswith('head.'))
 
 
+def resume_path_of(args):
+    return resume_path(args.resume, args.auto_resume, args.output_dir)
+
+
 def test_resume_wins_over_auto_resume(runs):
     out = runs / 'straight'
-    assert main_slak.resume_path(slak_args(out, '--resume', 'other.pth')) == 'other.pth'  # official: auto_resume won
-    assert main_slak.resume_path(slak_args(out)) == str(out / LAST)
-    assert main_slak.resume_path(slak_args(out, '--auto_resume', 'false')) is None
-    assert main_slak.resume_path(slak_args('')) is None  # official: globbed the working directory
+    assert resume_path_of(slak_args(out, '--resume', 'other.pth')) == 'other.pth'  # official: auto_resume won
+    assert resume_path_of(slak_args(out)) == str(out / LAST)
+    assert resume_path_of(slak_args(out, '--auto_resume', 'false')) is None
+    assert resume_path_of(slak_args('')) is None  # official: globbed the working directory
 
 
 @pytest.mark.parametrize('argv,flag', [(['--model', 'SLaK_huge'], '--model SLaK_huge'),

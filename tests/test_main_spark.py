@@ -12,6 +12,7 @@ from PIL import Image
 import main_spark
 from run_helpers import killed_at_epoch
 from models.spark import build_spark
+from util.runtime import per_process_batch
 from util.spark_sched import SparkSchedule, spark_lr, spark_param_groups, spark_wd
 from util.train_step import TrainStep
 
@@ -147,12 +148,12 @@ def test_tap_style_booleans_and_384_recipe():
 
 
 def test_per_process_batch():
-    assert main_spark.per_process_batch(512, 8) == 64
-    assert main_spark.per_process_batch(512, 8, accum_iter=4) == 16
+    assert per_process_batch(512, 8) == 64
+    assert per_process_batch(512, 8, accum_iter=4) == 16
     with pytest.raises(ValueError, match='multiple of the number of processes'):
-        main_spark.per_process_batch(500, 8)
+        per_process_batch(500, 8)
     with pytest.raises(ValueError, match='accum_iter'):
-        main_spark.per_process_batch(512, 8, accum_iter=3)
+        per_process_batch(512, 8, accum_iter=3)
 
 
 def run_args(data, out, *extra):

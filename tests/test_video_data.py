@@ -1,5 +1,4 @@
 """Video data of SCE: CSV parsing, clip and frame sampling, temporal difference, crops, skips, demo, loader."""
-import argparse
 from fractions import Fraction
 
 import numpy as np
@@ -255,8 +254,7 @@ def test_demo_layout_and_csv(demo_root, tmp_path, monkeypatch):
 def test_loader_with_two_workers(demo_root):
     data = build_video_dataset(demo_root, crop_size=32, num_threads_io=1, num_threads_decode=1)
     data[0]  # starts the decode thread pool in this process: forked workers must start their own
-    args = argparse.Namespace(batch_size=4, num_workers=2, pin_mem=True, seed=0)
-    loader = build_train_loader(data, args)
+    loader = build_train_loader(data, batch_size=4, num_workers=2, pin_mem=True, seed=0)
     loader.sampler.set_epoch(0)
     batches = list(loader)
     assert len(batches) == 3 and loader.drop_last

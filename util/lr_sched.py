@@ -15,22 +15,18 @@ def cosine_lr(epoch, base_lr, min_lr, warmup_epochs, epochs):
     return min_lr + (base_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
 
-def adjust_learning_rate(optimizer, epoch, args):
-    """Sets every group's lr to the schedule's value times the group's `lr_scale` (default 1)."""
-    lr = cosine_lr(epoch, args.lr, args.min_lr, args.warmup_epochs, args.epochs)
-    for group in optimizer.param_groups:
-        group['lr'] = lr * group.get('lr_scale', 1.0)
-    return lr
-
-
 class WarmupCosine:
-    """The baseline schedule as the engine uses it: `adjust(optimizer, epoch)` at each window start."""
+    """MAE's schedule as the engine uses it: `adjust(optimizer, epoch)` at each window start sets every group's lr
+    to cosine_lr(epoch) times the group's `lr_scale` (default 1)."""
 
-    def __init__(self, args):
-        self.args = args
+    def __init__(self, lr, min_lr, epochs, warmup_epochs):
+        self.lr, self.min_lr, self.epochs, self.warmup_epochs = lr, min_lr, epochs, warmup_epochs
 
     def adjust(self, optimizer, epoch):
-        return adjust_learning_rate(optimizer, epoch, self.args)
+        lr = cosine_lr(epoch, self.lr, self.min_lr, self.warmup_epochs, self.epochs)
+        for group in optimizer.param_groups:
+            group['lr'] = lr * group.get('lr_scale', 1.0)
+        return lr
 
     def metrics(self):
         return {}

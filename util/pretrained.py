@@ -30,8 +30,8 @@ PRETRAIN_ONLY = re.compile(r'^(decoder[._]|hog_enc\.|mask_token$|norm\.\d+\.)')
 # use (MAE's `norm` under global pooling) is dropped.
 FINAL_NORMS = ('fc_norm.', 'norm.', 'head.norm.')
 CLASSIFIERS = ('head.fc.', 'fc.', 'head.')  # fallbacks when a model has no get_classifier()
-HEAD_STD = 2e-5
-SPARK_ENCODER = 'sparse_encoder.sp_cnn.'  # the CNN's keys inside a SparK checkpoint (models/spark.py)  # MAE: trunc_normal_(model.head.weight, std=2e-5)
+HEAD_STD = 2e-5  # MAE: trunc_normal_(model.head.weight, std=2e-5)
+SPARK_ENCODER = 'sparse_encoder.sp_cnn.'  # the CNN's keys inside a SparK checkpoint (models/spark.py)
 
 
 def read_state_dict(path):
@@ -116,78 +116,108 @@ def _group(key):
     return first + ('.*' if '.' in key else '')
 
 
+def _is_final_norm(key):
+    return key.startswith(FINAL_NORMS) and not PRETRAIN_ONLY.match(key)
+
+
+def _classifier_test(model, model_state):
+    """A predicate: is this key one of the model's classifier keys?"""
+    prefixes = _classifier_prefixes(model, model_state)
+    return lambda key: bool(prefixes) and key.startswith(prefixes)
+
+
+def _filter_checkpoint(state, model_state, is_clf):
+    """(kept, dropped, reasons): the checkpoint tensors to load, the keys dropped and a count per reason."""
+    kept, dropped, reasons = {}, [], Counter()
+    for k, v in state.items():
+        if PRETRAIN_ONLY.match(k):
+            reason = _group(k)
+        elif is_clf(k) and (k not in model_state or v.shape != model_state[k].shape):
+            reason = f'{_group(k)} (classifier, shape {list(v.shape)})'  # a pretraining head, or other classes
+        elif _is_final_norm(k) and k not in model_state:
+            reason = f'{k.rsplit(".", 1)[0]}.* (not used by this model)'  # e.g. MAE's norm under global pooling
+        else:
+            kept[k] = v
+            continue
+        dropped.append(k)
+        reasons[reason] += 1
+    return kept, dropped, reasons
+
+
+def _resample_kept_pos_embed(kept, model_state, model):
+    """Resamples kept['pos_embed'] in place to the model's patch grid; returns 'AxB -> CxD' or None."""
+    if 'pos_embed' not in kept or 'pos_embed' not in model_state or not hasattr(model, 'patch_embed'):
+        return None
+    kept['pos_embed'], how = _resample_pos_embed(kept['pos_embed'], model)
+    return how
+
+
+def _check_fit(kept, model_state, is_clf, model, path):
+    """One ValueError naming missing encoder keys, unexpected keys and shape mismatches, if any."""
+    missing = [k for k in model_state if k not in kept and not is_clf(k) and not _is_final_norm(k)]
+    unexpected = [k for k in kept if k not in model_state]
+    mismatched = [f'{k} {list(v.shape)} vs {list(model_state[k].shape)}'
+                  for k, v in kept.items() if k in model_state and v.shape != model_state[k].shape]
+    parts = []
+    for what, keys in (('missing', missing), ('unexpected', unexpected), ('shape mismatch', mismatched)):
+        if keys:
+            more = ', ...' if len(keys) > 3 else ''
+            parts.append(f'{what} {", ".join(keys[:3])}{more} ({len(keys)} keys)')
+    if parts:
+        raise ValueError(f'checkpoint {path} does not fit model {_describe(model)}: {"; ".join(parts)}')
+
+
+@torch.no_grad()
+def _initialise(model, initialised, is_clf):
+    """Initialises the classifier and final-norm keys the checkpoint lacked; returns a note per group."""
+    notes = []
+    head = [k for k in initialised if is_clf(k)]
+    if head:
+        if isinstance(model, VisionTransformer) and isinstance(model.head, nn.Linear):
+            trunc_normal_(model.head.weight, std=HEAD_STD)
+            nn.init.zeros_(model.head.bias)
+            notes.append(f'{", ".join(head)}: trunc_normal std {HEAD_STD:g}, bias 0 (as MAE)')
+        else:
+            notes.append(f'{", ".join(head)}: the model\'s own init')
+    params = dict(model.named_parameters())
+    norms = [k for k in initialised if _is_final_norm(k)]
+    for k in norms:
+        if k.endswith('.weight'):
+            params[k].fill_(1.0)
+        elif k.endswith('.bias'):
+            params[k].zero_()
+    if norms:
+        why = ' (a LocalMIM checkpoint has no final norm)' if any(k.startswith('norm.') for k in norms) else ''
+        notes.append(f'{", ".join(norms)}: weight 1, bias 0{why}')
+    return notes
+
+
+def _print_report(path, model, report, reasons, notes):
+    groups = ', '.join(f'{g} {n}' for g, n in reasons.most_common(6))
+    print(f'load_pretrained {path} -> {_describe(model)}: loaded {len(report["loaded"])} tensors, '
+          f'dropped {len(report["dropped"])}{f" ({groups})" if groups else ""}, '
+          f'initialised {len(report["initialised"])}, resampled {len(report["resampled"])}')
+    for note in notes:
+        print(f'  {note}')
+
+
 def load_pretrained(model, path, verbose=True):
     """Loads the encoder of checkpoint `path` into `model` (strict about everything but the classifier
     and the final norm). Returns {'loaded', 'dropped', 'initialised', 'resampled'}: lists of keys."""
     if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
         model = model.module
-    state = read_state_dict(path)
     model_state = model.state_dict()
-    clf_prefixes = _classifier_prefixes(model, model_state)
-    is_clf = lambda k: k.startswith(clf_prefixes) if clf_prefixes else False  # noqa: E731
-    is_norm = lambda k: k.startswith(FINAL_NORMS) and not PRETRAIN_ONLY.match(k)  # noqa: E731
-
-    dropped, reasons, resampled, notes = [], Counter(), [], []
-    kept = {}
-    for k, v in state.items():
-        if PRETRAIN_ONLY.match(k):
-            dropped.append(k)
-            reasons[_group(k)] += 1
-        elif is_clf(k) and (k not in model_state or v.shape != model_state[k].shape):
-            dropped.append(k)  # a pretraining head, or another number of classes
-            reasons[f'{_group(k)} (classifier, shape {list(v.shape)})'] += 1
-        elif is_norm(k) and k not in model_state:
-            dropped.append(k)  # e.g. MAE's final norm under global pooling (which uses fc_norm)
-            reasons[f'{k.rsplit(".", 1)[0]}.* (not used by this model)'] += 1
-        else:
-            kept[k] = v
-
-    if 'pos_embed' in kept and 'pos_embed' in model_state and hasattr(model, 'patch_embed'):
-        kept['pos_embed'], how = _resample_pos_embed(kept['pos_embed'], model)
-        if how:
-            resampled.append('pos_embed')
-            notes.append(f'pos_embed {how}')
-
-    missing = [k for k in model_state if k not in kept and not is_clf(k) and not is_norm(k)]
-    unexpected = [k for k in kept if k not in model_state]
-    mismatched = [f'{k} {list(v.shape)} vs {list(model_state[k].shape)}'
-                  for k, v in kept.items() if k in model_state and v.shape != model_state[k].shape]
-    if missing or unexpected or mismatched:
-        parts = []
-        for what, keys in (('missing', missing), ('unexpected', unexpected), ('shape mismatch', mismatched)):
-            if keys:
-                more = ', ...' if len(keys) > 3 else ''
-                parts.append(f'{what} {", ".join(keys[:3])}{more} ({len(keys)} keys)')
-        raise ValueError(f'checkpoint {path} does not fit model {_describe(model)}: {"; ".join(parts)}')
-
+    is_clf = _classifier_test(model, model_state)
+    kept, dropped, reasons = _filter_checkpoint(read_state_dict(path), model_state, is_clf)
+    how = _resample_kept_pos_embed(kept, model_state, model)
+    notes = [f'pos_embed {how}'] if how else []
+    _check_fit(kept, model_state, is_clf, model, path)
     result = model.load_state_dict(kept, strict=False)
     assert not result.unexpected_keys, result.unexpected_keys  # checked above
     initialised = list(result.missing_keys)
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        head = [k for k in initialised if is_clf(k)]
-        if head:
-            if isinstance(model, VisionTransformer) and isinstance(model.head, nn.Linear):
-                trunc_normal_(model.head.weight, std=HEAD_STD)
-                nn.init.zeros_(model.head.bias)
-                notes.append(f'{", ".join(head)}: trunc_normal std {HEAD_STD:g}, bias 0 (as MAE)')
-            else:
-                notes.append(f'{", ".join(head)}: the model\'s own init')
-        norms = [k for k in initialised if is_norm(k)]
-        for k in norms:
-            if k.endswith('.weight'):
-                params[k].fill_(1.0)
-            elif k.endswith('.bias'):
-                params[k].zero_()
-        if norms:
-            why = ' (a LocalMIM checkpoint has no final norm)' if any(k.startswith('norm.') for k in norms) else ''
-            notes.append(f'{", ".join(norms)}: weight 1, bias 0{why}')
-
-    report = {'loaded': [k for k in kept], 'dropped': dropped, 'initialised': initialised, 'resampled': resampled}
+    notes += _initialise(model, initialised, is_clf)
+    report = {'loaded': list(kept), 'dropped': dropped, 'initialised': initialised,
+              'resampled': ['pos_embed'] if how else []}
     if verbose:
-        groups = ', '.join(f'{g} {n}' for g, n in reasons.most_common(6))
-        print(f'load_pretrained {path} -> {_describe(model)}: loaded {len(kept)} tensors, dropped {len(dropped)}'
-              f'{f" ({groups})" if groups else ""}, initialised {len(initialised)}, resampled {len(resampled)}')
-        for note in notes:
-            print(f'  {note}')
+        _print_report(path, model, report, reasons, notes)
     return report

@@ -9,9 +9,12 @@ import traceback
 
 import numpy as np
 import torch
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
-from util.dist import get_rank, get_world_size, init_distributed_mode, is_main_process
+from util.checkpoint import latest_checkpoint, load_checkpoint
+from util.dist import (get_rank, get_world_size, init_distributed_mode, is_dist_avail_and_initialized, is_main_process,
+                       unwrap)
 from util.train_step import NonFiniteLossError
 
 
@@ -49,17 +52,70 @@ def seed_everything(seed):
     random.seed(seed)
 
 
-def build_train_loader(dataset, args):
-    """Shuffled, drop_last loader; the sampler is distributed even for one process (set_epoch always works)."""
+def per_process_batch(global_batch, world_size, accum_iter=1, flag='--bs'):
+    """The loader's batch of one process and micro-step, for scripts whose batch flag is global (SparK, SCE)."""
+    if accum_iter < 1:
+        raise ValueError(f'--accum_iter must be >= 1, got {accum_iter}')
+    if global_batch <= 0 or global_batch % (world_size * accum_iter):
+        raise ValueError(f'{flag} {global_batch} is the global batch size and must be a positive multiple of the '
+                         f'number of processes ({world_size}) times --accum_iter ({accum_iter})')
+    return global_batch // (world_size * accum_iter)
+
+
+def build_train_loader(dataset, batch_size, num_workers, pin_mem, seed, batch_flag='--batch_size'):
+    """Shuffled, drop_last loader of `batch_size` per process; the sampler is distributed even for one process
+    (set_epoch always works)."""
     world = get_world_size()
-    if len(dataset) < args.batch_size * world:
-        raise ValueError(f'the data set has {len(dataset)} images, fewer than one batch of {args.batch_size} x '
-                         f'{world} processes; lower --batch_size or add data')
-    sampler = DistributedSampler(dataset, num_replicas=world, rank=get_rank(), shuffle=True, seed=args.seed)
+    if len(dataset) < batch_size * world:
+        raise ValueError(f'the data set has {len(dataset)} samples, fewer than one batch of {batch_size} x '
+                         f'{world} processes; lower {batch_flag} or add data')
+    sampler = DistributedSampler(dataset, num_replicas=world, rank=get_rank(), shuffle=True, seed=seed)
     # Workers are not persistent: each epoch's workers are seeded from the main RNG, which checkpoints
     # save, so a resumed run replays the same augmentations.
-    return DataLoader(dataset, sampler=sampler, batch_size=args.batch_size, num_workers=args.num_workers,
-                      pin_memory=args.pin_mem and torch.cuda.is_available(), drop_last=True)
+    return DataLoader(dataset, sampler=sampler, batch_size=batch_size, num_workers=num_workers,
+                      pin_memory=pin_mem and torch.cuda.is_available(), drop_last=True)
+
+
+def attach_ddp(trainer, device, schedule=None, **ddp_kwargs):
+    """Under a process group, the trainer trains its model wrapped in DistributedDataParallel (checkpoints and
+    evaluation keep the bare model). With a FreezeOut schedule it is wrapped anew after each freeze, so frozen
+    parameters are neither bucketed nor all-reduced."""
+    if not is_dist_avail_and_initialized():
+        return
+    model = unwrap(trainer.model)
+
+    def wrap():
+        trainer.model = DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda' else None,
+                                                **ddp_kwargs)
+    wrap()
+    if hasattr(schedule, 'on_freeze'):
+        schedule.on_freeze.append(wrap)
+
+
+def resume_path(explicit, auto_resume, output_dir, find_latest=latest_checkpoint):
+    """The checkpoint to resume: `explicit` (--resume) wins; else, with auto-resume, the newest one in output_dir."""
+    if explicit:
+        return explicit
+    return find_latest(output_dir) if auto_resume and output_dir else None
+
+
+def resume_training(args, path, model, trainer, before_optimizer=None):
+    """Restores model, optimizer, GradScaler and RNG from `path`, sets args.start_epoch (the epoch after the saved
+    one) and trainer.num_updates; returns the checkpoint (for the method's own state)."""
+    ckpt = load_checkpoint(path, model, trainer.optimizer, trainer.scaler, before_optimizer=before_optimizer)
+    if not isinstance(ckpt.get('epoch'), int):  # e.g. an official SLaK checkpoint-best.pth ('best')
+        raise ValueError(f'--resume {path} is the "{ckpt.get("epoch")}" checkpoint; resume from '
+                         'checkpoint-<epoch>.pth or checkpoint-last.pth (or use it with --eval true / --finetune)')
+    args.start_epoch = ckpt['epoch'] + 1
+    trainer.num_updates = ckpt.get('step', 0)
+    print(f'resumed from {path} (epoch {ckpt["epoch"]} done, {trainer.num_updates} optimizer steps)')
+    return ckpt
+
+
+def keeps_checkpoint(epoch, every, epochs):
+    """Whether epoch `epoch` also writes checkpoint-<epoch>.pth: every `every` epochs counting from the first
+    (MAE's and LocalMIM's rule: 0, every, 2 every, ...) and the last one."""
+    return (every > 0 and epoch % every == 0) or epoch + 1 == epochs
 
 
 def make_log_writer(log_dir):

@@ -1,53 +1,15 @@
 """GPU batch video augmentation of SCE: the two asymmetric pipelines of the official SCE run.
 
-One call augments a whole batch of clips [B, 3, T, H, W] (uint8 or float, values 0..255) on the
-clips' own device, with random parameters drawn per clip and shared by all T frames:
+One call augments a batch of clips [B, 3, T, H, W] (values 0..255) on the clips' own device, with random
+parameters drawn per clip and shared by its T frames: /255, colour jitter (p 0.8), grayscale (p 0.2),
+Gaussian blur (kernel 23; p 1.0 in pipeline 0, 0.1 in pipeline 1), solarize (pipeline 1 only, p 0.2),
+horizontal flip (p 0.5), then normalisation with mean 0.45 and std 0.225.
 
-    step                       pipeline 0 (view 0)        pipeline 1 (view 1)
-    Div255                     x / 255                    x / 255
-    colour jitter  p 0.8       b 0.8, c 0.8, s 0.4, h 0.2 same
-    grayscale      p 0.2       0.2989 R + 0.587 G + 0.114 B on 3 channels
-    Gaussian blur  kernel 23   sigma ~ U[0.1, 2], p 1.0   p 0.1
-    solarize       -           -                          threshold 0.5, p 0.2
-    hflip          p 0.5       yes                        yes
-    normalise                  (x - 0.45) / 0.225         same
-
-It re-implements the semantics of the torchaug 0.3.3 batch transforms of the official eztorch
-config (`BatchVideoWrapper(same_on_frames=True)` around `BatchRandom*`), without torchaug:
-- Which clips an op touches is count-based, as in torchaug: with x = p * B, floor(x) or ceil(x)
-  clips (ceil with probability frac(x)) picked by randperm (`selection='iid'`: one coin per clip).
-- Colour jitter factors: brightness U[0.2, 1.8], contrast U[0.2, 1.8], saturation U[0.6, 1.4],
-  hue U[-0.2, 0.2]. The order of the four ops is random per chunk: the jittered clips are
-  shuffled and cut into min(n, 24) chunks of ceil(n / min(n, 24)) clips, each chunk with a
-  distinct one of the 24 orders. Brightness x*b, contrast c*x + (1-c)*mean(gray) with the mean
-  per frame, saturation s*x + (1-s)*gray, each clamped to [0, 1]; hue rotates H in HSV space.
-- Blur: 1-D kernel exp(-k^2 / (2 sigma^2)), k = -11..11, normalised; reflect padding 11. Applied
-  separably (two 23-tap depthwise convolutions), equal to torchaug's 23x23 kernel up to rounding.
-- Solarize: x >= 0.5 -> 1 - x. Normalise with mean 0.45 and std 0.225 on every channel.
-
-Differences from the official code:
-- When p * B < 1, torchaug transforms one clip with probability p, so each clip is hit with
-  probability p / B only; here one clip is transformed with probability p * B, so every clip
-  keeps probability p (identical to torchaug whenever p * B >= 1, e.g. 64 clips per GPU).
-- Random numbers are drawn on the CPU (a few per clip, from `generator` or the global CPU RNG)
-  and copied to the clips' device: no host-device sync, and one seed gives the same augmentation
-  on CPU and CUDA. The RNG stream is not torchaug's, so results are not bit-identical to it
- ; the kernels match torchvision's to float rounding (tests).
-- Always out-of-place (the caller's clips are left untouched), float32 with autocast disabled.
-
-Inputs outside [0, 255] (e.g. a temporal-difference variant keeping negative differences; the
-official one maps them to (d + 255) / 2, so the reference run never has any): Div255
-does not clamp, as in eztorch, so grayscale, blur, solarize, flip and normalise carry negative
-values through unchanged, while brightness, contrast and saturation clamp their output to
-[0, 1] exactly like torchaug. Hue is undefined on negative values (torchaug/torchvision return
-NaN where max(R, G, B) is 0 and min < 0); here hue clamps its input to [0, 1] first, which
-changes nothing on valid input. So a jittered clip ends in [0, 1], an unjittered one keeps its
-negative values.
-
-Why plain torch and not kornia: kornia's ColorJitter / ColorJiggle use other formulas (additive
-brightness in ColorJiggle, hue in radians on another HSV, no per-frame contrast mean), one random
-op order per batch instead of per chunk, and Bernoulli selection; its blur with per-sample
-kernels would need the same reshaping as plain conv2d. Each op here is a few lines of torch.
+It re-implements the torchaug 0.3.3 batch transforms of the official eztorch config in plain torch: the
+clips an op touches are counted (floor or ceil of p * B, see `select`) and the order of the four jitter ops
+is random per chunk of clips (`jitter_orders`). Random numbers are drawn on the CPU and copied to the
+device: no host-device sync, and one RNG seed gives the same augmentation on CPU and CUDA. kornia is not used:
+its colour jitter has other formulas and one op order per batch.
 """
 import math
 from itertools import permutations
@@ -207,7 +169,8 @@ def jitter_orders(mask, generator=None):
 # ----------------------------------------------------------------------------- pipeline
 
 class SCEVideoAugment(nn.Module):
-    """One of the two SCE GPU pipelines; `pipeline` picks the seed's blur / solarize probabilities.
+    """One of the two SCE GPU pipelines; `pipeline` picks the official config's blur / solarize
+    probabilities.
 
     call(clips [B, 3, T, H, W] uint8 or float 0..255, generator=None) -> float32 clips, normalised,
     on the clips' device. `generator` is a CPU torch.Generator (parameters are drawn on the CPU).
@@ -304,7 +267,7 @@ def _apply_on(x, mask, fn, *args):
 
 
 def build_sce_augmentations(pipeline0=None, pipeline1=None, **overrides):
-    """[pipeline 0, pipeline 1] of the seed; `overrides` go to both, `pipelineN` dicts to one.
+    """[pipeline 0, pipeline 1] of the official config; `overrides` go to both, `pipelineN` dicts to one.
 
     E.g. the baseline config: build_sce_augmentations(brightness=0.4, contrast=0.4,
     saturation=0.2, hue=0.1).

@@ -1,43 +1,17 @@
 """Video data for SCE pretraining: Kinetics frame folders (or video files), two random clips per video
 for training (`VideoClipDataset`), one centre clip per video for validation (`CenterClipDataset`).
 
-Layout (as eztorch's): `<data_path>/train.csv` lists one video per line, space-separated and without
-header, `<class>/<video_stem> <label> <num_frames>`, and the frames of that video are
-`<data_path>/train/<class>/<video_stem>/00000001.jpg ...`. With `decoder='video'` the CSV lines are
-`<class>/<file>.mp4 <label>` instead (pytorchvideo's format) and the files are decoded with torchcodec.
-Lines are split from the right, so paths may contain spaces. `write_frame_csv` writes such a CSV.
+Layout (as eztorch's): `<data_path>/train.csv` lists one video per line, `<class>/<video_stem> <label>
+<num_frames>` (split from the right, so paths may contain spaces; `util.sce_video_demo.write_frame_csv`
+writes one), with the frames in `<data_path>/train/<class>/<video_stem>/00000001.jpg ...`. With
+`decoder='video'` the lines are `<class>/<file>.mp4 <label>` and torchcodec decodes the files.
 `val.csv` and `val/` hold the validation split the same way.
 
-One training sample, drawn with torch's global RNG (seeded per DataLoader worker):
-  1. `num_clips` windows of `clip_duration` seconds, each start ~ U[0, max(duration - d, 0)];
-     d is multiplied by a speed drawn from `speeds` and by U[1 - jitter, 1 + jitter] when set.
-  2. The clip's frames at `fps` are range(ceil(fps*start), ceil(fps*end)); 8 of them are kept
-     uniformly, offsets floor(linspace(0, t - 1, 8)).
-  3. With probability `time_difference_prob`, per clip, the clip becomes a temporal difference:
-     grayscale g (torchvision weights, uint8), kept frame i -> round((g_i - g_{i+1} + 255) / 2) and
-     the last kept frame L -> round((g_{L-1} - g_L + 255) / 2). Values are integers in [0, 254]
-     (the uint8 grayscale of white is 254) and 128 means "no change" (127.5 rounds half to even).
-  4. One RandomResizedCrop box per clip (area U[0.2, 0.766], log-uniform ratio [0.75, 1.3333]),
-     the same for all frames, resized bilinearly without antialias to `crop_size`.
-`__getitem__` returns ([num_clips, 3, T, H, W], label). Values are 0..255, uint8 when
-`time_difference_prob == 0`, else float32 for every clip (not rounded after the resize, as the
-official `decode_float=True`); the GPU augmentation divides by 255.
-
-Loader: `util.runtime.build_train_loader` already gives what the reference run asks for
-(drop_last, shuffled every epoch via DistributedSampler, pin_memory); it uses 3 workers per GPU
-and a global batch of 512.
-
-Differences from the official (eztorch) code, all deliberate:
-  - Random numbers come from torch's RNG only (eztorch mixes Python `random`, numpy and torch).
-  - uint8 output when no temporal difference is used: the resized crop is rounded to uint8 (error
-    <= 0.5/255) to halve host memory and host-to-GPU copies.
-  - The crop box is cut before the temporal difference; both are per-pixel, so the result is the same.
-  - A temporal-difference partner frame outside the video (a clip with fewer than 8 frames at the end
-    of the video) is clamped to the last frame; eztorch tries to read a missing file and drops the video.
-  - JPEGs are decoded as RGB (a grayscale JPEG gives 3 channels instead of breaking the stack).
-  - An unreadable or missing video is skipped with one warning, counted in `.skipped` (per process:
-    each DataLoader worker counts its own) and never retried; another random video is returned (up to
-    100 in a row, eztorch gives up after 10).
+A training sample: `num_clips` random windows of `clip_duration` seconds, 8 frames kept uniformly in each,
+a temporal difference with probability `time_difference_prob` (128 = no change), one RandomResizedCrop box
+per clip. Random numbers come from torch's RNG only (seeded per DataLoader worker). Samples are uint8
+(0..255) when no temporal difference is used, else float32; the GPU augmentation divides by 255.
+An unreadable video is skipped with one warning and another random video is returned.
 """
 import math
 import os
@@ -50,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torchvision.io import ImageReadMode, decode_jpeg, read_file
 from torchvision.transforms.v2.functional import rgb_to_grayscale
+
+from util.sce_video_demo import make_demo_videos
 
 # torchvision 0.29 deprecates its JPEG codec in favour of torchcodec's; it still works and the
 # warning would otherwise be printed for every clip.
@@ -81,17 +57,6 @@ def read_video_csv(csv_path, with_num_frames=True):
     if not rows:
         raise ValueError(f'{csv_path} lists no videos')
     return rows
-
-
-def write_frame_csv(split_dir, csv_path):
-    """Write the CSV of a frame-folder split: labels index the sorted class folders."""
-    split_dir = Path(split_dir)
-    classes = sorted(p.name for p in split_dir.iterdir() if p.is_dir())
-    lines = []
-    for label, name in enumerate(classes):
-        for video in sorted(p for p in (split_dir / name).iterdir() if p.is_dir()):
-            lines.append(f'{name}/{video.name} {label} {len(list(video.glob("*.jpg")))}\n')
-    Path(csv_path).write_text(''.join(lines))
 
 
 # ---------------------------------------------------------------- sampling (pure functions)
@@ -356,7 +321,6 @@ def video_data_root(data_path, decoder='frame'):
     if str(data_path) == 'demo':
         if decoder != 'frame':
             raise ValueError('--data_path demo holds frame folders only; use --decoder frame')
-        from util.sce_video_demo import make_demo_videos
         return make_demo_videos()
     root = Path(data_path).expanduser()
     if not root.is_dir():

@@ -17,7 +17,6 @@ import numpy as np
 from PIL import Image
 
 from util.demo_data import DEMO_PHOTOGRAPHS, DEMO_SEED, REPOSITORY_ROOT, _load_photograph, build_once
-from util.sce_video_data import write_frame_csv
 
 DEMO_VIDEOS_PER_CLASS = {'train': 8, 'val': 2}
 DEMO_FRAME_RANGE = (48, 96)       # frames per video, inclusive
@@ -30,6 +29,17 @@ def default_demo_video_root() -> Path:
     if images:
         return Path(images).with_name(Path(images).name + '_videos')
     return REPOSITORY_ROOT / '.cache' / 'demo_videos'
+
+
+def write_frame_csv(split_dir, csv_path):
+    """Write the CSV of a frame-folder split: labels index the sorted class folders."""
+    split_dir = Path(split_dir)
+    classes = sorted(p.name for p in split_dir.iterdir() if p.is_dir())
+    lines = []
+    for label, name in enumerate(classes):
+        for video in sorted(p for p in (split_dir / name).iterdir() if p.is_dir()):
+            lines.append(f'{name}/{video.name} {label} {len(list(video.glob("*.jpg")))}\n')
+    Path(csv_path).write_text(''.join(lines))
 
 
 def _camera_path(photo_size, num_frames, frame_size, rng):

@@ -1,40 +1,15 @@
 """SLaK's dynamic sparse training: masks over the 2-D/4-D weights, pruned and regrown during training.
 
-`Masking` keeps one boolean mask per weight, keyed by the parameter names of the bare model (no
-DDP `module.` prefix), so the same masks apply to an EMA copy and load into any run of the model.
-It is an engine hook: after every optimizer step `after_step` zeroes the masked weights, advances
-the cosine prune-rate decay and, every `update_frequency` steps, removes the `prune_rate` fraction
-of each layer's active weights with the smallest magnitude and regrows as many at zero positions
-(randomly, or where |gradient| or |Adam momentum| is largest). Regrown weights start at zero.
+`Masking` keeps one boolean mask per weight, keyed by the parameter names of the bare model (no DDP
+`module.` prefix), so the same masks apply to an EMA copy and load into any run of the model. It is an
+engine hook: after every optimizer step (whatever the precision) `after_step` zeroes the masked weights,
+advances the cosine prune-rate decay and, every `update_frequency` steps, removes the `prune_rate` fraction
+of each layer's active weights with the smallest magnitude and regrows as many at zero positions (randomly,
+or where |gradient| or |Adam momentum| is largest). Regrown weights start at zero. Masks are part of
+`state_dict()` and are broadcast from rank 0 only when they change.
 
-Flags (`add_sparse_args`, official names and defaults):
-  --sparse               enable sparse training
-  --sparsity 0.4         global sparsity over the masked weights; density = 1 - sparsity
-  --sparse_init snip     uniform | ERK | snip | resume (mask = weight != 0)
-  --prune magnitude      magnitude
-  --growth random        random | gradient | momentum
-  --redistribution none  accepted for command compatibility; unused, as officially
-  --prune_rate 0.3       initial fraction of active weights pruned per event, cosine-decayed to 0.005
-  -u/--update-frequency 100  optimizer steps between prune/grow events
-  --fix                  static masks: no prune/grow
-  --only-L               mask only the large-kernel strips (names containing `large_kernel.LoRA`)
-  --verbose              print per-layer counts at every prune/grow event
-
-Official behaviours kept: SNIP scores only set per-layer densities (the masks are random); masks
-at least 99% dense after initialisation are dropped (those layers stay dense); random growth keeps
-a layer's density in expectation only; Adam moments are not masked (SGD momentum is); random draws
-use the CPU generator in parameter order.
-
-Official bugs fixed:
-  - Under AMP the masks were never applied (weights trained dense) and the prune rate never decayed:
-    here the hook runs after every optimizer step, whatever the precision, also after skipped steps.
-  - Masks were not saved, and a resume with the default init zeroed a random 40% of the trained
-    weights: `state_dict()` holds masks, step counter and decay, restored exactly on resume.
-  - Masks were broadcast from rank 0 at every step; here only when they change (initialisation and
-    prune/grow events). The broadcast now precedes dropping dense layers, so ranks agree on which.
-  - Mask names carried the DDP prefix; gradient/momentum growth could regrow active positions when
-    few zero positions had a non-zero score, and non-finite gradients of a skipped step could pick
-    positions; random growth needed CUDA; the printed "overall sparsity" was the density.
+As officially, SNIP scores only set per-layer densities (the masks are random) and masks at least 99%
+dense after initialisation are dropped.
 """
 import copy
 import math

@@ -1,19 +1,14 @@
 """SparK's output files, readable by our tools and by the official SparK code alike.
 
 In `output_<exp_name>/`, rewritten atomically every epoch:
-  <model>_still_pretraining.pth   our checkpoint (`model` in timm key names, optimizer, epoch, step, RNG, ...)
-                                  that also carries the official keys: `module` = the same tensors (stored once)
-                                  under the official SparK module's names with its config, `arch`, `input_size`,
-                                  `performance_desc`, `is_pretrain`. The optimizer's parameters are ordered as the
-                                  official module's, so `optimizer` is the official state as well. The official
-                                  resume and visualisation code read it; `--resume_from` takes it, auto-resume
-                                  finds it. Also under its newer official name
-                                  <model>_withdecoder_1kpretrained_spark_style.pth (a symbolic link).
-  <model>_1kpretrained.pth        the encoder in timm key layout, no wrapper: for timm.create_model / --finetune.
+  <model>_still_pretraining.pth   our resumable checkpoint (`model` in timm key names, optimizer, ...) that also
+                                  holds the official keys (`module` under the official names, `arch`, ...); the
+                                  optimizer follows the official parameter order, so it is the official state
+                                  too. Also linked as <model>_withdecoder_1kpretrained_spark_style.pth.
+  <model>_1kpretrained.pth        the encoder in timm key layout: for timm.create_model / --finetune.
   <model>_1kpretrained_timm_style.pth
-                                  the encoder in the official model's key layout (the official fine-tuning code's
-                                  input): FB ConvNeXt names for ConvNeXts (a file of its own), else the same
-                                  file as <model>_1kpretrained.pth (a symbolic link).
+                                  the encoder in the official model's key layout (FB ConvNeXt names for
+                                  ConvNeXts; else a link to <model>_1kpretrained.pth).
 `--resume_from` also takes an official spark_style file: its ConvNeXt names are mapped to timm's, and its
 optimizer state loads as it is (same parameter order), after a check of every tensor's shape.
 """

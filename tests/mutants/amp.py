@@ -55,8 +55,8 @@ MUTATIONS = [
     # ---- FreezeOut prefix cache in a real run
     dict(file='util/freezeout_cache.py', find='if all(c is not None for c in cached):', replace='if False:',
          tests=[FREEZE_RUN], note='freeze cache: never served from the cache'),
-    dict(file='run_pretrain.py', find='compute_loss=cache.compute_loss(args.mask_ratio) if cache else None',
-         replace='compute_loss=None', tests=[FREEZE_RUN], note='--freeze_cache: the cache is built but never used'),
+    dict(file='run_pretrain.py', find='cache.compute_loss(args.mask_ratio) if cache else',
+         replace='None if cache else', tests=[FREEZE_RUN], note='--freeze_cache: the cache is built but never used'),
     dict(file='util/freezeout_cache.py', find='self.seed * _SEED_STRIDE + int(i) + 1', replace='torch.seed()',
          tests=[FREEZE_RUN], note='freeze cache: a new mask each visit, stale cached prefixes'),
     dict(file='util/freezeout_cache.py', find='torch.manual_seed(self.seed * _SEED_STRIDE + index)',

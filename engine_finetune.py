@@ -31,13 +31,13 @@ def classification_loss(criterion, device, mixup_fn=None):
 
 
 def train_one_epoch(data_loader, trainer, epoch, schedule, criterion, mixup_fn=None, hooks=(), log_writer=None,
-                    print_freq=50):
+                    print_freq=50, checkpoints=None):
     """One epoch of `trainer` over (images, labels) batches (engine_pretrain's loop with a classification loss);
     returns the epoch means of loss, lr and grad_norm. The logged lr is the schedule's, i.e. that of the groups
     with lr_scale 1 (the head under layer decay), the largest one."""
     return engine_pretrain.train_one_epoch(data_loader, trainer, epoch, schedule,
                                            classification_loss(criterion, trainer.device, mixup_fn), hooks,
-                                           log_writer, print_freq)
+                                           log_writer, print_freq, checkpoints)
 
 
 @torch.no_grad()

@@ -9,6 +9,8 @@ The contract (all a method needs to plug in; the loop itself never changes):
   util.lr_sched.WarmupCosine is MAE's; util.lr_sched.IterationSchedule takes precomputed per-step arrays.
 - `compute_loss(model, samples, targets)` -> loss or (loss, dict of scalars to log), run under autocast.
 - `hooks`: objects with `after_step(trainer)`, run after each optimizer step (util/hooks.py).
+- `checkpoints` (optional): a util.preemption.MidEpochCheckpoints, for saves inside the epoch (a stop signal,
+  --save_every_steps) and for resuming at the step where the last run stopped.
 Metrics stay on the device until a print step (no host sync per step).
 """
 from util.dist import get_world_size
@@ -32,7 +34,8 @@ def masked_modeling_loss(mask_ratio):
     return lambda model, samples, targets: model(samples, mask_ratio=mask_ratio)
 
 
-def train_one_epoch(data_loader, trainer, epoch, schedule, compute_loss, hooks=(), log_writer=None, print_freq=50):
+def train_one_epoch(data_loader, trainer, epoch, schedule, compute_loss, hooks=(), log_writer=None, print_freq=50,
+                    checkpoints=None):
     """One pass over `data_loader`; returns the epoch means of the logged metrics (loss, lr, grad_norm, the
     model's and the schedule's extras) over all processes, and `epoch_time`."""
     device = trainer.device
@@ -42,21 +45,33 @@ def train_one_epoch(data_loader, trainer, epoch, schedule, compute_loss, hooks=(
     meter.on_print.append(lambda *_: trainer.check())
     if log_writer is not None:
         meter.on_print.append(tensorboard_callback(log_writer, epoch, steps))
-    for step, (samples, targets) in enumerate(meter.log_every(data_loader)):
-        if step % trainer.accum_iter == 0:
-            lr = schedule.adjust(trainer.optimizer, step / steps + epoch)
-        meter.images_per_step = len(samples) * get_world_size()
-        samples = samples.to(device, non_blocking=True)
-        update = trainer.is_update(step)
-        with trainer.no_sync_unless(update):
-            with trainer.autocast():
-                out = compute_loss(trainer.model, samples, targets)
-            loss, logs = out if isinstance(out, tuple) else (out, {})
-            trainer.backward(loss)
-        if update:
-            trainer.step(hooks)
-        # grad_norm: of the last optimizer step
-        meter.update(loss=loss, lr=lr, grad_norm=trainer.grad_norm, **logs, **schedule.metrics())
+    if checkpoints is None:
+        batches, first_step = iter(data_loader), 0
+    else:  # inside the interrupted epoch: past the batches it trained on, with the metric sums so far
+        batches, first_step, sums = checkpoints.batches(data_loader, epoch)
+        meter.load_sums(sums or {})
+    try:
+        for step, (samples, targets) in enumerate(meter.log_every(batches, first_step), first_step):
+            if step % trainer.accum_iter == 0:
+                lr = schedule.adjust(trainer.optimizer, step / steps + epoch)
+            meter.images_per_step = len(samples) * get_world_size()
+            samples = samples.to(device, non_blocking=True)
+            update = trainer.is_update(step)
+            with trainer.no_sync_unless(update):
+                with trainer.autocast():
+                    out = compute_loss(trainer.model, samples, targets)
+                loss, logs = out if isinstance(out, tuple) else (out, {})
+                trainer.backward(loss)
+            if update:
+                trainer.step(hooks)
+            # grad_norm: of the last optimizer step
+            meter.update(loss=loss, lr=lr, grad_norm=trainer.grad_norm, **logs, **schedule.metrics())
+            if update and checkpoints is not None:
+                checkpoints.after_step(trainer, epoch, step + 1, meter.sums)
+    finally:  # stopped inside the epoch (a signal, an error): end the loader's workers now, they ignore SIGTERM
+        shutdown = getattr(batches, '_shutdown_workers', None)
+        if shutdown is not None:
+            shutdown()
     trainer.discard_partial_window()
     stats = meter.global_averages(device)
     stats['epoch_time'] = meter.epoch_time

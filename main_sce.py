@@ -13,26 +13,9 @@
         --num_frames 4 --global_batch_size 8 --queue_size 64 --epochs 2 --warmup_epochs 1 --num_workers 2
 
 Data: `<data_path>/train.csv` (`<class>/<video> <label> <num_frames>`) and `<data_path>/train/<class>/<video>/
-00000001.jpg ...` (util/sce_video_data.py); `val.csv` and `val/` alike, if present, validate the online evaluator at
-the end of every epoch (one centre clip per video, trunk in eval mode; each video counted once under DDP).
-Outputs in --output_dir: checkpoint-last.pth every epoch (model with the target network, queue and pointer; LARS,
-GradScaler, step, RNG, online evaluator's Adam), checkpoint-<N>.pth every --save_freq epochs, log.txt (one JSON
-line per epoch, with online_val_{loss,acc1,acc5}), TensorBoard in --log_dir (losses, lr, mean positive weight,
-queue fill, std of normalised embeddings, online train / val accuracy, clip pairs) and vis/clip_pairs_*.png.
+00000001.jpg ...`; `val.csv` and `val/` alike, if present, validate the online evaluator after every epoch.
 Runs resume automatically from the newest checkpoint in --output_dir (--auto_resume false to start over).
-
-Differences from the official code (deliberate):
-- no Hydra / Lightning / pytorchvideo / torchaug: the GPU augmentations are plain torch (util/sce_video_augment.py);
-- the loader shuffles every epoch on one device too and seeds are per rank (--seed + rank);
-- --amp fp16 (the reference run's precision 16) with a GradScaler; the SCE loss itself runs in fp32 (models/sce.py).
-  bf16 needs no scaler and is the safer choice on Ampere or newer GPUs if fp16 overflows. On the CPU fp16 is
-  replaced by fp32 (CPU fp16 autocast is ~30x slower for this model);
-- checkpoints every epoch (the reference run keeps one every 100 epochs: --save_freq 100) and auto-resume;
-- online validation takes the centre clip of each video (the official draws one random clip) and never applies
-  the temporal difference; accuracies are logged as fractions, as the official online/val_acc_1;
-- --accum_iter (not in the reference run) reaches the global batch with fewer GPUs; BN statistics are then per
-  micro-batch;
-- SyncBatchNorm only under DDP on CUDA (gloo has none); the queue is enqueued after the optimizer step (same result).
+README.md lists the outputs and what differs from the official code.
 """
 import argparse
 import datetime
@@ -49,8 +32,10 @@ from engine_pretrain import train_one_epoch
 from models.sce import SCE, OnlineEvalClassifier, convert_sync_batchnorm
 from util.checkpoint import save_checkpoint
 from util.dist import get_world_size, is_main_process
-from util.runtime import (add_bool_arg, append_log_line, attach_ddp, build_train_loader, keeps_checkpoint,
-                          make_log_writer, per_process_batch, resume_path, resume_training, run_cli, setup_run)
+from util.preemption import MidEpochCheckpoints
+from util.runtime import (add_bool_arg, append_log_line, attach_ddp, build_train_loader, check_flags,
+                          keeps_checkpoint, make_log_writer, per_process_batch, resume_path, resume_training, run_cli,
+                          setup_run)
 from util.hooks import SCEHook
 from util.samplers import build_eval_loader
 from util.sce_optim import build_lars, scale_learning_rate, sce_schedule
@@ -113,6 +98,8 @@ def get_args_parser():
     g.add_argument('--log_dir', default=None, help='TensorBoard folder (default: <output_dir>/tensorboard)')
     g.add_argument('--print_freq', default=50, type=int)
     g.add_argument('--save_freq', default=100, type=int, help='keep checkpoint-<epoch>.pth every N epochs')
+    g.add_argument('--save_every_steps', default=0, type=int,
+                   help='also write checkpoint-last.pth every N optimizer steps, resumable inside the epoch')
     g.add_argument('--vis_freq', default=1, type=int, help='clip-pair picture every N epochs (0: never)')
     g.add_argument('--seed', default=42, type=int)
     g.add_argument('--device', default='cuda')
@@ -228,10 +215,19 @@ def check_args(args):
     if args.num_clips != 2 or views != 2:
         raise ValueError(f'--num_clips {args.num_clips} with {views} SCE crops: the video pipeline has two views '
                          f'(two clips, one per augmentation pipeline); use --num_clips 2 and 2 global crops')
-    if args.val_crop_size is not None and args.val_crop_size < 1:
-        raise ValueError(f'--val_crop_size must be a positive number of pixels, got {args.val_crop_size}')
-    if not 0 <= args.warmup_epochs <= args.epochs:
-        raise ValueError(f'--warmup_epochs {args.warmup_epochs} must be within [0, --epochs {args.epochs}]')
+    check_flags(args, {'--num_frames': '>= 1', '--clip_duration': '> 0', '--fps': '>= 1', '--speeds': '> 0',
+                       '--jitter_factor': '[0, 1)', '--time_difference_prob': '[0, 1]', '--crop_size': '>= 1',
+                       '--crop_scale': '(0, 1]', '--crop_ratio': '> 0', '--val_crop_size': '>= 1',
+                       '--num_threads_io': '>= 1', '--num_threads_decode': '>= 1', '--num_workers': '>= 0',
+                       '--global_batch_size': '>= 1', '--accum_iter': '>= 1', '--lr': '> 0', '--weight_decay': '>= 0',
+                       '--momentum': '[0, 1)', '--trust_coefficient': '> 0', '--epochs': '>= 1',
+                       '--warmup_epochs': '[0, --epochs]', '--warmup_start_lr': '>= 0', '--min_lr': '>= 0',
+                       '--clip_grad': '>= 0', '--max_nonfinite': '>= 0', '--print_freq': '>= 1', '--save_freq': '>= 1',
+                       '--save_every_steps': '>= 0', '--vis_freq': '>= 0', '--queue_size': '>= 0',
+                       '--online_eval_lr': '> 0'})
+    check_sce_args(args)
+    # a multiple of --accum_iter; of the number of processes too, checked once they are known
+    per_process_batch(args.global_batch_size, 1, args.accum_iter, '--global_batch_size')
 
 
 def build_dataset(args):
@@ -294,12 +290,21 @@ def validate_online(loader, model, device, amp_dtype):
         return evaluate(loader, OnlineEvalClassifier(model), device, amp_dtype)
 
 
-def resume(args, model, trainer):
+def save(args, epoch, model, trainer, mid_epoch=None):
+    """checkpoint-last.pth (and a kept checkpoint-<epoch>.pth) after `epoch`, or (`mid_epoch`) inside it."""
+    extra = {'online_evaluator_optimizer': model.online_evaluator.optimizer.state_dict()
+             if model.online_evaluator is not None else None, 'mid_epoch': mid_epoch}
+    save_checkpoint(args.output_dir, epoch - (mid_epoch is not None), trainer.num_updates, args, model,
+                    trainer.optimizer, trainer.scaler, extra=extra,
+                    keep=mid_epoch is None and keeps_checkpoint(epoch, args.save_freq, args.epochs))
+
+
+def resume(args, model, trainer, checkpoints):
     """Restores model (target network, queue, pointer, online evaluator), LARS, GradScaler, RNG and the step."""
     path = resume_path(args.resume, args.auto_resume, args.output_dir)
     if not path:
         return
-    ckpt = resume_training(args, path, model, trainer)
+    ckpt = resume_training(args, path, model, trainer, checkpoints=checkpoints)
     model.global_step = trainer.num_updates
     online_state = ckpt.get('extra', {}).get('online_evaluator_optimizer')
     if model.online_evaluator is not None and online_state:
@@ -330,7 +335,8 @@ def main(args):
                            args.exclude_wd_bias, args.exclude_wd_norm)
     trainer = TrainStep(model, optimizer, device, args.amp, args.accum_iter, args.clip_grad, args.max_nonfinite)
     args.start_epoch = 0
-    resume(args, model, trainer)
+    checkpoints = MidEpochCheckpoints(lambda epoch, mid: save(args, epoch, model, trainer, mid), args.save_every_steps)
+    resume(args, model, trainer, checkpoints)
     # Under DDP the target and the online evaluator are outside the reducer (models/sce.py). Buffers (queue,
     # pointer, BN statistics) are copied from rank 0 once, never at each forward: the queue's random start differs
     # per rank seed. (`broadcast_buffers=False` would skip that first copy.)
@@ -347,12 +353,9 @@ def main(args):
     for epoch in range(args.start_epoch, args.epochs):
         loader.sampler.set_epoch(epoch)
         stats = train_one_epoch(loader, trainer, epoch, schedule, compute_loss, [SCEHook(model)], log_writer,
-                                args.print_freq)
+                                args.print_freq, checkpoints)
         last = epoch + 1 == args.epochs
-        extra = {'online_evaluator_optimizer': model.online_evaluator.optimizer.state_dict()
-                 if model.online_evaluator is not None else None}
-        save_checkpoint(args.output_dir, epoch, trainer.num_updates, args, model, optimizer, trainer.scaler,
-                        extra=extra, keep=keeps_checkpoint(epoch, args.save_freq, args.epochs))
+        save(args, epoch, model, trainer)
         if is_main_process() and args.vis_freq and (epoch % args.vis_freq == 0 or last):
             save_clip_pairs(compute_loss.last_pair, args.output_dir, epoch, log_writer)
         epoch_time = stats.pop('epoch_time')

@@ -7,30 +7,11 @@
         --data_path /path/to/imagenet-1k --num_workers 40 --kernel_size 51 49 47 13 5 --output_dir out
     python main_slak.py --model SLaK_tiny --eval true --Decom True --width_factor 1.3 --resume ckpt.pth ...
 
-Flags and defaults are those of the official main.py; booleans take true/false (a bare
-`--model_ema` means true). Ours: --amp (with --use_amp true it defaults to bf16; the official AMP is fp16),
---conv_impl (models/slak.py), --print_freq, --max_nonfinite. With --sparse, util/slak_sparse_training.py's masks are
-built after the model, DDP wrapper, optimizer and loader, and an engine hook applies, prunes and regrows them
-after every optimizer step, before the masked EMA update. Checkpoints: checkpoint-last.pth every epoch (what
-auto-resume picks), the official checkpoint-<epoch>.pth every --save_ckpt_freq epochs and at the end (the newest
---save_ckpt_num kept), checkpoint-best.pth and checkpoint-best-ema.pth; official checkpoints load with --resume,
---eval and --finetune.
-
-Official bugs fixed here:
-  - with --use_amp the mask step never ran (weights trained dense, no prune/grow): hooks run after every step;
-  - masks were not saved and a resume redrew them (zeroing a random 40% of the trained weights under the default
-    snip): checkpoints hold the masks, step count and prune-rate decay, restored on resume; a checkpoint without
-    masks (official) resumes with masks = its non-zero weights, whatever --sparse_init says;
-  - --auto_resume (on by default) overrode --resume and globbed the working directory when --output_dir was
-    empty: here --resume wins and auto-resume looks only in --output_dir;
-  - the best accuracies were reset on resume; torch.cuda.synchronize() ran every step (fails on CPU); DDP
-    all-reduced on every accumulation micro-step; --clip_grad was ignored in fp32; --dist_eval counted padded
-    duplicate validation images.
-Evaluation resizes as the official code does: to input_size / --crop_pct (default 224/256) and centre-crops below
-384 px, and to exactly input_size x input_size from 384 px on.
-Not supported (an error unless left at the default): W&B, --data_set CIFAR, --train_interpolation
-other than bicubic, --imagenet_default_mean_and_std false, --model_prefix. BatchNorm becomes SyncBatchNorm under
-DDP on GPU only (gloo has none).
+Flags and defaults are those of the official main.py (https://github.com/VITA-Group/SLaK/blob/main/main.py);
+booleans take true/false (a bare `--model_ema` means true). With --sparse, the masks (util/slak_sparse_training.py)
+are built after the model, DDP wrapper, optimizer and loader, and an engine hook applies, prunes and regrows them
+after every optimizer step, before the masked EMA update. README.md lists the outputs, the official bugs fixed
+here and what is not supported.
 """
 import argparse
 import copy
@@ -53,8 +34,9 @@ from util.classification import add_augmentation_args, build_criterion, build_mi
 from util.datasets import ImageFolderOrFlat, build_finetune_dataset, build_finetune_transform
 from util.dist import get_world_size, is_main_process
 from util.lr_sched import IterationSchedule, cosine_scheduler
-from util.runtime import (add_bool_arg, append_log_line, attach_ddp, build_train_loader, keeps_checkpoint,
-                          make_log_writer, resume_path, resume_training, run_cli, setup_run)
+from util.preemption import MidEpochCheckpoints
+from util.runtime import (add_bool_arg, append_log_line, attach_ddp, build_train_loader, check_flags,
+                          keeps_checkpoint, make_log_writer, resume_path, resume_training, run_cli, setup_run)
 from util.samplers import build_eval_loader
 from util.hooks import MaskedEmaHook, ModelEmaHook
 from util.slak_sparse_training import Masking, add_sparse_args, density_from_sparsity
@@ -145,6 +127,8 @@ def get_args_parser():
     boolean('--wandb_ckpt', False)
     p.add_argument('--print_freq', default=10, type=int)
     p.add_argument('--max_nonfinite', default=5, type=int, help='stop after this many skipped steps in a row')
+    p.add_argument('--save_every_steps', default=0, type=int,
+                   help='also write checkpoint-last.pth every N optimizer steps, resumable inside the epoch (ours)')
     return add_sparse_args(p)
 
 
@@ -158,8 +142,18 @@ def check_args(args):
     if len(args.kernel_size) != 5:
         raise ValueError(f'--kernel_size takes 5 numbers (the large kernel of each of the 4 stages, then the '
                          f'strip width / small kernel, e.g. 51 49 47 13 5), got {len(args.kernel_size)}')
-    if args.update_freq < 1:
-        raise ValueError(f'--update_freq must be >= 1, got {args.update_freq}')
+    check_flags(args, {'--batch_size': '>= 1', '--epochs': '>= 1', '--update_freq': '>= 1', '--input_size': '>= 1',
+                       '--kernel_size': '>= 1', '--width_factor': '> 0', '--drop_path': '[0, 1)',
+                       '--model_ema_decay': '[0, 1]', '--clip_grad': '>= 0', '--weight_decay': '>= 0',
+                       '--weight_decay_end': '>= 0', '--lr': '> 0', '--layer_decay': '(0, 1]', '--min_lr': '>= 0',
+                       # --warmup_steps > 0 replaces --warmup_epochs
+                       '--warmup_epochs': '>= 0' if args.warmup_steps > 0 else '[0, --epochs]',
+                       '--color_jitter': '>= 0', '--smoothing': '[0, 1)', '--reprob': '[0, 1]', '--recount': '>= 1',
+                       '--mixup': '>= 0', '--cutmix': '>= 0', '--mixup_prob': '[0, 1]', '--mixup_switch_prob': '[0, 1]',
+                       '--crop_pct': '(0, 1]', '--nb_classes': '>= 1', '--save_ckpt_freq': '>= 1',
+                       '--num_workers': '>= 0', '--print_freq': '>= 1', '--max_nonfinite': '>= 0',
+                       '--save_every_steps': '>= 0', '--sparsity': '[0, 1)', '--prune_rate': '[0, 1]',
+                       '--update-frequency': '>= 1'})
     if args.data_set == 'image_folder' and not args.eval_data_path:
         raise ValueError('--data_set image_folder needs --eval_data_path (the validation class folders)')
 
@@ -294,13 +288,15 @@ def evaluate_epoch(args, val_loader, model, ema, device, best, log):
     return improved
 
 
-def save(args, epoch, trainer, model, masking, ema, best, improved):
+def save(args, epoch, trainer, model, masking, ema, best, improved=(), mid_epoch=None):
+    """The checkpoints after `epoch`, or (`mid_epoch`) checkpoint-last.pth inside it."""
     if not (args.output_dir and args.save_ckpt):
         return
-    extra = {**best, 'masking': masking.state_dict() if masking is not None else None}
+    extra = {**best, 'masking': masking.state_dict() if masking is not None else None, 'mid_epoch': mid_epoch}
     official = {'model_ema': ema.state_dict()} if ema is not None else None  # the official key, read on resume
-    keep = keeps_checkpoint(epoch, args.save_ckpt_freq, args.epochs)
-    state = (args.output_dir, epoch, trainer.num_updates, args, model, trainer.optimizer, trainer.scaler, extra)
+    keep = mid_epoch is None and keeps_checkpoint(epoch, args.save_ckpt_freq, args.epochs)
+    state = (args.output_dir, epoch - (mid_epoch is not None), trainer.num_updates, args, model, trainer.optimizer,
+             trainer.scaler, extra)
     save_checkpoint(*state, keep=keep, best='' in improved, top_level=official)
     if '_ema' in improved:
         save_checkpoint(*state, name='checkpoint-best-ema.pth', top_level=official)
@@ -336,8 +332,10 @@ def main(args):
     optimizer = build_optimizer(args, model)
     trainer = TrainStep(model, optimizer, device, args.amp, args.update_freq, args.clip_grad, args.max_nonfinite)
     log_writer = make_log_writer(args.log_dir)
+    checkpoints = MidEpochCheckpoints(lambda epoch, mid: save(args, epoch, trainer, model, masking, ema, best,
+                                                              mid_epoch=mid), args.save_every_steps)
     path = resume_path(args.resume, args.auto_resume, args.output_dir)
-    ckpt = resume_training(args, path, model, trainer) if path else None
+    ckpt = resume_training(args, path, model, trainer, checkpoints=checkpoints) if path else None
     best = {'max_accuracy': 0.0, 'max_accuracy_ema': 0.0}
     if ckpt:
         if 'step' not in ckpt:  # an official checkpoint
@@ -355,7 +353,7 @@ def main(args):
     for epoch in range(args.start_epoch, args.epochs):
         train_loader.sampler.set_epoch(epoch)
         train_stats = train_one_epoch(train_loader, trainer, epoch, schedule, criterion, mixup_fn, hooks, log_writer,
-                                      args.print_freq)
+                                      args.print_freq, checkpoints)
         log = {f'train_{k}': v for k, v in train_stats.items()}
         improved = set() if args.disable_eval else evaluate_epoch(args, val_loader, model, ema, device, best, log)
         if masking is not None:

@@ -6,16 +6,9 @@
         --data_path=/path/to/imagenet --model=resnet50 --bs=512          # or torchrun --nnodes ...
 
 `--bs` is the GLOBAL batch (per process and micro-step: bs // (world size * accum_iter)); lr = base_lr * bs
-/ 256. Booleans take `--sbn=False` like the official Tap parser. Outputs in `--exp_dir` (default
-`output_<exp_name>/`, see util/spark_checkpoint.py): `<model>_still_pretraining.pth` (resumable, auto-resumed,
-official keys and optimizer layout too), `<model>_1kpretrained.pth` (encoder, timm keys), the official names
-`<model>_withdecoder_1kpretrained_spark_style.pth` and `<model>_1kpretrained_timm_style.pth` (encoder in the
-official key layout), `pretrain_log.txt`, `stdout_backup.txt`/`stderr_backup.txt`, TensorBoard in
-`tensorboard_log/`, reconstructions of fixed images in `vis/`. Differences from the official code: the shared
-loader (shuffled, drop_last, per-epoch DistributedSampler) instead of the infinite wrap-around sampler;
---accum_iter and --amp; --dp defaults to the official per-model rate but --dp=0 really disables drop path;
-SyncBN is off on CPU (gloo has no SyncBN) as well as without DDP; any timm ConvNeXt size works (timm's
-ConvNeXt, official names only in the official files).
+/ 256. Booleans take `--sbn=False` like the official Tap parser. Outputs go to `--exp_dir` (default
+`output_<exp_name>/`) under the official file names (util/spark_checkpoint.py); README.md lists them and what
+differs from the official code.
 """
 import argparse
 import json
@@ -36,9 +29,10 @@ from models.spark import build_spark, spark_default_drop_path
 from util.datasets import ImageFolderOrFlat, resolve_image_root
 from util.dist import get_world_size, is_main_process
 from util.mim_vis import fixed_vis_batch, vis_transform
-from util.runtime import (add_bool_arg, attach_ddp, build_train_loader, make_log_writer, per_process_batch, run_cli,
-                          setup_run, tee_console)
-from util.spark_checkpoint import find_resume_file, resume_spark, save_spark_outputs
+from util.preemption import MidEpochCheckpoints
+from util.runtime import (add_bool_arg, attach_ddp, build_train_loader, check_flags, make_log_writer, per_process_batch,
+                          resume_path, run_cli, setup_run, tee_console)
+from util.spark_checkpoint import latest_spark_checkpoint, resume_spark, save_spark_outputs
 from util.spark_sched import SparkSchedule, spark_param_groups
 from util.spark_vis import save_spark_pictures
 from util.train_step import TrainStep
@@ -79,6 +73,8 @@ def get_args_parser():
     # ours
     p.add_argument('--amp', default='none', choices=['bf16', 'fp16', 'none'], help='default fp32 like official')
     p.add_argument('--accum_iter', default=1, type=int, help='micro-steps per optimizer step (same --bs, less memory)')
+    p.add_argument('--save_every_steps', default=0, type=int,
+                   help='also write the resumable checkpoint every N optimizer steps, resumable inside the epoch')
     p.add_argument('--vis_freq', default=20, type=int, help='reconstruction pictures every N epochs (0: never)')
     p.add_argument('--print_freq', default=100, type=int)
     p.add_argument('--log_dir', default=None, help='TensorBoard folder (default: <exp_dir>/tensorboard_log)')
@@ -150,10 +146,8 @@ def fmt_time(seconds):
     return f'{seconds // 3600}h{seconds % 3600 // 60:02d}m{seconds % 60:02d}s'
 
 
-def main(args):
-    args.exp_dir = args.output_dir = exp_dir_of(args)
-    args.cmd = ' '.join(sys.argv)
-    device = setup_run(args)
+def resolve_args(args, device):
+    """The official derived settings: per-process batch, lr, SyncBN, beta2 and drop path of the model."""
     world = get_world_size()
     args.batch_size = per_process_batch(args.bs, world, args.accum_iter)  # per process and micro-step
     args.glb_batch_size = args.batch_size * world * args.accum_iter
@@ -165,6 +159,42 @@ def main(args):
     if args.dp is None:
         args.dp = spark_default_drop_path(args.model)
 
+
+def resume(args, model, trainer, steps_per_epoch, checkpoints):
+    """Resumes from --resume_from or the experiment folder (ours or an official spark_style file); returns the
+    minimum and the last epoch's loss so far."""
+    args.start_epoch = 0
+    losses = {'min_loss': float('inf'), 'last_loss': float('inf')}
+    path = resume_path(args.resume_from, args.auto_resume, args.exp_dir,
+                       lambda folder: latest_spark_checkpoint(folder, args.model))
+    if not path:
+        return losses
+    last_epoch, step, extra = resume_spark(path, model, trainer)
+    args.start_epoch = checkpoints.resume_from({'epoch': last_epoch, 'extra': extra})
+    trainer.num_updates = step if step is not None else args.start_epoch * steps_per_epoch
+    print(f'resumed from {path} (epoch {last_epoch} done)')
+    return {k: extra.get(k, v) for k, v in losses.items()}
+
+
+def check_args(args):
+    # --wp_ep may exceed --ep: the official schedule then warms up until the end
+    check_flags(args, {'--mask': '(0, 1)', '--input_size': '>= 32', '--bs': '>= 1', '--accum_iter': '>= 1',
+                       '--num_workers': '>= 0', '--dp': '[0, 1)', '--base_lr': '> 0', '--wd': '>= 0', '--wde': '>= 0',
+                       '--ep': '>= 1', '--wp_ep': '>= 0', '--ada': '[0, 1)', '--save_every_steps': '>= 0',
+                       '--vis_freq': '>= 0', '--print_freq': '>= 1'})
+    if args.input_size % 32:
+        raise ValueError(f'--input_size {args.input_size}: must be a multiple of 32 (the total stride of the '
+                         'SparK CNNs, which is also the mask patch size)')
+    # a multiple of --accum_iter; of the number of processes too, checked once they are known
+    per_process_batch(args.bs, 1, args.accum_iter)
+
+
+def main(args):
+    check_args(args)
+    args.exp_dir = args.output_dir = exp_dir_of(args)
+    args.cmd = ' '.join(sys.argv)
+    device = setup_run(args)
+    resolve_args(args, device)
     model = build_spark(args.model, args.input_size, args.mask, args.sbn, args.dp).to(device)  # bad model: ValueError
     dataset = ImageFolderOrFlat(data_root(args.data_path), transform=spark_transform(args.input_size))
     loader = build_train_loader(dataset, args.batch_size, args.num_workers, args.pin_mem, args.seed, '--bs')
@@ -177,14 +207,12 @@ def main(args):
         print(f'init_weight {args.init_weight}: {model.load_state_dict(state, strict=False)}')
     optimizer = build_optimizer(args, model)
     trainer = build_trainer(args, model, optimizer, device)
-    args.start_epoch, min_loss = 0, float('inf')
-    resume_path = find_resume_file(args)
-    if resume_path:
-        last_epoch, step, extra = resume_spark(resume_path, model, trainer)
-        args.start_epoch = last_epoch + 1
-        trainer.num_updates = step if step is not None else args.start_epoch * (len(loader) // args.accum_iter)
-        min_loss = extra.get('min_loss', min_loss)
-        print(f'resumed from {resume_path} (epoch {last_epoch} done)')
+
+    def save(epoch, mid_epoch=None):  # after `epoch`, or inside it (a stop signal, --save_every_steps)
+        save_spark_outputs(args, epoch - (mid_epoch is not None), trainer, model, optimizer,
+                           {**losses, 'mid_epoch': mid_epoch})
+    checkpoints = MidEpochCheckpoints(save, args.save_every_steps)
+    losses = resume(args, model, trainer, len(loader) // args.accum_iter, checkpoints)
     attach_ddp(trainer, device, find_unused_parameters=False, forward_sync_buffers=False)
     schedule = SparkSchedule(args.lr, args.wd, args.wde, args.ep, args.wp_ep, len(loader) // args.accum_iter)
     log_writer = make_log_writer(args.log_dir or os.path.join(args.exp_dir, 'tensorboard_log'))
@@ -203,14 +231,14 @@ def main(args):
         for epoch in range(args.start_epoch, args.ep):
             loader.sampler.set_epoch(epoch)
             stats = train_one_epoch(loader, trainer, epoch, schedule, lambda m, samples, targets: m(samples),
-                                    log_writer=log_writer, print_freq=args.print_freq)
-            last_loss = float(stats['loss'])
-            min_loss = min(min_loss, last_loss)
-            save_spark_outputs(args, epoch, trainer, model, optimizer, {'min_loss': min_loss, 'last_loss': last_loss})
+                                    log_writer=log_writer, print_freq=args.print_freq, checkpoints=checkpoints)
+            losses['last_loss'] = float(stats['loss'])
+            losses['min_loss'] = min(losses['min_loss'], losses['last_loss'])
+            save(epoch)
             if is_main_process() and args.vis_freq and (epoch % args.vis_freq == 0 or epoch + 1 == args.ep):
                 save_spark_pictures(model, vis_imgs.to(device), vis_mask, args.exp_dir, epoch, log_writer)
-            log_epoch(args, epoch, start, min_loss, last_loss, log_txt, log_writer)
-        print(f'training time {fmt_time(time.time() - start)}; min loss {min_loss:.4f}')
+            log_epoch(args, epoch, start, losses['min_loss'], losses['last_loss'], log_txt, log_writer)
+        print(f'training time {fmt_time(time.time() - start)}; min loss {losses["min_loss"]:.4f}')
 
 
 def log_epoch(args, epoch, start, min_loss, last_loss, log_txt, log_writer):

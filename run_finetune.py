@@ -33,8 +33,9 @@ from util.hooks import ModelEmaHook
 from util.lars import LARS
 from util.pretrained import load_pretrained
 from util.lr_sched import WarmupCosine
-from util.runtime import (append_log_line, attach_ddp, build_train_loader, keeps_checkpoint, make_log_writer,
-                          resume_path, resume_training, run_cli, setup_run)
+from util.preemption import MidEpochCheckpoints
+from util.runtime import (append_log_line, attach_ddp, build_train_loader, check_flags, keeps_checkpoint,
+                          make_log_writer, resume_path, resume_training, run_cli, setup_run)
 from util.samplers import build_eval_loader, with_repeated_augmentation
 from util.train_step import AMP_DTYPES, TrainStep
 
@@ -138,6 +139,8 @@ def get_args_parser():
     parser.add_argument('--print_freq', default=50, type=int)
     parser.add_argument('--save_freq', default=20, type=int, help='keep checkpoint-<epoch>.pth every N epochs')
     parser.add_argument('--max_nonfinite', type=int, default=5)
+    parser.add_argument('--save_every_steps', default=0, type=int,
+                        help='also write checkpoint-last.pth every N optimizer steps, resumable inside the epoch')
     parser.add_argument('--world_size', default=1, type=int)
     parser.add_argument('--local_rank', '--local-rank', default=-1, type=int)
     parser.add_argument('--dist_on_itp', action='store_true')
@@ -218,7 +221,20 @@ def build_optimizer(args, model):
     return torch.optim.AdamW(groups, lr=args.lr, fused=True)
 
 
+def check_args(args):
+    check_flags(args, {'--batch_size': '>= 1', '--epochs': '>= 1', '--accum_iter': '>= 1', '--input_size': '>= 1',
+                       '--drop_path': '[0, 1)', '--clip_grad': '>= 0', '--weight_decay': '>= 0', '--lr': '> 0',
+                       '--blr': '> 0', '--layer_decay': '(0, 1]', '--min_lr': '>= 0',
+                       '--warmup_epochs': '>= 0', '--color_jitter': '>= 0', '--smoothing': '[0, 1)',
+                       '--reprob': '[0, 1]', '--recount': '>= 1', '--mixup': '>= 0', '--cutmix': '>= 0',
+                       '--mixup_prob': '[0, 1]', '--mixup_switch_prob': '[0, 1]', '--crop_pct': '(0, 1]',
+                       '--repeated_aug': '>= 0', '--model_ema_decay': '[0, 1]', '--nb_classes': '>= 1',
+                       '--num_workers': '>= 0', '--print_freq': '>= 1', '--save_freq': '>= 1',
+                       '--max_nonfinite': '>= 0', '--save_every_steps': '>= 0'})
+
+
 def main(args):
+    check_args(args)
     device = setup_run(args)
     dataset_val = build_finetune_dataset(False, args)
     val_loader = build_eval_loader(dataset_val, args.batch_size, args.num_workers,
@@ -235,8 +251,16 @@ def main(args):
 
     optimizer = build_optimizer(args, model)
     trainer = TrainStep(model, optimizer, device, args.amp, args.accum_iter, args.clip_grad, args.max_nonfinite)
+
+    def save(epoch, mid_epoch=None, best=False):  # after `epoch`, or inside it (a stop signal, --save_every_steps)
+        if args.output_dir:
+            extra = {'max_accuracy': max_accuracy, 'ema': ema.state_dict() if ema else None, 'mid_epoch': mid_epoch}
+            save_checkpoint(args.output_dir, epoch - (mid_epoch is not None), trainer.num_updates, args, model,
+                            optimizer, trainer.scaler, extra=extra, best=best,
+                            keep=mid_epoch is None and keeps_checkpoint(epoch, args.save_freq, args.epochs))
+    checkpoints = MidEpochCheckpoints(save, args.save_every_steps)
     path = resume_path(args.resume, args.auto_resume, args.output_dir)
-    ckpt = resume_training(args, path, model, trainer) if path else {}
+    ckpt = resume_training(args, path, model, trainer, checkpoints=checkpoints) if path else {}
     ema = ModelEmaHook(model, args.model_ema_decay) if args.model_ema else None  # starts from the loaded weights
     if ema is not None and ckpt.get('extra', {}).get('ema'):
         ema.load_state_dict(ckpt['extra']['ema'])
@@ -258,7 +282,8 @@ def main(args):
     for epoch in range(args.start_epoch, args.epochs):
         train_loader.sampler.set_epoch(epoch)
         train_stats = train_one_epoch(train_loader, trainer, epoch, schedule, criterion, mixup_fn,
-                                      hooks=[ema] if ema else (), log_writer=log_writer, print_freq=args.print_freq)
+                                      hooks=[ema] if ema else (), log_writer=log_writer, print_freq=args.print_freq,
+                                      checkpoints=checkpoints)
         test_stats = evaluate(val_loader, model, device, amp_dtype)
         log = {**{f'train_{k}': v for k, v in train_stats.items()}, **{f'test_{k}': v for k, v in test_stats.items()}}
         if ema is not None:
@@ -267,10 +292,7 @@ def main(args):
         max_accuracy = max(max_accuracy, test_stats['acc1'])
         print(f'accuracy of the network on {len(dataset_val)} test images: {test_stats["acc1"]:.1f}% '
               f'(max {max_accuracy:.2f}%)')
-        if args.output_dir:
-            extra = {'max_accuracy': max_accuracy, 'ema': ema.state_dict() if ema else None}
-            save_checkpoint(args.output_dir, epoch, trainer.num_updates, args, model, optimizer, trainer.scaler,
-                            extra=extra, keep=keeps_checkpoint(epoch, args.save_freq, args.epochs), best=best)
+        save(epoch, best=best)
         if log_writer is not None:
             for key in ('acc1', 'acc5', 'loss'):
                 log_writer.add_scalar(f'perf/test_{key}', test_stats[key], epoch)

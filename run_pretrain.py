@@ -19,9 +19,10 @@ from engine_pretrain import masked_modeling_loss, train_one_epoch
 from util.checkpoint import save_checkpoint
 from util.datasets import ImageFolderOrFlat, build_pretrain_dataset
 from util.dist import get_world_size, is_main_process
+from util.preemption import MidEpochCheckpoints
 from util.mim_vis import fixed_vis_batch, save_mim_pictures, vis_transform
-from util.runtime import (append_log_line, attach_ddp, build_train_loader, keeps_checkpoint, make_log_writer,
-                          resume_path, resume_training, run_cli, setup_run)
+from util.runtime import (append_log_line, attach_ddp, build_train_loader, check_flags, keeps_checkpoint,
+                          make_log_writer, resume_path, resume_training, run_cli, setup_run)
 from util.freezeout_cache import FixedViews, FrozenPrefixCache
 from util.freezeout import FreezeOut, FreezeOutSchedule
 from util.lr_sched import WarmupCosine
@@ -92,6 +93,8 @@ def get_args_parser():
     parser.add_argument('--print_freq', default=50, type=int, help='progress line every N steps')
     parser.add_argument('--save_freq', default=50, type=int,
                         help='keep checkpoint-<epoch>.pth every N epochs (checkpoint-last.pth is written every epoch)')
+    parser.add_argument('--save_every_steps', default=0, type=int,
+                        help='also write checkpoint-last.pth every N optimizer steps, resumable inside the epoch')
     parser.add_argument('--vis_freq', default=20, type=int, help='reconstruction pictures every N epochs (0: never)')
 
     parser.add_argument('--world_size', default=1, type=int, help='number of distributed processes')
@@ -133,6 +136,12 @@ def refreezer(path, trainer, schedule):
 
 
 def check_args(args):
+    check_flags(args, {'--batch_size': '>= 1', '--epochs': '>= 1', '--accum_iter': '>= 1', '--input_size': '>= 1',
+                       '--mask_ratio': '(0, 1)', '--hog_nbins': '>= 1', '--weight_decay': '>= 0', '--lr': '> 0',
+                       '--blr': '> 0', '--min_lr': '>= 0', '--warmup_epochs': '>= 0', '--clip_grad': '>= 0',
+                       '--t_0': '(0, 1]', '--freeze_cache_gb': '> 0', '--max_nonfinite': '>= 0',
+                       '--num_workers': '>= 0', '--print_freq': '>= 1', '--save_freq': '>= 1',
+                       '--save_every_steps': '>= 0', '--vis_freq': '>= 0'})
     if args.freeze_cache and not args.how_scale:
         raise ValueError('--freeze_cache caches frozen FreezeOut units: give --how_scale too')
     if args.freezeout_wd is not None and (not args.how_scale or args.freezeout_wd < 0):
@@ -158,9 +167,17 @@ def main(args):
     schedule, param_groups = build_schedule(args, model)
     optimizer = torch.optim.AdamW(param_groups, lr=args.lr, betas=(0.9, 0.95), fused=True)
     trainer = TrainStep(model, optimizer, device, args.amp, args.accum_iter, args.clip_grad, args.max_nonfinite)
+
+    def save(epoch, mid_epoch=None):  # after `epoch`, or inside it (a stop signal, --save_every_steps)
+        if args.output_dir:
+            extra = {'frozen_units': model.frozen_units, 'mid_epoch': mid_epoch}
+            save_checkpoint(args.output_dir, epoch - (mid_epoch is not None), trainer.num_updates, args, model,
+                            optimizer, trainer.scaler, extra=extra,
+                            keep=mid_epoch is None and keeps_checkpoint(epoch, args.save_freq, args.epochs))
+    checkpoints = MidEpochCheckpoints(save, args.save_every_steps)
     path = resume_path(args.resume, args.auto_resume, args.output_dir)
     if path:
-        resume_training(args, path, model, trainer, before_optimizer=refreezer(path, trainer, schedule))
+        resume_training(args, path, model, trainer, refreezer(path, trainer, schedule), checkpoints)
     if args.compile:
         if args.how_scale:  # each freeze changes requires_grad and the no-grad prefix: one recompile each
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 4 * len(model.blocks))
@@ -178,12 +195,9 @@ def main(args):
     for epoch in range(args.start_epoch, args.epochs):
         loader.sampler.set_epoch(epoch)
         stats = train_one_epoch(loader, trainer, epoch, schedule, compute_loss, log_writer=log_writer,
-                                print_freq=args.print_freq)
+                                print_freq=args.print_freq, checkpoints=checkpoints)
         last = epoch + 1 == args.epochs
-        if args.output_dir:
-            save_checkpoint(args.output_dir, epoch, trainer.num_updates, args, model, optimizer, trainer.scaler,
-                            extra={'frozen_units': model.frozen_units},
-                            keep=keeps_checkpoint(epoch, args.save_freq, args.epochs))
+        save(epoch)
         if is_main_process() and args.vis_freq and (epoch % args.vis_freq == 0 or last):
             save_mim_pictures(model, vis_imgs.to(device), vis_noise.to(device), args.output_dir, epoch, log_writer)
         epoch_time = stats.pop('epoch_time')

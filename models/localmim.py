@@ -151,6 +151,8 @@ class MaskedAutoencoderViT(nn.Module):
     def random_masking(self, x, mask_ratio, noise=None):
         """MAE's per-sample shuffle: the patches with the smallest `noise` are kept."""
         N, L, D = x.shape
+        if not 0 <= mask_ratio < 1:  # else the slicing below silently keeps the wrong patches
+            raise ValueError(f'mask_ratio must be in [0, 1), got {mask_ratio}')
         len_keep = int(L * (1 - mask_ratio))
         if noise is None:
             noise = torch.rand(N, L, device=x.device)

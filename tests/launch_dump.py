@@ -4,7 +4,8 @@
 
 Each time the script writes a checkpoint, every rank also saves its own parameters and the
 `find_unused_parameters` its DDP wrappers were built with to `$RANK_DUMP_DIR/rank<r>_epoch<e>.pt`, so a test can
-check that the ranks hold identical weights (the checkpoint itself comes from rank 0 only).
+check that the ranks hold identical weights (the checkpoint itself comes from rank 0 only). With
+SIGNAL_AT_STEP=<rank>:<step>, that rank receives a SIGTERM after that optimizer step (a preemption).
 """
 import os
 import runpy
@@ -40,6 +41,19 @@ def save_and_dump(output_dir, epoch, step, args, model, *rest, **kwargs):
 
 DistributedDataParallel.__init__ = recording_ddp_init
 util.checkpoint.save_checkpoint = save_and_dump
+
+if os.environ.get('SIGNAL_AT_STEP'):  # 'rank:step': that rank sends itself SIGTERM after that optimizer step
+    import signal
+
+    import util.train_step
+    signal_rank, signal_step = map(int, os.environ['SIGNAL_AT_STEP'].split(':'))
+    real_step = util.train_step.TrainStep.step
+
+    def step_then_signal(self, hooks=()):
+        real_step(self, hooks)
+        if self.num_updates == signal_step and int(os.environ.get('RANK', 0)) == signal_rank:
+            os.kill(os.getpid(), signal.SIGTERM)
+    util.train_step.TrainStep.step = step_then_signal
 
 if __name__ == '__main__':
     script_at = next(i for i, arg in enumerate(sys.argv) if arg.endswith('.py') and i > 0)

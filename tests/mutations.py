@@ -40,6 +40,11 @@ def check(mutation):
     if count != 1:
         raise ValueError(f"{mutation['group']}: {mutation['file']} holds {count} copies of {mutation['find']!r} "
                          f"(need exactly 1): update tests/mutants/{mutation['group']}.py")
+    for test in mutation['tests']:
+        path, _, name = test.partition('::')
+        source = REPO / path
+        if not source.is_file() or (name and f"def {name.split('[')[0]}(" not in source.read_text()):
+            raise ValueError(f"{mutation['group']}: no test {test}: update tests/mutants/{mutation['group']}.py")
 
 
 def copy_repository(dest):

@@ -7,7 +7,7 @@ import torch
 from timm.optim import param_groups_weight_decay
 
 import run_pretrain
-from test_run_pretrain import pretrain_args, write_images
+from helpers import pretrain_args, write_images
 from util.checkpoint import LAST, load_checkpoint, save_checkpoint
 from util.train_step import TrainStep
 

@@ -7,9 +7,7 @@ import torch
 import main_slak
 import run_finetune
 import run_pretrain
-from test_main_slak import slak_args
-from test_run_finetune import finetune_args
-from test_run_pretrain import pretrain_args, write_images
+from helpers import finetune_args, pretrain_args, slak_args, write_images
 from util.train_step import TrainStep
 
 pytestmark = pytest.mark.usefixtures('one_thread')

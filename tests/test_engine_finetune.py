@@ -1,6 +1,5 @@
 """Fine-tuning engine: evaluation counts each sample once under DDP, training learns, EMA follows timm's formula."""
 import argparse
-import os
 
 import numpy as np
 import pytest
@@ -12,6 +11,7 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from torch.utils.data import DataLoader, TensorDataset
 
 from engine_finetune import evaluate, train_one_epoch
+from helpers import GradRecorder, free_port, gloo_group
 from util.lr_sched import WarmupCosine
 from util.hooks import ModelEmaHook
 from util.samplers import UnpaddedDistributedSampler, build_eval_loader
@@ -69,23 +69,17 @@ def test_evaluate_single_process_matches_hand_computation():
 
 
 def _eval_worker(rank, world, port, out_path):
-    os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
-    torch.set_num_threads(1)  # two processes on a 2-core machine
-    torch.distributed.init_process_group('gloo', rank=rank, world_size=world)
-    try:
+    with gloo_group(rank, world, port):
         model = torch.nn.parallel.DistributedDataParallel(identity_classifier())  # evaluate unwraps it
         # batch 3: rank 0 holds 7 samples (3 batches), rank 1 holds 6 (2 batches)
         sharded = evaluate(build_eval_loader(eval_data(), 3, 0, False, dist_eval=True), model, 'cpu')
         whole = evaluate(build_eval_loader(eval_data(), 3, 0, False, dist_eval=False), model, 'cpu')
         torch.save({'sharded': sharded, 'whole': whole}, f'{out_path}.{rank}')
-    finally:
-        torch.distributed.destroy_process_group()
 
 
 def test_dist_eval_counts_each_sample_once_and_matches_one_process(tmp_path):
-    from tests.test_engine import _free_port  # here, so the spawned workers skip test_engine's model imports
     out = str(tmp_path / 'eval')
-    mp.spawn(_eval_worker, args=(2, _free_port(), out), nprocs=2, join=True)
+    mp.spawn(_eval_worker, args=(2, free_port(), out), nprocs=2, join=True)
     single = evaluate(build_eval_loader(eval_data(), 3, 0, False, dist_eval=True), identity_classifier(), 'cpu')
     for rank in range(2):
         result = torch.load(f'{out}.{rank}')
@@ -108,7 +102,7 @@ def mlp():
     return torch.nn.Sequential(torch.nn.Linear(2, 32), torch.nn.GELU(), torch.nn.Linear(32, 4))
 
 
-def finetune_args(**kw):
+def fit_args(**kw):
     base = dict(batch_size=16, accum_iter=1, lr=1e-2, min_lr=1e-4, warmup_epochs=1, epochs=4, print_freq=100)
     base.update(kw)
     return argparse.Namespace(**base)
@@ -130,7 +124,7 @@ def fit(model, criterion, args, mixup_fn=None, hooks=()):
 
 def test_training_with_label_smoothing_learns_the_blobs():
     torch.manual_seed(0)
-    before, after, losses, _ = fit(mlp(), LabelSmoothingCrossEntropy(0.1), finetune_args(accum_iter=2))
+    before, after, losses, _ = fit(mlp(), LabelSmoothingCrossEntropy(0.1), fit_args(accum_iter=2))
     assert before['acc1'] < 60
     assert after['acc1'] > 90 and after['count'] == 128
     assert losses[-1] < losses[0]
@@ -140,7 +134,7 @@ def test_training_with_mixup_and_soft_targets_runs_and_loss_decreases():
     torch.manual_seed(0)
     np.random.seed(0)  # Mixup draws lambda from numpy
     mixup = Mixup(mixup_alpha=0.8, cutmix_alpha=0.0, label_smoothing=0.1, num_classes=4)
-    _, after, losses, _ = fit(mlp(), SoftTargetCrossEntropy(), finetune_args(), mixup_fn=mixup)
+    _, after, losses, _ = fit(mlp(), SoftTargetCrossEntropy(), fit_args(), mixup_fn=mixup)
     assert all(np.isfinite(losses)) and losses[-1] < losses[0]
     assert after['acc1'] > 80
 
@@ -161,7 +155,7 @@ def test_model_ema_hook_follows_the_closed_formula(tmp_path):
     w0 = {k: v.clone() for k, v in model.state_dict().items()}
     d = 0.9
     ema, recorder = ModelEmaHook(model, decay=d), Recorder(model)
-    args = finetune_args(batch_size=64, epochs=1, warmup_epochs=0)  # 4 optimizer steps
+    args = fit_args(batch_size=64, epochs=1, warmup_epochs=0)  # 4 optimizer steps
     _, _, _, trainer = fit(model, torch.nn.CrossEntropyLoss(), args, hooks=(recorder, ema))
     assert trainer.num_updates == len(recorder.weights) == 4
     # timm with step=num_updates: the first update copies the weights, then ema = d * ema + (1 - d) * w
@@ -183,16 +177,6 @@ def test_model_ema_hook_follows_the_closed_formula(tmp_path):
     mlp().load_state_dict(ema.state_dict())
 
 
-class GradRecorder:
-    """A hook that keeps a copy of the accumulated gradients at every optimizer step."""
-
-    def __init__(self, model):
-        self.params, self.grads = list(model.parameters()), []
-
-    def after_step(self, trainer):
-        self.grads.append([p.grad.detach().clone() for p in self.params])
-
-
 def test_accumulated_classification_gradient_is_the_large_batch_gradient():
     """Plain SGD, so the gradient's scale reaches the weights: 2 micro-batches of 8 == one batch of 16 ==
     the gradient of the mean cross-entropy over the 16 samples, computed here by hand."""
@@ -209,9 +193,10 @@ def test_accumulated_classification_gradient_is_the_large_batch_gradient():
         model.load_state_dict(w0)
         recorder = GradRecorder(model)
         trainer = TrainStep(model, torch.optim.SGD(model.parameters(), lr=lr), 'cpu', accum_iter=accum_iter)
-        args = finetune_args(batch_size=batch_size, accum_iter=accum_iter, lr=lr, min_lr=lr, warmup_epochs=0, epochs=1)
-        train_one_epoch(DataLoader(data, batch_size=batch_size), trainer, 0, WarmupCosine(args.lr, args.min_lr, args.epochs, args.warmup_epochs),
-                        torch.nn.CrossEntropyLoss(), hooks=[recorder], print_freq=args.print_freq)
+        args = fit_args(batch_size=batch_size, accum_iter=accum_iter, lr=lr, min_lr=lr, warmup_epochs=0, epochs=1)
+        schedule = WarmupCosine(args.lr, args.min_lr, args.epochs, args.warmup_epochs)
+        train_one_epoch(DataLoader(data, batch_size=batch_size), trainer, 0, schedule, torch.nn.CrossEntropyLoss(),
+                        hooks=[recorder], print_freq=args.print_freq)
         assert trainer.num_updates == len(recorder.grads) == 1
         for (name, p), g, e in zip(model.named_parameters(), recorder.grads[0], expected):
             torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-7)

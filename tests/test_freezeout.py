@@ -1,7 +1,5 @@
 """FreezeOut on LocalMIM: schedule formulas, what a freeze does, baseline equality, resume and DDP."""
-import json
 import math
-import os
 
 import pytest
 import timm
@@ -12,9 +10,8 @@ from torch.utils.data import DataLoader, DistributedSampler
 import models  # noqa: F401
 import run_pretrain
 from engine_pretrain import masked_modeling_loss, train_one_epoch
-from test_engine import GradRecorder, MIMWithPerSampleMask, _free_port, assert_same_grads, image_data
-from run_helpers import killed_at_epoch
-from test_run_pretrain import pretrain_args, write_images
+from helpers import (GradRecorder, MIMWithPerSampleMask, assert_same_grads, free_port, gloo_group, image_data,
+                     log_entries, pretrain_args, straight_and_resumed, write_images)
 from util.checkpoint import LAST
 from util.freezeout import FreezeOut, FreezeOutSchedule, unit_parameters
 from util.lr_sched import cosine_lr
@@ -122,10 +119,6 @@ def test_freeze_events_only_at_accumulation_window_starts():
     assert 0 < windows[1][0] < windows[2][0] < windows[3][0]
 
 
-def read_log(path):
-    return [json.loads(line) for line in open(path)]
-
-
 def test_t0_one_is_the_baseline_bit_for_bit(tmp_path):
     data = write_images(tmp_path / 'flat', 8)
     run_pretrain.main(pretrain_args(data, tmp_path / 'base', '--num_workers', '0'))
@@ -133,26 +126,23 @@ def test_t0_one_is_the_baseline_bit_for_bit(tmp_path):
     a = torch.load(tmp_path / 'base' / LAST, weights_only=True)
     b = torch.load(tmp_path / 'fo' / LAST, weights_only=True)
     assert all(torch.equal(a['model'][k], b['model'][k]) for k in a['model'])
-    assert [e['train_loss'] for e in read_log(tmp_path / 'base' / 'log.txt')] == \
-        [e['train_loss'] for e in read_log(tmp_path / 'fo' / 'log.txt')]
+    assert [e['train_loss'] for e in log_entries(tmp_path / 'base')] == \
+        [e['train_loss'] for e in log_entries(tmp_path / 'fo')]
 
 
 def test_resume_across_a_freeze_equals_uninterrupted(tmp_path):
     data = write_images(tmp_path / 'flat', 8)  # 2 steps per epoch; units 0..3 freeze in epoch 1, 4..9 in epoch 2
     flags = ('--epochs', '3', '--warmup_epochs', '0', '--how_scale', 'linear', '--t_0', '0.3', '--num_workers', '0')
-    run_pretrain.main(pretrain_args(data, tmp_path / 'straight', *flags))
-    with killed_at_epoch(run_pretrain, 2):
-        run_pretrain.main(pretrain_args(data, tmp_path / 'resumed', *flags))
-    run_pretrain.main(pretrain_args(data, tmp_path / 'resumed', *flags))
-    a = torch.load(tmp_path / 'straight' / LAST, weights_only=True)
-    b = torch.load(tmp_path / 'resumed' / LAST, weights_only=True)
+    straight, resumed = straight_and_resumed(run_pretrain, lambda out: pretrain_args(data, out, *flags), 2, tmp_path)
+    a = torch.load(straight / LAST, weights_only=True)
+    b = torch.load(resumed / LAST, weights_only=True)
     assert a['extra']['frozen_units'] == b['extra']['frozen_units'] == 10
     assert all(torch.equal(a['model'][k], b['model'][k]) for k in a['model'])
-    logs = read_log(tmp_path / 'straight' / 'log.txt')
+    logs = log_entries(straight)
     assert [e['active_units'] for e in logs] == [13, 9, 3]
-    assert [e['train_loss'] for e in logs] == [e['train_loss'] for e in read_log(tmp_path / 'resumed' / 'log.txt')]
+    assert [e['train_loss'] for e in logs] == [e['train_loss'] for e in log_entries(resumed)]
     with pytest.raises(ValueError, match='same --how_scale'):  # a FreezeOut checkpoint needs FreezeOut to resume
-        run_pretrain.main(pretrain_args(data, tmp_path / 'straight', '--epochs', '4', '--num_workers', '0'))
+        run_pretrain.main(pretrain_args(data, straight, '--epochs', '4', '--num_workers', '0'))
 
 
 def run_freezeout_epochs(model, world=1, rank=0, batch_size=4, recorder=None):
@@ -174,10 +164,7 @@ def run_freezeout_epochs(model, world=1, rank=0, batch_size=4, recorder=None):
 
 
 def _ddp_freeze_worker(rank, world, port, state, out_path):
-    os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    torch.distributed.init_process_group('gloo', rank=rank, world_size=world)
-    try:
+    with gloo_group(rank, world, port):
         model = MIMWithPerSampleMask()
         model.load_state_dict(state)
         recorder = GradRecorder(model)
@@ -185,8 +172,6 @@ def _ddp_freeze_worker(rank, world, port, state, out_path):
         if rank == 0:
             torch.save({'losses': losses, 'state': model.state_dict(), 'frozen': model.mim.frozen_units,
                         'grads': recorder.grads}, out_path)
-    finally:
-        torch.distributed.destroy_process_group()
 
 
 def test_ddp_across_freeze_events_matches_one_process(tmp_path):
@@ -195,7 +180,7 @@ def test_ddp_across_freeze_events_matches_one_process(tmp_path):
     torch.manual_seed(0)
     model = MIMWithPerSampleMask()
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    mp.spawn(_ddp_freeze_worker, args=(2, _free_port(), state, str(tmp_path / 'ddp.pt')), nprocs=2, join=True)
+    mp.spawn(_ddp_freeze_worker, args=(2, free_port(), state, str(tmp_path / 'ddp.pt')), nprocs=2, join=True)
     ddp = torch.load(tmp_path / 'ddp.pt')
     recorder = GradRecorder(model)
     single = run_freezeout_epochs(model, recorder=recorder)
@@ -208,7 +193,8 @@ def test_ddp_across_freeze_events_matches_one_process(tmp_path):
         torch.testing.assert_close(ddp['state'][k], v, rtol=1e-5, atol=1e-6)
 
 
-FREEZEOUT_SEED_COMMANDS = [  # seed 001, after `run_pretrain.py`
+# FreezeOut pretraining command lines in use (ImageNet runs and a debug run), as given after `run_pretrain.py`
+FREEZEOUT_REFERENCE_COMMANDS = [
     ('--epochs 100 --batch_size 256 --warmup_epochs 10 --blr 2e-4 --world_size 4 --accum_iter 2 '
      '--model MIM_vit_base_patch16 --data_path /raid/utku/datasets/imagenet/classification/train/image_folders '
      '--output_dir full_pretrain_out_freezeout_linear_t0_5 --log_dir full_pretrain_out_freezeout_linear_t0_5 '
@@ -227,8 +213,8 @@ FREEZEOUT_SEED_COMMANDS = [  # seed 001, after `run_pretrain.py`
 ]
 
 
-@pytest.mark.parametrize('line,expected', FREEZEOUT_SEED_COMMANDS)
-def test_freezeout_seed_commands_parse(line, expected):
+@pytest.mark.parametrize('line,expected', FREEZEOUT_REFERENCE_COMMANDS)
+def test_freezeout_reference_commands_parse(line, expected):
     args = run_pretrain.get_args_parser().parse_args(line.split() + ['--local-rank=0'])
     assert all(getattr(args, k) == v for k, v in expected.items())
     assert not args.scale_lr and not args.non_layerwise_lr

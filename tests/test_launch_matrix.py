@@ -6,17 +6,16 @@ parameters at every checkpoint (tests/launch_dump.py has each rank save its own)
 images (per-process batch 32 -> 2 steps per epoch) and 48 training videos.
 """
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
 import torch
 
+from helpers import REPO, free_port
 from util.demo_data import demo_imagefolder
 from util.sce_video_demo import make_demo_videos
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.slow
 
 IMAGE_RUN = '--data_path demo --device cpu --num_workers 0 --print_freq 1'
@@ -50,12 +49,6 @@ CASES = {
 LAUNCHERS = {'launch': ['-m', 'torch.distributed.launch'], 'torchrun': ['-m', 'torch.distributed.run']}
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope='module')
 def demo_env(tmp_path_factory):
     root = tmp_path_factory.mktemp('launch_demo') / 'images'
@@ -74,8 +67,9 @@ def demo_env(tmp_path_factory):
 def launch(case, epochs, out, dump, env):
     launcher, script, flags, epochs_flag, out_flag = CASES[case]
     dump.mkdir()
-    cmd = [sys.executable, *LAUNCHERS[launcher], '--nproc_per_node=2', f'--master_port={free_port()}', os.path.join(REPO, 'tests', 'launch_dump.py'), script,
-           *flags.split(), f'{epochs_flag}={epochs}', f'{out_flag}={out}']
+    cmd = [sys.executable, *LAUNCHERS[launcher], '--nproc_per_node=2', f'--master_port={free_port()}',
+           str(REPO / 'tests' / 'launch_dump.py'), script, *flags.split(), f'{epochs_flag}={epochs}',
+           f'{out_flag}={out}']
     done = subprocess.run(cmd, cwd=out.parent, env={**env, 'RANK_DUMP_DIR': str(dump)}, capture_output=True,
                           text=True, timeout=280)
     assert done.returncode == 0, f'{" ".join(cmd)}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}'

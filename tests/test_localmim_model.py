@@ -1,4 +1,5 @@
-"""LocalMIM model: HOG targets, masks, loss and state-dict layout against the spec's definitions."""
+"""LocalMIM model (models/localmim.py, models/hog.py): HOG targets, masks, loss and state-dict layout against the
+official definitions."""
 import numpy as np
 import pytest
 import timm
@@ -10,7 +11,8 @@ from models.localmim import MaskedAutoencoderViT
 
 
 def numpy_hog(img, nbins, cell):
-    """The spec's HOG on one [C, H, W] image, in float64 NumPy: [h * w, C * nbins]."""
+    """LocalMIM's HOG (Sobel gradients, orientation bins, cell means, L2 norm over the bins) of one [C, H, W] image,
+    in float64 NumPy: [h * w, C * nbins]."""
     kx = np.array([[1, 0, -1], [2, 0, -2], [1, 0, -1]], dtype=np.float64)
     ky = kx.T
     channels = []
@@ -170,7 +172,7 @@ def test_patch14_pooled_hog_values_at_224():
 
 
 def official_layout(embed_dim, depth, nbins=9, dec=256, grid=14, hog_bias=False):
-    """Key -> shape of the official models_mim.MaskedAutoencoderViT state dict (spec 1.3, 1.7)."""
+    """Key -> shape of the official models_mim.MaskedAutoencoderViT state dict."""
     D, L = embed_dim, grid * grid + 1
     keys = {'cls_token': (1, 1, D), 'pos_embed': (1, L, D), 'patch_embed.proj.weight': (D, 3, 16, 16),
             'patch_embed.proj.bias': (D,)}
@@ -210,7 +212,7 @@ def official_layout(embed_dim, depth, nbins=9, dec=256, grid=14, hog_bias=False)
 def test_official_state_dict_layout_loads_strictly_both_ways(name, dim, depth, nbins, hog_bias):
     layout = official_layout(dim, depth, nbins, hog_bias=hog_bias)
     if name == 'MIM_vit_base_patch16':
-        assert len(layout) == 248  # spec 1.7
+        assert len(layout) == 248  # keys of the official ViT-B state dict
     torch.manual_seed(0)
     official = {k: torch.randn(shape) for k, shape in layout.items()}
     model = timm.create_model(name, hog_nbins=nbins, hog_bias=hog_bias)
@@ -225,7 +227,7 @@ def test_official_state_dict_layout_loads_strictly_both_ways(name, dim, depth, n
 def test_trainable_parameter_counts_vit_base():
     model = timm.create_model('MIM_vit_base_patch16', hog_nbins=9)
     per_decoder = [sum(p.numel() for p in d.parameters() if p.requires_grad) for d in model.decoder]
-    assert per_decoder == [1153435, 1122075, 994331, 994331]  # spec 1.3
+    assert per_decoder == [1153435, 1122075, 994331, 994331]  # the official decoders' sizes
     encoder = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and not n.startswith('decoder'))
     assert encoder == 85651968
 

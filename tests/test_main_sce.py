@@ -2,12 +2,11 @@
 clip-pair picture, online validation against a hand computation), resume equal to the uninterrupted run (target
 network, queue and pointer included), validation skipped without val.csv or evaluator, one-line errors, DDP."""
 import json
+import math
 import os
 import shlex
 import subprocess
 import sys
-
-import math
 
 import numpy as np
 import pytest
@@ -16,14 +15,13 @@ import torch.nn.functional as F
 from PIL import Image
 
 import main_sce
-from run_helpers import killed_at_epoch
+from helpers import REPO, log_entries, straight_and_resumed
 from util.checkpoint import LAST
 from util.runtime import run_cli
 from util.sce_optim import warmup_cosine_lr
 from util.sce_video_augment import SCEVideoAugment
 from util.sce_video_demo import make_demo_videos
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 parse = main_sce.get_args_parser().parse_args
 pytestmark = pytest.mark.usefixtures('one_thread')  # conftest.py
 TINY = ('--data_path demo --device cpu --amp none --crop_size 32 --num_frames 4 --global_batch_size 8 '
@@ -70,11 +68,7 @@ def test_global_batch_must_divide():
 def runs(tmp_path_factory):
     """One straight 2-epoch run, and one interrupted after epoch 0 then auto-resumed (6 steps per epoch)."""
     tmp = tmp_path_factory.mktemp('sce')
-    main_sce.main(parse(shlex.split(TINY) + ['--output_dir', str(tmp / 'straight')]))
-    resumed = parse(shlex.split(TINY) + ['--output_dir', str(tmp / 'resumed')])
-    with killed_at_epoch(main_sce, 1):
-        main_sce.main(resumed)
-    main_sce.main(parse(shlex.split(TINY) + ['--output_dir', str(tmp / 'resumed')]))
+    straight_and_resumed(main_sce, lambda out: parse(shlex.split(TINY) + ['--output_dir', str(out)]), 1, tmp)
     return tmp
 
 
@@ -92,7 +86,7 @@ def test_demo_run_writes_outputs(runs):
     # lr at the last of 12 steps: linear warmup over 6 steps from 0, cosine to 0; base 2.4 * 8 / 256
     assert ckpt['optimizer']['param_groups'][0]['lr'] == pytest.approx(warmup_cosine_lr(11, 0.075, 6, 12))
     assert (out / 'checkpoint-1.pth').exists()
-    lines = [json.loads(x) for x in (out / 'log.txt').read_text().splitlines()]
+    lines = log_entries(out)
     assert [x['epoch'] for x in lines] == [0, 1] and [x['step'] for x in lines] == [6, 12]
     assert all(k in lines[0] for k in ('train_loss', 'train_pos_weight', 'train_queue_fill', 'train_z_std',
                                        'train_k_std', 'train_online_acc1', 'train_lr'))
@@ -140,7 +134,7 @@ def hand_val_stats(ckpt_path, root, size=VAL_SIZE, num_frames=4):
 
 def test_online_val_accuracy_is_that_of_the_saved_evaluator(runs):
     """Every epoch the online evaluator is validated on the centre clips of val.csv (the demo's 12 videos)."""
-    lines = [json.loads(x) for x in (runs / 'straight' / 'log.txt').read_text().splitlines()]
+    lines = log_entries(runs / 'straight')
     assert all({'online_val_acc1', 'online_val_acc5', 'online_val_loss'} <= set(x) for x in lines)
     acc1, acc5, loss, count = hand_val_stats(runs / 'straight' / LAST, make_demo_videos())
     assert count == 12 and lines[1]['online_val_acc1'] == pytest.approx(acc1, abs=1e-9)
@@ -172,8 +166,7 @@ def test_online_validation_is_skipped_without_val_csv_or_evaluator_and_never_cha
                               ('no_eval', with_val, ['--online_eval', 'false', '--epochs', '1'])):
         main_sce.main(parse(shlex.split(TINY) + ['--data_path', str(data), '--output_dir', str(tmp_path / name),
                                                  '--warmup_epochs', '0', *extra]))
-        logs[name] = ([json.loads(x) for x in (tmp_path / name / 'log.txt').read_text().splitlines()],
-                      capsys.readouterr().out)
+        logs[name] = (log_entries(tmp_path / name), capsys.readouterr().out)
     (val, val_out), (no_val, no_val_out), (no_eval, no_eval_out) = logs.values()
     assert len(val) == 2 and val[1]['online_val_acc1'] == pytest.approx(hand_val_stats(tmp_path / 'val' / LAST,
                                                                                        with_val)[0], abs=1e-9)
@@ -199,8 +192,7 @@ def test_resume_equals_uninterrupted_run(runs):
         sa, sb = (a[opt], b[opt]) if isinstance(opt, str) else (a[opt[0]][opt[1]], b[opt[0]][opt[1]])
         for pid, state in sa['state'].items():
             assert all(torch.equal(v, sb['state'][pid][k]) for k, v in state.items() if torch.is_tensor(v))
-    log_a, log_b = [[json.loads(x) for x in (runs / r / 'log.txt').read_text().splitlines()]
-                    for r in ('straight', 'resumed')]
+    log_a, log_b = [log_entries(runs / r) for r in ('straight', 'resumed')]
     assert [x['train_loss'] for x in log_a] == [x['train_loss'] for x in log_b]
     assert [x['train_pos_weight'] for x in log_a] == [x['train_pos_weight'] for x in log_b]
 
@@ -210,12 +202,13 @@ def test_resume_equals_uninterrupted_run(runs):
                                        (['--data_path', 'demo', '--global_batch_size', '8', '--accum_iter', '3'],
                                         '--global_batch_size 8'),
                                        (['--data_path', 'demo', '--num_clips', '3'], '--num_clips 3')])
-def test_bad_input_is_one_clear_line(monkeypatch, tmp_path, argv, flag):
+def test_bad_input_is_one_clear_line(monkeypatch, tmp_path, argv, flag, capsys):
     monkeypatch.setattr(sys, 'argv', ['main_sce.py', '--device', 'cpu', '--output_dir', str(tmp_path), *argv])
     with pytest.raises(SystemExit) as error:
         run_cli(main_sce.main, main_sce.get_args_parser())
-    message = str(error.value.code)
-    assert message.startswith('main_sce.py: error:') and flag in message and '\n' not in message
+    message = capsys.readouterr().err
+    assert error.value.code == 2 and message.startswith('main_sce.py: error:') and flag in message
+    assert message.count('\n') == 1
 
 
 def test_two_processes_with_torchrun(tmp_path):

@@ -1,7 +1,6 @@
 """main_slak.py: official flags, schedules, param groups, the evaluation resize, a tiny sparse SLaK on the demo
 data with EMA and AMP, masks in checkpoints, resume, --eval, official checkpoints, one-line errors."""
 import argparse
-import json
 import math
 import shlex
 import sys
@@ -12,7 +11,7 @@ import torch
 
 import main_slak
 from engine_finetune import evaluate
-from run_helpers import killed_at_epoch
+from helpers import log_entries, slak_args, straight_and_resumed
 from util.checkpoint import LAST
 from util.classification import convnext_param_groups
 from util.lr_sched import IterationSchedule, cosine_scheduler
@@ -24,22 +23,21 @@ COMMON = ('--Decom True --sparse --width_factor 1.3 --sparsity 0.4 --sparse_init
           '--epochs 300 --lr 4e-3 --update_freq 8 --model_ema true --model_ema_eval true '
           '--data_path /path/to/imagenet-1k --num_workers 40 --kernel_size 51 49 47 13 5 '
           '--output_dir /path/to/save_results')
-SEED_TRAIN = {  # seed 003 (the official README), after `main.py` -> `main_slak.py`
+# the commands of https://github.com/VITA-Group/SLaK/blob/main/README.md, after `main.py` -> `main_slak.py`
+README_TRAIN = {
     'SLaK_tiny': '-u 2000 --prune_rate 0.5 --model SLaK_tiny --drop_path 0.1 --batch_size 128',
     'SLaK_small': '-u 100 --prune_rate 0.3 --model SLaK_small --drop_path 0.4 --batch_size 64',
     'SLaK_base': '-u 100 --prune_rate 0.3 --model SLaK_base --drop_path 0.5 --batch_size 32',
 }
-SEED_EVAL = ('--model SLaK_tiny --eval true --Decom True --kernel_size 51 49 47 13 5 --width_factor 1.3 '
-             '--resume path/to/checkpoint --input_size 224 --drop_path 0.2 --data_path /path/to/imagenet-1k')
+README_EVAL = ('--model SLaK_tiny --eval true --Decom True --kernel_size 51 49 47 13 5 --width_factor 1.3 '
+               '--resume path/to/checkpoint --input_size 224 --drop_path 0.2 --data_path /path/to/imagenet-1k')
 parse = main_slak.get_args_parser().parse_args
 pytestmark = pytest.mark.usefixtures('one_thread')  # conftest.py
 
 
-
-
-@pytest.mark.parametrize('model', sorted(SEED_TRAIN))
-def test_seed_training_commands_parse(model):
-    args = parse(shlex.split(f'{COMMON} {SEED_TRAIN[model]}') + ['--local-rank=2'])
+@pytest.mark.parametrize('model', sorted(README_TRAIN))
+def test_readme_training_commands_parse(model):
+    args = parse(shlex.split(f'{COMMON} {README_TRAIN[model]}') + ['--local-rank=2'])
     assert args.model == model and args.local_rank == 2 and args.sparse and args.Decom is True
     assert (args.width_factor, args.sparsity, args.sparse_init, args.growth, args.epochs, args.lr) == \
         (1.3, 0.4, 'snip', 'random', 300, 4e-3)
@@ -49,8 +47,8 @@ def test_seed_training_commands_parse(model):
 
 
 @pytest.mark.parametrize('launcher', [[], ['--local_rank=5']])
-def test_seed_eval_command_parses(launcher):
-    args = parse(shlex.split(SEED_EVAL) + launcher)
+def test_readme_eval_command_parses(launcher):
+    args = parse(shlex.split(README_EVAL) + launcher)
     assert args.eval is True and args.resume == 'path/to/checkpoint' and args.drop_path == 0.2 and not args.sparse
     assert args.Decom is True and args.width_factor == 1.3 and args.input_size == 224
 
@@ -76,7 +74,7 @@ def test_official_defaults_and_string_booleans():
         parse(['--model_ema', 'maybe'])
 
 
-def test_lr_and_wd_schedules_match_spec_formula():
+def test_lr_and_wd_schedules_match_the_official_formula():
     base, final, spe = 4e-3, 1e-6, 5
     lrs = cosine_scheduler(base, final, 4, spe, warmup_epochs=1)
     assert len(lrs) == 20 and lrs[0] == 0 and lrs[4] == pytest.approx(base)
@@ -124,14 +122,6 @@ def test_param_groups_no_decay_and_convnext_layer_decay():
         assert scale[name] == pytest.approx(0.9 ** (13 - depth)), name
 
 
-def slak_args(out, *extra):
-    argv = ['--data_path', 'demo', '--model', 'SLaK_tiny', '--width_factor', '0.25', '--kernel_size', '7', '7', '5',
-            '3', '3', '--Decom', 'True', '--input_size', '32', '--batch_size', '16', '--nb_classes', '6',
-            '--epochs', '2', '--warmup_epochs', '1', '--num_workers', '0', '--device', 'cpu', '--print_freq', '100',
-            '--aa', 'none', '--reprob', '0', '--output_dir', str(out), *extra]
-    return parse(argv)
-
-
 SPARSE = ('--sparse', '-u', '2', '--prune_rate', '0.3', '--update_freq', '2', '--model_ema', 'true',
           '--model_ema_eval', 'true', '--model_ema_decay', '0.9', '--use_amp', 'true')
 
@@ -143,21 +133,14 @@ def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp('slak')
     mp = pytest.MonkeyPatch()
     mp.setenv('DEMO_DATA_ROOT', str(tmp / 'demo'))
-    main_slak.main(slak_args(tmp / 'straight', *SPARSE, '--log_dir', str(tmp / 'straight' / 'tb')))
-    with killed_at_epoch(main_slak, 1):
-        main_slak.main(slak_args(tmp / 'resumed', *SPARSE))
-    main_slak.main(slak_args(tmp / 'resumed', *SPARSE))
+    straight_and_resumed(main_slak, lambda out: slak_args(out, *SPARSE, '--log_dir', str(out / 'tb')), 1, tmp)
     yield tmp
     mp.undo()
 
 
-def log_lines(out):
-    return [json.loads(line) for line in open(out / 'log.txt')]
-
-
 def test_sparse_demo_run_trains_and_evaluates_with_ema(runs):
     out = runs / 'straight'
-    log = log_lines(out)
+    log = log_entries(out)
     assert [e['epoch'] for e in log] == [0, 1]
     assert all(0 <= e['test_acc1'] <= 100 and 0 <= e['test_acc1_ema'] <= 100 and e['test_count'] == 36 for e in log)
     # it learned: the same evaluation of the untrained model (main_slak's seeded init) scores measurably lower
@@ -194,7 +177,8 @@ def test_resume_equals_uninterrupted_run_including_masks(runs):
                                                              for k in ma['masks'])
     assert (ma['steps'], ma['prune_rate'], ma['decay']) == (mb['steps'], mb['prune_rate'], mb['decay'])
     assert a['extra']['max_accuracy'] == b['extra']['max_accuracy']
-    assert [e['test_acc1'] for e in log_lines(runs / 'straight')] == [e['test_acc1'] for e in log_lines(runs / 'resumed')]
+    assert [e['test_acc1'] for e in log_entries(runs / 'straight')] == \
+        [e['test_acc1'] for e in log_entries(runs / 'resumed')]
 
 
 @pytest.mark.parametrize('ema_eval', ['true', 'false'])
@@ -203,7 +187,7 @@ def test_eval_resume_returns_the_logged_accuracy(runs, monkeypatch, ema_eval):
     out = runs / 'straight'
     stats = main_slak.main(slak_args(runs / f'eval_{ema_eval}', '--use_amp', 'true', '--eval', 'true',
                                      '--resume', str(out / LAST), '--model_ema_eval', ema_eval))
-    last = log_lines(out)[-1]
+    last = log_entries(out)[-1]
     assert stats['acc1'] == last['test_acc1'] and stats['loss'] == pytest.approx(last['test_loss'])
     if ema_eval == 'true':
         assert stats['acc1_ema'] == last['test_acc1_ema']
@@ -229,7 +213,7 @@ def test_official_checkpoint_resumes_with_its_nonzeros_as_masks(runs, monkeypatc
     main_slak.main(slak_args(out, *SPARSE, '--epochs', '3', '--resume', str(path)))  # default --sparse_init snip
     assert "masks from the checkpoint's non-zero weights" in capsys.readouterr().out
     ckpt = torch.load(out / LAST, weights_only=True)
-    assert ckpt['epoch'] == 2 and log_lines(out)[0]['epoch'] == 2
+    assert ckpt['epoch'] == 2 and log_entries(out)[0]['epoch'] == 2
     masks = ckpt['extra']['masking']['masks']
     assert masks.keys() == ours['extra']['masking']['masks'].keys()
     density = float(sum(m.sum() for m in masks.values()) / sum(m.numel() for m in masks.values()))
@@ -262,12 +246,13 @@ def test_resume_wins_over_auto_resume(runs):
 @pytest.mark.parametrize('argv,flag', [(['--model', 'SLaK_huge'], '--model SLaK_huge'),
                                        (['--kernel_size', '51', '49', '47', '13'], '--kernel_size'),
                                        (['--train_interpolation', 'bilinear'], '--train_interpolation')])
-def test_bad_input_is_one_clear_line(monkeypatch, argv, flag):
+def test_bad_input_is_one_clear_line(monkeypatch, argv, flag, capsys):
     monkeypatch.setattr(sys, 'argv', ['main_slak.py', '--device', 'cpu', *argv])
     with pytest.raises(SystemExit) as error:
         run_cli(main_slak.main, main_slak.get_args_parser())
-    message = str(error.value.code)
-    assert message.startswith('main_slak.py: error:') and flag in message and '\n' not in message
+    message = capsys.readouterr().err
+    assert error.value.code == 2 and message.startswith('main_slak.py: error:') and flag in message
+    assert message.count('\n') == 1
 
 
 def eval_sizes(tmp_path, *flags):

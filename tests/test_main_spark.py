@@ -3,14 +3,12 @@ import json
 import math
 import shlex
 
-import numpy as np
 import pytest
 import timm
 import torch
-from PIL import Image
 
 import main_spark
-from run_helpers import killed_at_epoch
+from helpers import straight_and_resumed, write_images
 from models.spark import build_spark
 from util.runtime import per_process_batch
 from util.spark_sched import SparkSchedule, spark_lr, spark_param_groups, spark_wd
@@ -127,7 +125,8 @@ def test_clip_0_means_no_clipping(opt):
 
 
 @pytest.mark.parametrize('launcher_flag', ['--local-rank=3', '--local_rank=3', None])
-def test_seed_command_parses(launcher_flag):
+def test_readme_command_parses(launcher_flag):
+    """The ResNet-50 command of https://github.com/keyu-tian/SparK/blob/main/pretrain/README.md, --exp_dir left out."""
     line = '--exp_name=my_exp --data_path=/path/to/imagenet --model=resnet50 --bs=512'
     args = main_spark.get_args_parser().parse_args(shlex.split(line) + ([launcher_flag] if launcher_flag else []))
     assert (args.exp_name, args.data_path, args.model, args.bs) == ('my_exp', '/path/to/imagenet', 'resnet50', 512)
@@ -166,15 +165,8 @@ def run_args(data, out, *extra):
 def runs(tmp_path_factory):
     """One straight 2-epoch run, and one interrupted after epoch 0 then auto-resumed (1 step per epoch)."""
     tmp = tmp_path_factory.mktemp('spark')
-    data = tmp / 'imgs' / 'train'
-    data.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    for i in range(4):
-        Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(data / f'{i}.png')
-    main_spark.main(run_args(data, tmp / 'straight'))  # trailing 'train' is stripped, then <path>/train used
-    with killed_at_epoch(main_spark, 1):
-        main_spark.main(run_args(data, tmp / 'resumed'))
-    main_spark.main(run_args(data, tmp / 'resumed'))
+    data = write_images(tmp / 'imgs' / 'train', 4, size=40)  # trailing 'train' is stripped, then <path>/train used
+    straight_and_resumed(main_spark, lambda out: run_args(data, out), 1, tmp)
     return tmp
 
 

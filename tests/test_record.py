@@ -3,11 +3,12 @@ import os
 import shlex
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-RECORD_SH = Path(__file__).resolve().parents[1] / "record.sh"
+from helpers import REPO
+
+RECORD_SH = REPO / "record.sh"
 PY = sys.executable
 
 

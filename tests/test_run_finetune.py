@@ -1,5 +1,4 @@
-"""run_finetune.py: MAE's layer-decay groups, seed commands, demo pretrain -> fine-tune / probe, resume."""
-import json
+"""run_finetune.py: MAE's layer-decay groups, the command lines in use, demo pretrain -> fine-tune / probe, resume."""
 import shlex
 
 import pytest
@@ -9,10 +8,11 @@ import torch
 import models  # noqa: F401
 import run_finetune
 import run_pretrain
-from run_helpers import killed_at_epoch
+from helpers import finetune_args, log_entries, straight_and_resumed
 from util.checkpoint import LAST
 
-SEED_FINETUNE = [  # seed 001, after `run_finetune.py`
+# LocalMIM's ViT-B fine-tuning command (its README) and a fine-tuning of a FreezeOut checkpoint, after `run_finetune.py`
+REFERENCE_FINETUNE_COMMANDS = [
     '--batch_size 128 --model vit_base_patch16 --finetune /path/to/checkpoint.pth --epochs 100 --warmup_epochs 20 '
     '--lr 2e-3 --min_lr 1e-5 --layer_decay 0.65 --weight_decay 0.05 --drop_path 0.1 --reprob 0.25 --mixup 0.8 '
     '--cutmix 1.0 --dist_eval --data_path /path/to/imagenet/ --output_dir /output_dir/',
@@ -24,8 +24,8 @@ SEED_FINETUNE = [  # seed 001, after `run_finetune.py`
 ]
 
 
-@pytest.mark.parametrize('line', SEED_FINETUNE)
-def test_seed_finetune_commands_parse(line):
+@pytest.mark.parametrize('line', REFERENCE_FINETUNE_COMMANDS)
+def test_reference_finetune_commands_parse(line):
     args = run_finetune.get_args_parser().parse_args(shlex.split(line) + ['--local-rank=1'])
     assert args.model == 'vit_base_patch16' and args.mixup == 0.8 and args.cutmix == 1.0 and args.dist_eval
     assert args.global_pool and args.smoothing == 0.1 and args.aa == 'rand-m9-mstd0.5-inc1' and args.local_rank == 1
@@ -59,14 +59,6 @@ def test_layer_decay_groups_equal_mae_formula(global_pool):
     assert len({(s, wd) for s, wd in got.values()}) == len(optimizer.param_groups) == 2 * (num_layers + 1)
 
 
-def finetune_args(out, *extra):
-    argv = ['--data_path', 'demo', '--model', 'vit_tiny_patch16', '--input_size', '32', '--batch_size', '16',
-            '--epochs', '4', '--warmup_epochs', '1', '--blr', '2e-3', '--nb_classes', '6', '--num_workers', '0',
-            '--device', 'cpu', '--output_dir', str(out), '--print_freq', '100', '--drop_path', '0', '--reprob', '0',
-            '--aa', 'none', '--layer_decay', '0.9', *extra]
-    return run_finetune.get_args_parser().parse_args(argv)
-
-
 @pytest.fixture(scope='module')
 def demo_pretrained(tmp_path_factory):
     """A short demo pretraining of the tiny LocalMIM ViT at 32 px (its checkpoint is what we fine-tune)."""
@@ -83,7 +75,7 @@ def demo_pretrained(tmp_path_factory):
 
 
 def accuracies(out):
-    return [json.loads(line)['test_acc1'] for line in open(out / 'log.txt')]
+    return [entry['test_acc1'] for entry in log_entries(out)]
 
 
 @pytest.mark.parametrize('mode', [[], ['--cls_token'], ['--linprobe', '--blr', '0.5', '--weight_decay', '0']])
@@ -103,12 +95,9 @@ def test_demo_pretrain_then_finetune_beats_chance(tmp_path, monkeypatch, demo_pr
 def test_resume_equals_uninterrupted_with_ema(tmp_path, monkeypatch, demo_pretrained):
     monkeypatch.setenv('DEMO_DATA_ROOT', str(demo_pretrained.parents[1] / 'demo'))
     flags = ('--epochs', '2', '--model_ema', '--model_ema_decay', '0.9', '--mixup', '0.8', '--cutmix', '1.0')
-    run_finetune.main(finetune_args(tmp_path / 'straight', *flags))
-    with killed_at_epoch(run_finetune, 1):
-        run_finetune.main(finetune_args(tmp_path / 'resumed', *flags))
-    run_finetune.main(finetune_args(tmp_path / 'resumed', *flags))
-    a = torch.load(tmp_path / 'straight' / LAST, weights_only=True)
-    b = torch.load(tmp_path / 'resumed' / LAST, weights_only=True)
+    straight, resumed = straight_and_resumed(run_finetune, lambda out: finetune_args(out, *flags), 1, tmp_path)
+    a = torch.load(straight / LAST, weights_only=True)
+    b = torch.load(resumed / LAST, weights_only=True)
     assert a['epoch'] == b['epoch'] == 1
     assert all(torch.equal(a['model'][k], b['model'][k]) for k in a['model'])
     assert all(torch.equal(a['extra']['ema'][k], b['extra']['ema'][k]) for k in a['extra']['ema'])
@@ -118,7 +107,7 @@ def test_resume_equals_uninterrupted_with_ema(tmp_path, monkeypatch, demo_pretra
 @pytest.mark.parametrize('name,stages', [('resnet18', ['conv1', 'layer1', 'layer2', 'layer3', 'layer4', 'fc']),
                                          ('regnetx_002', ['stem', 's1', 's2', 's3', 's4', 'head'])])
 def test_cnn_layer_decay_is_stagewise(name, stages):
-    """CNNs without SparK's depths (tests/test_finetune_recipes.py: ResNet-50/101/152/200, ConvNeXts)."""
+    """CNNs without SparK's depths (tests/test_run_finetune_recipes.py: ResNet-50/101/152/200, ConvNeXts)."""
     model = timm.create_model(name, num_classes=5)
     args = run_finetune.get_args_parser().parse_args(['--model', name, '--layer_decay', '0.5'])
     args.lr = 1e-3

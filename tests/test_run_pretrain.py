@@ -1,25 +1,19 @@
-"""run_pretrain.py end to end: the seed's command lines, the demo run, exact resume, bad inputs."""
-import json
+"""run_pretrain.py end to end: the command lines in use, the demo run, exact resume, bad inputs."""
 import shlex
 import subprocess
 import sys
-from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 import run_pretrain
 import util.runtime
-from run_helpers import killed_at_epoch
+from helpers import REPO, log_entries, pretrain_args, straight_and_resumed, write_images
 from util.checkpoint import LAST
 
-REPO = Path(__file__).resolve().parents[1]
-
-# The LocalMIM pretraining commands of the user's document (seed 001), after `run_pretrain.py`;
+# LocalMIM's pretraining commands (its README: ViT-B and ViT-L) and two full ImageNet runs, after `run_pretrain.py`;
 # torch.distributed.launch appends --local-rank=N (torch >= 2.0) or --local_rank=N.
-SEED_COMMANDS = [
+REFERENCE_COMMANDS = [
     '--batch_size 256 --model MIM_vit_base_patch16 --hog_nbins 9 --mask_ratio 0.75 --epochs 1600 '
     '--warmup_epochs 40 --blr 2e-4 --weight_decay 0.05 --data_path /path/to/imagenet/ --output_dir /output_dir/',
     '--batch_size 128 --accum_iter 4 --model MIM_vit_large_patch16 --hog_nbins 18 --hog_bias --mask_ratio 0.75 '
@@ -45,9 +39,9 @@ EXPECTED = [
 ]
 
 
-@pytest.mark.parametrize('line,expected', list(zip(SEED_COMMANDS, EXPECTED)))
+@pytest.mark.parametrize('line,expected', list(zip(REFERENCE_COMMANDS, EXPECTED)))
 @pytest.mark.parametrize('launcher_flag', ['--local-rank=3', '--local_rank=3', None])
-def test_seed_commands_parse(line, expected, launcher_flag):
+def test_reference_commands_parse(line, expected, launcher_flag):
     argv = shlex.split(line) + ([launcher_flag] if launcher_flag else [])
     args = run_pretrain.get_args_parser().parse_args(argv)
     for key, value in expected.items():
@@ -66,21 +60,6 @@ def test_official_defaults_and_switches():
     assert not parser.parse_args(['--no_pin_mem']).pin_mem
 
 
-def write_images(folder, n, size=48, seed=0):
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    for i in range(n):
-        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(folder / f'img{i}.png')
-    return folder
-
-
-def pretrain_args(data, out, *extra):
-    argv = ['--data_path', str(data), '--output_dir', str(out), '--model', 'MIM_vit_tiny_patch16', '--input_size',
-            '32', '--batch_size', '4', '--epochs', '2', '--warmup_epochs', '1', '--blr', '1e-3', '--num_workers', '1',
-            '--device', 'cpu', '--print_freq', '1', '--vis_freq', '0', *extra]
-    return run_pretrain.get_args_parser().parse_args(argv)
-
-
 def test_resume_is_bit_exact(tmp_path, monkeypatch):
     """Also: each epoch visits the images in a new order (the sampler's shuffle of epoch e is torch.randperm with
     generator seed `--seed + e`), and the resumed run replays the order of the epoch it resumes at."""
@@ -94,31 +73,32 @@ def test_resume_is_bit_exact(tmp_path, monkeypatch):
 
     monkeypatch.setattr(util.runtime, 'DistributedSampler', RecordingSampler)
     data = write_images(tmp_path / 'flat', 8)  # flat folder: 2 steps per epoch at batch 4
-    run_pretrain.main(pretrain_args(data, tmp_path / 'straight'))
-    straight, orders[:] = orders[:], []
 
-    with killed_at_epoch(run_pretrain, 1):
-        run_pretrain.main(pretrain_args(data, tmp_path / 'resumed'))
-    run_pretrain.main(pretrain_args(data, tmp_path / 'resumed'))
+    def args_of(out):
+        orders.append(out.name)  # marks where the orders of each run start
+        return pretrain_args(data, out)
+
+    straight, resumed = straight_and_resumed(run_pretrain, args_of, 1, tmp_path)
     expected = [torch.randperm(8, generator=torch.Generator().manual_seed(epoch)).tolist() for epoch in (0, 1)]
-    assert expected[0] != expected[1] and straight == expected
-    assert orders == expected  # epoch 0 of the interrupted run, then epoch 1 after the resume
+    assert expected[0] != expected[1]
+    # the straight run's two epochs; epoch 0 of the interrupted run, then epoch 1 after the resume
+    assert orders == ['straight', *expected, 'resumed', expected[0], 'resumed', expected[1]]
 
-    a = torch.load(tmp_path / 'straight' / LAST, weights_only=True)
-    b = torch.load(tmp_path / 'resumed' / LAST, weights_only=True)
+    a = torch.load(straight / LAST, weights_only=True)
+    b = torch.load(resumed / LAST, weights_only=True)
     assert a['epoch'] == b['epoch'] == 1 and a['step'] == b['step'] == 4
     assert all(torch.equal(a['model'][k], b['model'][k]) for k in a['model'])
     for pid, state in a['optimizer']['state'].items():
         assert all(torch.equal(state[k], b['optimizer']['state'][pid][k]) for k in state)
-    logs = [[json.loads(line) for line in open(tmp_path / d / 'log.txt')] for d in ('straight', 'resumed')]
-    assert [entry['train_loss'] for entry in logs[0]] == [entry['train_loss'] for entry in logs[1]]
+    assert [entry['train_loss'] for entry in log_entries(straight)] == \
+        [entry['train_loss'] for entry in log_entries(resumed)]
 
 
 def test_no_auto_resume_starts_over(tmp_path):
     data = write_images(tmp_path / 'flat', 4)
     for _ in range(2):
         run_pretrain.main(pretrain_args(data, tmp_path / 'out', '--epochs', '1', '--no_auto_resume'))
-    assert [json.loads(line)['epoch'] for line in open(tmp_path / 'out' / 'log.txt')] == [0, 0]
+    assert [entry['epoch'] for entry in log_entries(tmp_path / 'out')] == [0, 0]
 
 
 def test_demo_run_writes_every_artifact(tmp_path, monkeypatch):
@@ -132,7 +112,7 @@ def test_demo_run_writes_every_artifact(tmp_path, monkeypatch):
     assert {'model', 'optimizer', 'epoch', 'step', 'args', 'rng', 'extra'} <= set(ckpt)
     assert 'scaler' not in ckpt  # no fp16 GradScaler on the CPU: the official resume would choke on a None
     assert ckpt['args']['model'] == 'MIM_vit_tiny_patch16' and ckpt['step'] == 6  # 144 images / 48 x 2 epochs
-    log = [json.loads(line) for line in open(out / 'log.txt')]
+    log = log_entries(out)
     assert [entry['epoch'] for entry in log] == [0, 1]
     assert {'train_loss', 'train_lr', 'train_loss_scale4', 'train_loss_scale0.5', 'epoch_time'} <= set(log[0])
     assert log[1]['train_loss'] < log[0]['train_loss']
@@ -176,6 +156,6 @@ def test_command_line_error_is_one_line(tmp_path):
     result = subprocess.run([sys.executable, 'run_pretrain.py', '--data_path', str(tmp_path / 'missing'),
                              '--device', 'cpu', '--output_dir', str(tmp_path / 'out')],
                             cwd=REPO, capture_output=True, text=True)
-    assert result.returncode == 1
+    assert result.returncode == 2
     assert 'Traceback' not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith('run_pretrain.py: error: --data_path')

@@ -1,8 +1,6 @@
-"""SCE model side (spec sce.md 1-3, 8.3 a-c, f, g): loss golden values and a NumPy restatement, the R3D-18
+"""SCE model side (models/sce.py, models/r3d.py): loss golden values and a NumPy restatement, the R3D-18
 trunk, heads, momentum target, queue, hooks, flags, and the 2-process queue gather."""
 import argparse
-import os
-import socket
 
 import numpy as np
 import pytest
@@ -10,6 +8,7 @@ import torch
 import torch.multiprocessing as mp
 from torch import nn
 
+from helpers import free_port, gloo_group
 from models.r3d import r3d18_trunk
 from main_sce import add_sce_model_args, build_sce, check_sce_args
 from models.sce import SCE, momentum_value, sce_loss, scheduler_value
@@ -35,7 +34,8 @@ def test_loss_golden_values():
 
 
 def numpy_sce(q, k, queue, coeff, temp, temp_m, k_global=None, use_keys=False, rank=0):
-    """The formula of spec 1.3/1.4, one sample at a time."""
+    """SCE's loss one sample at a time: cross-entropy of the online logits (temperature temp) against the mix of
+    the positive (weight coeff) and the softmax of the target logits (temperature temp_m)."""
     q, k = q.numpy(), k.numpy()
     queue = None if queue is None else queue.numpy()
     kg = k if k_global is None else k_global.numpy()
@@ -78,7 +78,7 @@ def test_loss_matches_numpy_and_gradcheck(use_keys, with_queue, rank):
 
 def test_loss_without_queue_or_keys_is_rejected_and_degenerate():
     q, k, _ = toy()
-    assert sce_loss(q, k, None, 0.5, 0.1, 0.07).item() == 0.0  # one column: identically 0 (spec 1.4)
+    assert sce_loss(q, k, None, 0.5, 0.1, 0.07).item() == 0.0  # one column: identically 0
     with pytest.raises(ValueError, match='--use_keys'):
         tiny_sce(queue_size=0)
 
@@ -86,7 +86,7 @@ def test_loss_without_queue_or_keys_is_rejected_and_degenerate():
 def test_schedulers():
     assert scheduler_value(None, 1.0, 0.5, 3, 9) == 1.0
     assert scheduler_value('linear', 1.0, 0.5, 3, 9) == pytest.approx(1.0 - 0.5 * 3 / 9)
-    assert scheduler_value('linear', 0.5, 1.0, 0, 9) == 0.5  # the official one would start at 1.0 (spec 9.12)
+    assert scheduler_value('linear', 0.5, 1.0, 0, 9) == 0.5  # the official one would start at 1.0
     assert scheduler_value('cosine', 0.1, 0.05, 9, 9) == pytest.approx(0.05)
     sce = tiny_sce(steps_per_epoch=10, epochs=4, warmup_epoch_coeff=2, scheduler_coeff='cosine',
                    warmup_epoch_temp_m=1, start_warmup_temp_m=0.1)
@@ -104,7 +104,7 @@ def test_schedulers():
 
 def test_r3d18_trunk_shapes_init_and_keys():
     trunk = r3d18_trunk()
-    assert sum(p.numel() for p in trunk.parameters()) == 20_023_872  # spec 3.1
+    assert sum(p.numel() for p in trunk.parameters()) == 20_023_872  # the reference trunk's size
     x = torch.randn(2, 3, 4, 32, 32)
     assert trunk.model(x).shape == (2, 512, 4, 1, 1)
     assert trunk(x).shape == (2, 512)
@@ -124,7 +124,7 @@ def test_r3d18_trunk_shapes_init_and_keys():
     assert 'model.blocks.1.res_blocks.0.branch1_conv.weight' not in keys  # identity shortcut in stage 1
 
 
-def test_heads_match_spec():
+def test_heads_match_the_reference_sizes():
     sce = build_sce(add_sce_model_args(argparse.ArgumentParser()).parse_args([]), trunk=TinyTrunk(512),
                     queue_size=64)
     assert sum(p.numel() for p in sce.projector.parameters()) == 1_839_104
@@ -161,7 +161,7 @@ def clips(n_views=2, batch=4, seed=0, size=8):
 
 
 @pytest.mark.parametrize('sym', [True, False])
-def test_forward_is_the_spec_aggregation(sym):
+def test_forward_is_the_cross_view_aggregation(sym):
     torch.manual_seed(0)
     sce = tiny_sce(sym=sym)
     views = clips()
@@ -329,17 +329,8 @@ def test_flags_defaults_and_rejections():
 
 # ------------------------------------------------------------------------------------------------ 2 processes
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
-
-
 def _ddp_worker(rank, world, port, out_path):
-    os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    torch.distributed.init_process_group('gloo', rank=rank, world_size=world)
-    try:
+    with gloo_group(rank, world, port):
         torch.manual_seed(rank)  # different init per rank: DDP must broadcast rank 0's weights and queue
         sce = tiny_sce(num_classes=3, queue_size=32)
         model = torch.nn.parallel.DistributedDataParallel(sce)
@@ -354,13 +345,11 @@ def _ddp_worker(rank, world, port, out_path):
         torch.save({'targets': targets, 'queue': sce.queue, 'queue_before': queue_before,
                     'ptr': sce.queue_ptr.item(), 'eval_w': sce.online_evaluator.linear.weight.detach(),
                     'trunk': [p.detach() for p in sce.trunk.parameters()]}, f'{out_path}.{rank}')
-    finally:
-        torch.distributed.destroy_process_group()
 
 
 def test_ddp_queue_receives_both_ranks_keys_in_rank_order(tmp_path):
     out = str(tmp_path / 'rank')
-    mp.spawn(_ddp_worker, args=(2, _free_port(), out), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(2, free_port(), out), nprocs=2, join=True)
     r0, r1 = torch.load(f'{out}.0'), torch.load(f'{out}.1')
     expected = torch.cat([r0['targets'][0], r1['targets'][0], r0['targets'][1], r1['targets'][1]]).T
     for r in (r0, r1):

@@ -1,4 +1,4 @@
-"""SCE optimisation (spec sce.md 4, 8.3 d-e): LARS against its formula, parameter groups, LR scaling and the
+"""SCE optimisation (util/sce_optim.py, util/lars.py): LARS against its formula, parameter groups, LR scaling and the
 per-step linear-warmup + cosine schedule."""
 import numpy as np
 import pytest
@@ -20,7 +20,8 @@ def small_net():
 
 
 def lars_reference(params, grads, mus, lr, wd, momentum, eta):
-    """Spec 4.1 in float64 NumPy."""
+    """LARS by its formula in float64 NumPy: for ndim > 1, weight decay and the trust ratio eta |p| / |g + wd p|;
+    then heavy-ball momentum."""
     new_params, new_mus = [], []
     for p, g, mu in zip(params, grads, mus):
         d = g.copy()
@@ -54,7 +55,7 @@ def test_lars_matches_formula():
             assert all(np.array_equal(p.detach().numpy(), r) for p, r in zip(net.parameters(), params))
 
 
-def test_timm_lars_is_not_the_spec():
+def test_timm_lars_differs_from_ours():
     """Why util/lars.py exists: timm's trust ratio is eta |p| / (|g| + wd |p|), not eta |p| / |g + wd p|."""
     ours, theirs = small_net(), small_net()
     opt_ours = LARS(ours.parameters(), lr=1.0, weight_decay=0.1, momentum=0.9)
@@ -104,7 +105,7 @@ def test_schedule_closed_form():
     for s in range(M):
         expected = s * base / (W - 1) if s < W else 0.5 * base * (1 + np.cos(np.pi * (s - W) / (M - W)))
         assert lrs[s] == pytest.approx(expected)
-    assert warmup_cosine_lr(1, 4.8, 35 * 156, 200 * 156) == pytest.approx(8.79e-4, rel=1e-3)  # spec 4.3
+    assert warmup_cosine_lr(1, 4.8, 35 * 156, 200 * 156) == pytest.approx(8.79e-4, rel=1e-3)  # 4.8 / (35 * 156 - 1)
 
 
 def test_schedule_object_per_optimizer_step_with_accumulation():

@@ -1,4 +1,4 @@
-"""SLaK model (models/slak.py): forward against the spec's operations, parameter counts, conv routes, keys."""
+"""SLaK model (models/slak.py): forward against its operations written out, parameter counts, conv routes, keys."""
 import pytest
 import timm
 import torch
@@ -28,7 +28,8 @@ def randomise(model, seed=0):
 
 
 def reference_forward(sd, x, depths):
-    """SLaK eval forward written from spec 1.3-1.5 with torch.nn.functional on the state dict."""
+    """SLaK's eval forward (https://github.com/VITA-Group/SLaK/blob/main/models/SLaK.py) written out with
+    torch.nn.functional on the state dict."""
     def ln_channels_first(x, p):
         u = x.mean(1, keepdim=True)
         s = (x - u).pow(2).mean(1, keepdim=True)
@@ -78,7 +79,7 @@ def test_stage_shapes():
     assert model(torch.randn(1, 3, 64, 96)).shape == (1, 5)
 
 
-def test_parameter_counts_of_spec():
+def test_parameter_counts_at_width_1_3():
     with torch.device('meta'):
         counts = [sum(p.numel() for p in f(Decom=True, width_factor=1.3).parameters())
                   for f in (SLaK_tiny, SLaK_small, SLaK_base)]

@@ -7,20 +7,36 @@ otherwise (bf16, fp32): the official MAE-style resumes (`if 'scaler' in checkpoi
 loss_scaler.load_state_dict(...)`, with an fp16 GradScaler) then start a fresh scaler instead of failing.
 `checkpoint-last.pth` is rewritten every epoch; `checkpoint-{epoch}.pth` is kept every --save_freq epochs
 and at the end.
+
+Nothing bad replaces a good file: a model holding NaN or inf is not saved, a failed write (a full disk) leaves
+the previous file as it was, and auto-resume skips a file it cannot read (a write killed midway) for the next
+newest. Each of these ends in, or is reported as, one line.
 """
 import argparse
+import contextlib
 import glob
+import itertools
 import os
 import random
 import re
+import zipfile
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
 from util.dist import get_rank, get_world_size, is_dist_avail_and_initialized, is_main_process
+from util.train_step import NonFiniteLossError
 
 LAST = 'checkpoint-last.pth'
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be read or written; the message is one line (run_cli prints it)."""
+
+
+class NonFiniteStateError(NonFiniteLossError):
+    """The model holds NaN or inf, so it is not saved."""
 
 
 def rng_state():
@@ -63,6 +79,63 @@ def atomic_save(obj, path):
             os.remove(tmp)
 
 
+def _resume_hint(last_good):
+    if last_good and os.path.isfile(last_good):
+        return f'the last good checkpoint is {last_good}, unchanged'
+    return 'no checkpoint was saved before'
+
+
+def write_file(obj, path, last_good=None):
+    """atomic_save; a failed write (full disk, quota, I/O error) becomes a one-line CheckpointError naming the file
+    and the checkpoint `last_good` to resume from."""
+    try:
+        atomic_save(obj, path)
+    except (OSError, RuntimeError) as error:
+        cause = error  # torch.save reports a failed write as a RuntimeError raised while handling the OSError
+        while cause is not None and not isinstance(cause, OSError):
+            cause = cause.__context__
+        if cause is None:
+            raise
+        message = f'could not write {path}: {cause.strerror or cause}; {_resume_hint(last_good)}'
+        raise CheckpointError(message) from error
+
+
+def on_main_process(write, model):
+    """Calls write() on the main process only; call on every rank. A CheckpointError there is raised on every rank
+    (the others would otherwise wait for the main process in their next collective)."""
+    error = None
+    if is_main_process():
+        try:
+            write()
+        except CheckpointError as e:
+            error = e
+    written = error is None
+    if is_dist_avail_and_initialized():
+        written = bool(_min_over_ranks(torch.tensor(int(written), device=next(model.parameters()).device)))
+    if not written:
+        raise error or CheckpointError('the main process could not write the checkpoint (its error says why)')
+
+
+def _min_over_ranks(value):
+    """The smallest of every rank's 0-d integer tensor `value`, as an int (one host sync)."""
+    if is_dist_avail_and_initialized():
+        dist.all_reduce(value, op=dist.ReduceOp.MIN)
+    return int(value)
+
+
+def first_nonfinite(model):
+    """The name of the model's first floating parameter or buffer holding a NaN or inf on any rank, or None. The
+    tensors are checked on their device with one host sync (and one all-reduce, so that every rank agrees)."""
+    named = [(name, t.detach()) for name, t in itertools.chain(model.named_parameters(), model.named_buffers())
+             if t.is_floating_point()]
+    if not named:
+        return None
+    device = named[0][1].device
+    finite = torch.stack([torch.isfinite(t).all().to(device) for _, t in named])
+    first = _min_over_ranks(torch.arange(len(named), device=device).masked_fill(finite, len(named)).min())
+    return named[first][0] if first < len(named) else None
+
+
 def all_rng_states():
     """Every rank's RNG state (a collective: call on all ranks)."""
     if not is_dist_avail_and_initialized():
@@ -75,36 +148,110 @@ def all_rng_states():
 def save_checkpoint(output_dir, epoch, step, args, model, optimizer, scaler=None, extra=None, keep=False, best=False,
                     name=LAST, top_level=None):
     """Writes `name` (checkpoint-last.pth), and checkpoint-{epoch}.pth when `keep`, checkpoint-best.pth when
-    `best`. `top_level`: more entries next to ours (an official format's keys). Call on every rank."""
+    `best`. `top_level`: more entries next to ours (an official format's keys). Call on every rank.
+    A model holding NaN or inf is not saved (NonFiniteStateError) and a failed write raises a CheckpointError, on
+    every rank; either way the previous checkpoint stays as it was."""
+    last_good = os.path.join(output_dir, LAST if os.path.isfile(os.path.join(output_dir, LAST)) else name)
+    bad = first_nonfinite(model)
+    if bad is not None:
+        raise NonFiniteStateError(f'{bad} holds NaN or inf at optimizer step {step}: not saved '
+                                  f'({_resume_hint(last_good)}); lower the learning rate or clip gradients')
     rng = all_rng_states()
-    if not is_main_process():
-        return
-    state = {'model': model.state_dict(), 'optimizer': optimizer.state_dict(),
-             'epoch': epoch, 'step': step, 'args': plain_args(args), 'rng': rng, 'extra': extra or {}}
-    scaler_state = scaler.state_dict() if scaler is not None else {}
-    if scaler_state:  # a disabled GradScaler's state is {}, which an enabled one refuses to load
-        state['scaler'] = scaler_state
-    state.update(top_level or {})
-    atomic_save(state, os.path.join(output_dir, name))
-    if keep:
-        atomic_save(state, os.path.join(output_dir, f'checkpoint-{epoch}.pth'))
-    if best:
-        atomic_save(state, os.path.join(output_dir, 'checkpoint-best.pth'))
+
+    def write():
+        state = {'model': model.state_dict(), 'optimizer': optimizer.state_dict(),
+                 'epoch': epoch, 'step': step, 'args': plain_args(args), 'rng': rng, 'extra': extra or {}}
+        scaler_state = scaler.state_dict() if scaler is not None else {}
+        if scaler_state:  # a disabled GradScaler's state is {}, which an enabled one refuses to load
+            state['scaler'] = scaler_state
+        state.update(top_level or {})
+        for file in [name] + ([f'checkpoint-{epoch}.pth'] if keep else []) + (['checkpoint-best.pth'] if best else []):
+            write_file(state, os.path.join(output_dir, file), last_good)
+    on_main_process(write, model)
+
+
+def read_checkpoint(path, mmap=False):
+    """torch.load on the CPU, weights only (official checkpoints may also pickle their argparse args). A file that
+    is not a readable checkpoint (a write killed midway, garbage, empty) raises a one-line CheckpointError.
+    `mmap`: tensors stay on disk until used, a cheap check that a file reads."""
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location='cpu', weights_only=True, mmap=mmap and zipfile.is_zipfile(path))
+    except (MemoryError, PermissionError):
+        raise
+    except Exception as error:  # damage shows as RuntimeError, EOFError, UnpicklingError, KeyError, OSError, ...
+        raise CheckpointError(f'{path} cannot be read ({_why_unreadable(path, error)[:200]}): damaged, or not a '
+                              f'checkpoint') from None
+
+
+def _why_unreadable(path, error):
+    size = os.path.getsize(path)
+    with open(path, 'rb') as f:
+        zip_start = f.read(4) == b'PK\x03\x04'
+    if size == 0:
+        return 'empty file'
+    if zip_start and not zipfile.is_zipfile(path):
+        return f'truncated at {size} bytes: the end of its zip archive is missing'
+    text = str(error).strip().split('. ')[0].splitlines()
+    return f'{type(error).__name__}: {text[0] if text else ""}'
+
+
+def readable_checkpoint(path):
+    """The checkpoint at path (tensors memory-mapped), or None after one line saying why it cannot be read."""
+    try:
+        return read_checkpoint(path, mmap=True)
+    except CheckpointError as error:
+        print(f'{error}; skipped')
+        return None
 
 
 def latest_checkpoint(output_dir):
-    """The checkpoint of the highest finished epoch in output_dir, or None."""
-    best, best_epoch = None, -1
-    for path in glob.glob(os.path.join(output_dir, 'checkpoint-*.pth')):
-        match = re.search(r'checkpoint-(\d+)\.pth$', path)
-        if match and int(match.group(1)) > best_epoch:
-            best, best_epoch = path, int(match.group(1))
-    last = os.path.join(output_dir, LAST)
+    """The readable checkpoint of the highest finished epoch in output_dir (checkpoint-last.pth on a tie), or None.
+    A file that cannot be read is reported in one line and the next newest one is tried."""
+    numbered = sorted(((int(m.group(1)), path) for path in glob.glob(os.path.join(output_dir, 'checkpoint-*.pth'))
+                       if (m := re.search(r'checkpoint-(\d+)\.pth$', path))), reverse=True)
+    last, last_epoch = os.path.join(output_dir, LAST), None
     if os.path.exists(last):
-        epoch = torch.load(last, map_location='cpu', weights_only=True, mmap=True)['epoch']
-        if epoch >= best_epoch:
-            best = last
-    return best
+        ckpt = readable_checkpoint(last)
+        last_epoch = ckpt.get('epoch') if isinstance(ckpt, dict) else None
+        if ckpt is not None and not isinstance(last_epoch, int):
+            print(f'{last} has no epoch number; skipped')
+            last_epoch = None
+    for epoch, path in numbered:
+        if last_epoch is not None and epoch <= last_epoch:
+            break
+        if readable_checkpoint(path) is not None:
+            return path
+    if last_epoch is not None:
+        return last
+    if numbered or os.path.exists(last):
+        print(f'no readable checkpoint left in {output_dir}: nothing to resume')
+    return None
+
+
+def _process_alive(pid):
+    if os.name != 'posix':  # os.kill(pid, 0) would end the process on Windows: keep its files
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        pass
+    return True
+
+
+def remove_stale_temp_files(folder):
+    """Deletes the `*.tmp.<pid>` files (up to a whole checkpoint each) that writes killed midway left in folder,
+    when process <pid> is gone. Main process only."""
+    if not folder or not is_main_process():
+        return
+    for path in glob.glob(os.path.join(glob.escape(folder), '*.tmp.*')):
+        match = re.search(r'\.tmp\.(\d+)$', path)
+        if match and not _process_alive(int(match.group(1))):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)
+                print(f'removed {path}, left by a checkpoint write that was killed')
 
 
 def load_checkpoint(path, model, optimizer=None, scaler=None, strict=True, before_optimizer=None):
@@ -115,15 +262,14 @@ def load_checkpoint(path, model, optimizer=None, scaler=None, strict=True, befor
     else:
         if not os.path.isfile(path):
             raise FileNotFoundError(f'--resume {path}: no such checkpoint file')
-        with torch.serialization.safe_globals([argparse.Namespace]):  # official checkpoints pickle their args
-            ckpt = torch.load(path, map_location='cpu', weights_only=True)
+        ckpt = read_checkpoint(path)
     state = ckpt.get('model', ckpt)
     try:
         model.load_state_dict(state, strict=strict)
     except RuntimeError as e:
         first = str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else str(e)
-        raise RuntimeError(f'checkpoint {path} does not fit this model ({first[:300]}); '
-                           f'check --model and its flags (e.g. --hog_nbins, --hog_bias, --input_size)') from None
+        raise ValueError(f'checkpoint {path} does not fit this model ({first[:300]}); '
+                         f'check --model and its flags (e.g. --hog_nbins, --hog_bias, --input_size)') from None
     if optimizer is not None and ckpt.get('optimizer') is not None:
         if before_optimizer is not None:
             before_optimizer(ckpt)

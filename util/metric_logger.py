@@ -30,13 +30,21 @@ class MetricLogger:
                 total, count = sums.get(name, (0.0, 0))
                 sums[name] = (total + value, count + 1)
 
-    def log_every(self, iterable):
-        """Yields the batches of `iterable`, timing data wait vs the rest, and prints on print steps."""
+    def sums(self):
+        """The epoch's sums and counts so far, as plain numbers (one host sync), for a mid-epoch checkpoint."""
+        return {k: (float(v), n) for k, (v, n) in self._total.items()}
+
+    def load_sums(self, sums):
+        self._total = dict(sums)
+
+    def log_every(self, iterable, first_step=0):
+        """Yields the batches of `iterable` (steps first_step, first_step + 1, ...), timing data wait vs the
+        rest, and prints on print steps."""
         start = window_start = time.perf_counter()
         data_wait = 0.0
         steps_in_window = 0
         iterator = iter(iterable)
-        for step in range(self.num_steps):
+        for step in range(first_step, self.num_steps):
             t0 = time.perf_counter()
             try:
                 batch = next(iterator)
@@ -50,7 +58,7 @@ class MetricLogger:
                 now = time.perf_counter()
                 elapsed = now - window_start
                 images_per_s = steps_in_window * self.images_per_step / max(elapsed, 1e-9)
-                eta = (now - start) / (step + 1) * (self.num_steps - step - 1)
+                eta = (now - start) / (step + 1 - first_step) * (self.num_steps - step - 1)
                 self._print(step, eta, images_per_s, elapsed / steps_in_window, data_wait / max(elapsed, 1e-9))
                 for callback in self.on_print:
                     callback(step, self.last_window, images_per_s, elapsed / steps_in_window)

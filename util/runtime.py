@@ -2,8 +2,10 @@
 import argparse
 import contextlib
 import json
+import operator
 import os
 import random
+import re
 import sys
 import traceback
 
@@ -12,9 +14,10 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
-from util.checkpoint import latest_checkpoint, load_checkpoint
+from util.checkpoint import latest_checkpoint, load_checkpoint, remove_stale_temp_files
 from util.dist import (get_rank, get_world_size, init_distributed_mode, is_dist_avail_and_initialized, is_main_process,
                        unwrap)
+from util.preemption import ignore_stop_signals, install_signal_handlers, restore_signal_handlers
 from util.train_step import NonFiniteLossError
 
 
@@ -33,15 +36,68 @@ def add_bool_arg(parser, name, default, help=None):
     parser.add_argument(name, type=str2bool, default=default, nargs='?', const=True, help=help)
 
 
+USAGE_EXIT_CODE = 2  # argparse's code for bad usage
+_created_folders = []  # the folders setup_run created, deepest first
+
+
+def check_flags(args, rules):
+    """Raises a ValueError naming the first flag whose value breaks its rule: an interval such as '(0, 1)' or
+    '[0, --epochs]' (a bound may be another flag), or a bound such as '>= 1' or '> 0'. Flags left at None are not
+    checked; each element of a list flag is."""
+    for flag, rule in rules.items():
+        value = getattr(args, _dest(flag))
+        if not all(v is None or _allows(args, rule, v) for v in (value if isinstance(value, list) else [value])):
+            refs = ', '.join(f'{ref} is {getattr(args, _dest(ref))}' for ref in re.findall(r'--\w+', rule))
+            raise ValueError(f'{flag} {value}: must be {"in " if rule[0] in "[(" else ""}{rule}'
+                             + (f' ({refs})' if refs else ''))
+
+
+def _allows(args, rule, value):
+    def bound(text):
+        text = text.strip()
+        return getattr(args, _dest(text)) if text.startswith('--') else float(text)
+
+    if rule[0] in '[(':
+        low, high = map(bound, rule[1:-1].split(','))
+        above = low <= value if rule[0] == '[' else low < value
+        return above and (value <= high if rule[-1] == ']' else value < high)
+    op, limit = rule.split()
+    return {'>=': operator.ge, '>': operator.gt}[op](value, bound(limit))
+
+
+def _dest(flag):
+    return flag.lstrip('-').replace('-', '_')
+
+
 def setup_run(args):
     """Process group, default autocast dtype, per-rank seeds, output folder: the start of every entry script."""
     init_distributed_mode(args)
     args.amp = args.amp or ('bf16' if args.device.startswith('cuda') else 'none')
     seed_everything(args.seed)
     torch.backends.cudnn.benchmark = True
-    if args.output_dir:
-        os.makedirs(args.output_dir, exist_ok=True)
+    if args.output_dir:  # last, so that a failure above leaves no folder behind
+        _make_folder(args.output_dir)
     return torch.device(args.device)
+
+
+def _make_folder(path):
+    """os.makedirs, remembering the folders it creates: run_cli removes them again, if still empty, when the run
+    stops on a user error."""
+    missing, folder = [], os.path.abspath(path)
+    while not os.path.exists(folder):
+        missing.append(folder)
+        folder = os.path.dirname(folder)
+    os.makedirs(path, exist_ok=True)
+    _created_folders.extend(missing)
+
+
+def _remove_created_folders():
+    for folder in _created_folders:
+        try:
+            os.rmdir(folder)
+        except OSError:  # not empty (it holds the run's files, or another rank's): keep it and its parents
+            break
+    _created_folders.clear()
 
 
 def seed_everything(seed):
@@ -73,7 +129,8 @@ def build_train_loader(dataset, batch_size, num_workers, pin_mem, seed, batch_fl
     # Workers are not persistent: each epoch's workers are seeded from the main RNG, which checkpoints
     # save, so a resumed run replays the same augmentations.
     return DataLoader(dataset, sampler=sampler, batch_size=batch_size, num_workers=num_workers,
-                      pin_memory=pin_mem and torch.cuda.is_available(), drop_last=True)
+                      pin_memory=pin_mem and torch.cuda.is_available(), drop_last=True,
+                      worker_init_fn=ignore_stop_signals)
 
 
 def attach_ddp(trainer, device, schedule=None, **ddp_kwargs):
@@ -93,20 +150,23 @@ def attach_ddp(trainer, device, schedule=None, **ddp_kwargs):
 
 
 def resume_path(explicit, auto_resume, output_dir, find_latest=latest_checkpoint):
-    """The checkpoint to resume: `explicit` (--resume) wins; else, with auto-resume, the newest one in output_dir."""
+    """The checkpoint to resume: `explicit` (--resume) wins; else, with auto-resume, the newest readable one in
+    output_dir. Also deletes the temporary files of checkpoint writes killed midway."""
+    remove_stale_temp_files(output_dir)
     if explicit:
         return explicit
     return find_latest(output_dir) if auto_resume and output_dir else None
 
 
-def resume_training(args, path, model, trainer, before_optimizer=None):
+def resume_training(args, path, model, trainer, before_optimizer=None, checkpoints=None):
     """Restores model, optimizer, GradScaler and RNG from `path`, sets args.start_epoch (the epoch after the saved
-    one) and trainer.num_updates; returns the checkpoint (for the method's own state)."""
+    one, or with `checkpoints` the interrupted one of a mid-epoch checkpoint) and trainer.num_updates; returns the
+    checkpoint (for the method's own state)."""
     ckpt = load_checkpoint(path, model, trainer.optimizer, trainer.scaler, before_optimizer=before_optimizer)
     if not isinstance(ckpt.get('epoch'), int):  # e.g. an official SLaK checkpoint-best.pth ('best')
         raise ValueError(f'--resume {path} is the "{ckpt.get("epoch")}" checkpoint; resume from '
                          'checkpoint-<epoch>.pth or checkpoint-last.pth (or use it with --eval true / --finetune)')
-    args.start_epoch = ckpt['epoch'] + 1
+    args.start_epoch = checkpoints.resume_from(ckpt) if checkpoints is not None else ckpt['epoch'] + 1
     trainer.num_updates = ckpt.get('step', 0)
     print(f'resumed from {path} (epoch {ckpt["epoch"]} done, {trainer.num_updates} optimizer steps)')
     return ckpt
@@ -134,14 +194,25 @@ def append_log_line(output_dir, stats):
 
 
 def run_cli(main, parser):
-    """Parses flags and runs main; a user mistake ends with one clear line instead of a traceback."""
+    """Parses flags and runs main; a user mistake (a ValueError, a missing file) ends with one clear line, exit code
+    2 and no empty output folder left behind; a diverged run with one line and exit code 1. SIGTERM and SIGUSR1 save
+    a mid-epoch checkpoint and exit (util/preemption.py)."""
     args = parser.parse_args()
+    saved_handlers = install_signal_handlers()
+    _created_folders.clear()
     try:
         main(args)
     except (FileNotFoundError, ValueError, NonFiniteLossError) as error:
         origin = traceback.extract_tb(error.__traceback__)[-1]  # so a bug is not mistaken for a bad flag
-        sys.exit(f'{os.path.basename(sys.argv[0])}: error: {error} '
-                 f'[{os.path.basename(origin.filename)}:{origin.lineno}]')
+        # sys.stderr, not print: under DDP print is silenced on all ranks but the first, which may not be the one
+        sys.stderr.write(f'{os.path.basename(sys.argv[0])}: error: {error} '
+                         f'[{os.path.basename(origin.filename)}:{origin.lineno}]\n')
+        if isinstance(error, NonFiniteLossError):
+            sys.exit(1)
+        _remove_created_folders()
+        sys.exit(USAGE_EXIT_CODE)
+    finally:
+        restore_signal_handlers(saved_handlers)
 
 
 class _Tee:

@@ -17,6 +17,7 @@ from timm.data.distributed_sampler import RepeatAugSampler
 from torch.utils.data import DataLoader, Sampler, SequentialSampler
 
 from util.dist import get_rank, get_world_size
+from util.preemption import ignore_stop_signals
 
 
 class UnpaddedDistributedSampler(Sampler):
@@ -52,7 +53,7 @@ def build_eval_loader(dataset, batch_size, num_workers, pin_memory, dist_eval):
     else:
         sampler = SequentialSampler(dataset)
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
-                      pin_memory=pin_memory, drop_last=False)
+                      pin_memory=pin_memory, drop_last=False, worker_init_fn=ignore_stop_signals)
 
 
 def with_repeated_augmentation(loader, num_repeats):
@@ -65,7 +66,8 @@ def with_repeated_augmentation(loader, num_repeats):
     sampler = RepeatAugSampler(loader.dataset, num_replicas=get_world_size(), rank=get_rank(), shuffle=True,
                                num_repeats=num_repeats)
     repeated = DataLoader(loader.dataset, sampler=sampler, batch_size=loader.batch_size,
-                          num_workers=loader.num_workers, pin_memory=loader.pin_memory, drop_last=loader.drop_last)
+                          num_workers=loader.num_workers, pin_memory=loader.pin_memory, drop_last=loader.drop_last,
+                          worker_init_fn=loader.worker_init_fn)
     if len(repeated) == 0:
         raise ValueError(f'with --repeated_aug {num_repeats} each process gets {len(sampler)} images per epoch, '
                          f'fewer than one batch of {loader.batch_size}')

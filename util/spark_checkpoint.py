@@ -17,8 +17,8 @@ import os
 import torch
 
 from models.spark import encoder_state_dict
-from util.checkpoint import atomic_save, load_checkpoint, save_checkpoint
-from util.dist import is_main_process
+from util.checkpoint import (load_checkpoint, on_main_process, read_checkpoint, readable_checkpoint, save_checkpoint,
+                              write_file)
 
 
 def output_names(model_name):
@@ -38,34 +38,41 @@ def _link(target_name, link_path):
 
 
 def save_spark_outputs(args, epoch, trainer, model, optimizer, stats):
-    """The resumable checkpoint and the two encoder files (and the newer official names). Call on every rank."""
+    """The resumable checkpoint and the two encoder files (and the newer official names). Call on every rank.
+    Nothing is written for a model holding NaN or inf; a failed write stops every rank (util/checkpoint.py)."""
     names = output_names(args.model)
     official = {'module': model.official_state_dict(with_config=True), 'arch': args.model,
                 'input_size': args.input_size, 'is_pretrain': True,
                 'performance_desc': f'{stats["min_loss"]:.4f} {stats["last_loss"]:.4f}'}
     save_checkpoint(args.exp_dir, epoch, trainer.num_updates, args, model, optimizer, trainer.scaler, extra=stats,
                     name=names['resume'], top_level=official)
-    if is_main_process():
-        atomic_save(encoder_state_dict(model), os.path.join(args.exp_dir, names['encoder']))
+    resume_file = os.path.join(args.exp_dir, names['resume'])
+
+    def write_encoders():
+        write_file(encoder_state_dict(model), os.path.join(args.exp_dir, names['encoder']), resume_file)
         if model.official_convnext:
-            atomic_save(encoder_state_dict(model, official=True), os.path.join(args.exp_dir, names['encoder_new']))
+            write_file(encoder_state_dict(model, official=True), os.path.join(args.exp_dir, names['encoder_new']),
+                       resume_file)
         else:
             _link(names['encoder'], os.path.join(args.exp_dir, names['encoder_new']))
         _link(names['resume'], os.path.join(args.exp_dir, names['resume_new']))
+    on_main_process(write_encoders, model)
 
 
-def find_resume_file(args):
-    """--resume_from, else (with --auto_resume) the experiment folder's checkpoint, else None."""
-    if args.resume_from:
-        if not os.path.isfile(args.resume_from):
-            raise FileNotFoundError(f'--resume_from {args.resume_from}: no such file')
-        return args.resume_from
-    if args.auto_resume:
-        names = output_names(args.model)
-        for key in ('resume', 'resume_new'):
-            path = os.path.join(args.exp_dir, names[key])
-            if os.path.isfile(path):
-                return path
+def latest_spark_checkpoint(exp_dir, model_name):
+    """The experiment folder's resumable checkpoint (ours, else the official spark_style file), or None. A file
+    that cannot be read is reported in one line and skipped."""
+    names = output_names(model_name)
+    unreadable = []
+    for key in ('resume', 'resume_new'):
+        path = os.path.join(exp_dir, names[key])
+        if not os.path.isfile(path) or any(os.path.samefile(path, seen) for seen in unreadable):
+            continue  # the official name is usually a link to ours
+        if readable_checkpoint(path) is not None:
+            return path
+        unreadable.append(path)
+    if unreadable:
+        print(f'no readable checkpoint left in {exp_dir}: starting from scratch')
     return None
 
 
@@ -91,7 +98,9 @@ def check_optimizer_state(opt_state, optimizer, path):
 
 def resume_spark(path, model, trainer):
     """Loads weights + optimizer (+ our extras) from path; returns (last finished epoch, step, extra dict)."""
-    ckpt = torch.load(path, map_location='cpu', weights_only=True)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f'--resume_from {path}: no such file')
+    ckpt = read_checkpoint(path)
     if 'model' in ckpt:  # ours
         ckpt = load_checkpoint(path, model, trainer.optimizer, trainer.scaler, before_optimizer=lambda c: (
             check_optimizer_state(c['optimizer'], trainer.optimizer, path)))

@@ -1,12 +1,12 @@
 """Mutations of AMP (autocast, fp32 targets and losses, fp16 GradScaler), --clip_grad per entry script and the
 FreezeOut prefix cache in a real run: each removes one behaviour; the named tests must fail."""
-AMP_LOCALMIM = 'tests/test_amp.py::test_localmim_hog_targets_and_loss_are_float32_under_autocast'
+AMP_LOCALMIM = 'tests/test_train_step_amp.py::test_localmim_hog_targets_and_loss_are_float32_under_autocast'
 AMP_SCE = 'tests/test_sce_model.py::test_loss_is_float32_with_autocast_off_inside_amp'
-SCALER = 'tests/test_amp.py::test_fp16_grad_scaler_skips_an_overflow_then_steps_unscaled'
+SCALER = 'tests/test_train_step_amp.py::test_fp16_grad_scaler_skips_an_overflow_then_steps_unscaled'
 CLIP = ['tests/test_clip_grad.py::test_run_pretrain_clips_in_fp32',
         'tests/test_clip_grad.py::test_run_finetune_clips_in_fp32',
         'tests/test_clip_grad.py::test_main_slak_clips_in_fp32']
-FREEZE_RUN = 'tests/test_freeze_cache.py::test_run_with_freeze_cache'
+FREEZE_RUN = 'tests/test_freezeout_cache.py::test_run_with_freeze_cache'
 
 MUTATIONS = [
     # ---- autocast and fp32 islands

@@ -1,4 +1,5 @@
-"""Video data of SCE: CSV parsing, clip and frame sampling, temporal difference, crops, skips, demo, loader."""
+"""Video data of SCE (util/sce_video_data.py): CSV parsing, clip and frame sampling, temporal difference, crops,
+skips, demo, loader."""
 from fractions import Fraction
 
 import numpy as np
@@ -169,7 +170,7 @@ def test_dataset_temporal_difference(tmp_path):
 
 # ---------------------------------------------------------------- crop
 
-def test_crop_box_within_seed_bounds():
+def test_crop_box_within_the_default_scale_and_ratio():
     g = torch.Generator().manual_seed(0)
     for _ in range(500):
         top, left, h, w = random_resized_crop_box(256, 340, generator=g)

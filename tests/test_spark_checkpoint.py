@@ -1,6 +1,6 @@
-"""SparK beyond the core module: the custom-model route, official file names and formats checked against the
-official modules' layout (fixtures/spark_official_layout.json: spark_style resume both ways, official ConvNeXt keys),
-a 2-process launch, reconstruction pictures, --accum_iter, drop path defaults."""
+"""SparK beyond the core module: the custom-model route, official file names and formats (util/spark_checkpoint.py)
+checked against the official modules' layout (fixtures/spark_official_layout.json: spark_style resume both ways,
+official ConvNeXt keys), a 2-process launch, reconstruction pictures, --accum_iter, drop path defaults."""
 import argparse
 import json
 import os
@@ -15,6 +15,7 @@ from timm.optim import Lamb
 import torch
 
 import main_spark
+from helpers import REPO
 from models.convnext_keys import convnext_official_to_timm
 from models.spark import build_spark, spark_default_drop_path
 from util.datasets import ImageFolderOrFlat
@@ -278,9 +279,8 @@ def test_two_process_launch_with_a_convnext(tmp_path):
     """`python -m torch.distributed.launch --nproc_per_node=2 main_spark.py ...` on gloo with timm's ConvNeXt (DDP
     without find_unused_parameters: any parameter the SparK forward does not use breaks the second iteration); one
     set of outputs, the global batch split over the processes, no stray head keys in the encoder."""
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {**os.environ, 'DEMO_DATA_ROOT': str(tmp_path / 'demo'), 'OMP_NUM_THREADS': '1'}
-    cmd = [sys.executable, '-m', 'torch.distributed.launch', '--nproc_per_node=2', os.path.join(repo, 'main_spark.py'),
+    cmd = [sys.executable, '-m', 'torch.distributed.launch', '--nproc_per_node=2', str(REPO / 'main_spark.py'),
            '--exp_name=ddp', '--data_path=demo', '--model=convnext_atto', '--input_size=64', '--bs=64', '--ep=1',
            '--num_workers=0', '--print_freq=1', '--vis_freq=0']
     done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)

@@ -1,6 +1,5 @@
-"""FreezeOut's frozen-prefix cache: exact under fixed views, rebuilt when the depth grows, bounded."""
-import json
-
+"""FreezeOut's frozen-prefix cache (util/freezeout_cache.py): exact under fixed views, rebuilt when the depth
+grows, bounded."""
 import pytest
 import timm
 import torch
@@ -8,7 +7,7 @@ import torch
 import models  # noqa: F401
 from models.localmim import MaskedAutoencoderViT
 import run_pretrain
-from test_run_pretrain import pretrain_args, write_images
+from helpers import log_entries, pretrain_args, write_images
 from util.datasets import ImageFolderOrFlat, build_pretrain_transform
 from util.freezeout_cache import FixedViews, FrozenPrefixCache
 from util.freezeout import FreezeOut, FreezeOutSchedule
@@ -96,7 +95,7 @@ def test_run_with_freeze_cache(tmp_path, monkeypatch):
     out = tmp_path / 'out'
     run_pretrain.main(pretrain_args(data, out, '--epochs', '7', '--warmup_epochs', '0', '--how_scale', 'cubic',
                                     '--t_0', '0.01', '--num_workers', '0', '--freeze_cache'))
-    log = [json.loads(line) for line in open(out / 'log.txt')]
+    log = log_entries(out)
     assert [e['active_units'] for e in log] == [13, 6, 5, 3, 3, 2, 1]
     assert prefix_calls == [0, 7, 8, 10, 11, 12]  # the frozen units' depth of each prefix forward: none in epoch 4
     (cache,) = caches

@@ -1,9 +1,9 @@
-"""SLaK's sparse training core: mask initialisations, prune/grow, the hook under AdamW and AMP, resume, EMA."""
+"""SLaK's sparse training core (util/slak_sparse_training.py): mask initialisations, prune/grow, the hook under
+AdamW and AMP, resume, EMA."""
 import argparse
 import io
 import math
 import os
-import socket
 
 import pytest
 import torch
@@ -15,6 +15,7 @@ from torch.nn.parallel import DistributedDataParallel
 import util.slak_sparse_training as st
 from util.slak_sparse_training import (CosineDecay, Masking, add_sparse_args, erk_densities,
                                   masked_ema_update)
+from helpers import free_port, gloo_group
 from util.hooks import MaskedEmaHook
 from util.train_step import TrainStep
 
@@ -305,17 +306,8 @@ def test_masks_broadcast_only_when_they_change(monkeypatch):
     assert len(calls) == 3 and calls[-1][1] == sum(m.numel() for m in masking.masks.values())
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
-
-
 def _ddp_worker(rank, port, out_dir):
-    os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    torch.distributed.init_process_group('gloo', rank=rank, world_size=2)
-    try:
+    with gloo_group(rank, 2, port):
         torch.manual_seed(rank)  # per-rank seeds: different mask draws and random growth on each rank
         model = DistributedDataParallel(TinySLaK())
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
@@ -324,12 +316,10 @@ def _ddp_worker(rank, port, out_dir):
         train(model, optimizer, [masking], 4, start=2 * rank)
         torch.save({'masks': masking.masks, 'weights': dict(model.module.named_parameters())},
                    os.path.join(out_dir, f'{rank}.pt'))
-    finally:
-        torch.distributed.destroy_process_group()
 
 
 def test_ddp_ranks_share_masks_keyed_by_bare_names(tmp_path):
-    mp.spawn(_ddp_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
     r0, r1 = (torch.load(tmp_path / f'{r}.pt') for r in (0, 1))
     assert list(r0['masks']) == list(r1['masks']) and not any(n.startswith('module.') for n in r0['masks'])
     assert all(torch.equal(m, r1['masks'][n]) for n, m in r0['masks'].items())

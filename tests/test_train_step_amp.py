@@ -1,5 +1,6 @@
 """Mixed precision: LocalMIM's HOG targets and loss stay float32 under bf16/fp16 autocast, and TrainStep's fp16
-GradScaler branch skips an overflowing step (counted, scale halved) and unscales before clipping and stepping."""
+GradScaler branch (util/train_step.py) skips an overflowing step (counted, scale halved) and unscales before
+clipping and stepping."""
 import math
 
 import pytest

@@ -1,4 +1,4 @@
-"""What the engine communicates and when it waits for the device.
+"""What engine_pretrain.py's loop communicates and when it waits for the device.
 
 DDP: during gradient accumulation only the last micro-step of a window all-reduces (`no_sync` before it), the
 all-reduced gradient is the mean of the ranks' local gradients, and after a FreezeOut freeze run_pretrain's
@@ -7,9 +7,6 @@ DistributedDataParallel that run_pretrain.main itself builds.
 
 Host syncs: no `.item()`, `bool(tensor)`, `.tolist()`, `.cpu()` ... inside the step loop, only at print steps.
 """
-import argparse
-import os
-
 import torch
 import torch.multiprocessing as mp
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
@@ -19,8 +16,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import engine_pretrain
 import run_pretrain
 import util.runtime
-from test_engine import LinearRegression, _free_port
-from test_run_pretrain import pretrain_args, write_images
+from helpers import LinearRegression, engine_args, free_port, gloo_group, pretrain_args, write_images
 from util.lr_sched import WarmupCosine
 from util.metric_logger import MetricLogger
 from util.train_step import TrainStep
@@ -29,9 +25,6 @@ PREFIX = 2048  # elements of each bucket kept for the cross-rank comparison
 
 
 def _pretrain_worker(rank, world, port, data, out, record_path):
-    os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
     wraps = []
 
     def hook(record, bucket):
@@ -63,22 +56,19 @@ def _pretrain_worker(rank, world, port, data, out, record_path):
             return super().forward(*args, **kwargs)
 
     util.runtime.DistributedDataParallel = CountingDDP  # run_pretrain wraps through util.runtime.attach_ddp
-    try:
+    with gloo_group(rank, world, port, init=False):  # run_pretrain.main joins the group
         run_pretrain.main(pretrain_args(data, out, '--epochs', '3', '--warmup_epochs', '0', '--how_scale', 'linear',
                                         '--t_0', '0.3', '--accum_iter', '2', '--batch_size', '2', '--num_workers', '0',
                                         '--print_freq', '100'))
         for record in wraps:
             del record['names']
         torch.save(wraps, f'{record_path}.{rank}')
-    finally:
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
 
 
 def test_run_pretrain_ddp_all_reduces_once_per_window_and_never_frozen_parameters(tmp_path):
     data = write_images(tmp_path / 'flat', 8)  # 2 ranks x batch 2: 2 micro-steps, one window per epoch
     record = str(tmp_path / 'comm')
-    mp.spawn(_pretrain_worker, args=(2, _free_port(), str(data), str(tmp_path / 'out'), record), nprocs=2, join=True)
+    mp.spawn(_pretrain_worker, args=(2, free_port(), str(data), str(tmp_path / 'out'), record), nprocs=2, join=True)
     ranks = [torch.load(f'{record}.{rank}') for rank in range(2)]
     # freezes at epochs 1.0 (unit 0) and 2.0 (units 1..6), window starts: run_pretrain re-wraps DDP after each
     assert [[record['forwards'] for record in wraps] for wraps in ranks] == [[2, 2, 2]] * 2
@@ -155,13 +145,13 @@ def test_no_host_sync_inside_the_step_loop(monkeypatch, capsys):
     data = TensorDataset(torch.randn(32, 6), torch.zeros(32))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
     trainer = TrainStep(model, opt, 'cpu', accum_iter=2, clip_grad=1.0)
-    args = argparse.Namespace(batch_size=4, accum_iter=2, lr=1e-2, min_lr=0.0, warmup_epochs=1, epochs=2,
-                              mask_ratio=0.75, print_freq=4)
+    args = engine_args(batch_size=4, accum_iter=2, warmup_epochs=1, epochs=2, print_freq=4)
     w = model.fc.weight.detach().clone()
     log = SyncLog(monkeypatch)
     loader = PhasedLoader(DataLoader(data, batch_size=4), log)
-    engine_pretrain.train_one_epoch(loader, trainer, 0, WarmupCosine(args.lr, args.min_lr, args.epochs, args.warmup_epochs),
-                                    engine_pretrain.masked_modeling_loss(args.mask_ratio), print_freq=args.print_freq)
+    schedule = WarmupCosine(args.lr, args.min_lr, args.epochs, args.warmup_epochs)
+    engine_pretrain.train_one_epoch(loader, trainer, 0, schedule, engine_pretrain.masked_modeling_loss(args.mask_ratio),
+                                    print_freq=args.print_freq)
     calls = list(log.calls)
     monkeypatch.undo()
     assert trainer.num_updates == 4 and not torch.equal(w, model.fc.weight)  # it trained

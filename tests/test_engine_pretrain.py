@@ -1,17 +1,14 @@
-"""Engine: LR schedule, accumulation, non-finite steps, and DDP against one process."""
-import argparse
+"""engine_pretrain.py's loop and the LR schedule: accumulation, non-finite steps, and DDP against one process."""
 import math
-import os
-import socket
 
 import pytest
-import timm
 import torch
 import torch.multiprocessing as mp
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
-import models  # noqa: F401
 from engine_pretrain import masked_modeling_loss, train_one_epoch
+from helpers import (GradRecorder, LinearRegression, MIMWithPerSampleMask, assert_same_grads, engine_args, free_port,
+                     gloo_group, image_data)
 from util.lr_sched import WarmupCosine, cosine_lr
 from util.train_step import NonFiniteLossError, TrainStep
 
@@ -22,10 +19,10 @@ def closed_form_lr(t, base, min_lr, warmup, epochs):
     return min_lr + (base - min_lr) * (1 + math.cos(math.pi * (t - warmup) / (epochs - warmup))) / 2
 
 
-def test_lr_schedule_matches_formula_and_spec_values():
+def test_lr_schedule_matches_formula_and_worked_values():
     for t in [0, 0.25, 1, 3.5, 7.2, 10]:
         assert cosine_lr(t, 1e-3, 1e-6, 2, 10) == pytest.approx(closed_form_lr(t, 1e-3, 1e-6, 2, 10), abs=1e-15)
-    # spec 3.2: base 1e-3, warmup 1, epochs 3, min 1e-6
+    # worked by hand: base 1e-3, warmup 1, epochs 3, min 1e-6
     assert cosine_lr(0.5, 1e-3, 1e-6, 1, 3) == pytest.approx(5e-4)
     assert cosine_lr(1, 1e-3, 1e-6, 1, 3) == pytest.approx(1e-3)
     assert cosine_lr(2, 1e-3, 1e-6, 1, 3) == pytest.approx(5.005e-4)
@@ -40,27 +37,9 @@ def test_warmup_cosine_applies_group_scales():
     assert [g['lr'] for g in opt.param_groups] == pytest.approx([1e-4, 1e-3])
 
 
-class LinearRegression(torch.nn.Module):
-    """No batch-dependent layers: a batch's mean loss equals the mean of its halves' losses."""
-
-    def __init__(self):
-        super().__init__()
-        self.fc = torch.nn.Linear(6, 3)
-
-    def forward(self, x, mask_ratio=None):
-        return (self.fc(x) - x[:, :3].flip(1)).pow(2).mean(), {'aux': x.mean()}
-
-
 def regression_data(n=16):
     g = torch.Generator().manual_seed(1)
     return TensorDataset(torch.randn(n, 6, generator=g), torch.zeros(n))
-
-
-def engine_args(**kw):
-    base = dict(batch_size=8, accum_iter=1, lr=1e-2, min_lr=0.0, warmup_epochs=0, epochs=3, mask_ratio=0.75,
-                print_freq=1)
-    base.update(kw)
-    return argparse.Namespace(**base)
 
 
 def sgd(params, lr):
@@ -78,19 +57,10 @@ def run_epochs(model, dataset, args, world=1, rank=0, epochs=1, wrap=None, max_n
     losses = []
     for epoch in range(epochs):
         sampler.set_epoch(epoch)
-        losses.append(train_one_epoch(loader, trainer, epoch, WarmupCosine(args.lr, args.min_lr, args.epochs, args.warmup_epochs),
-                                      masked_modeling_loss(args.mask_ratio), hooks, print_freq=args.print_freq)['loss'])
+        schedule = WarmupCosine(args.lr, args.min_lr, args.epochs, args.warmup_epochs)
+        losses.append(train_one_epoch(loader, trainer, epoch, schedule, masked_modeling_loss(args.mask_ratio), hooks,
+                                      print_freq=args.print_freq)['loss'])
     return losses, trainer
-
-
-class GradRecorder:
-    """A hook that keeps a copy of every parameter's gradient at each optimizer step (after DDP's all-reduce)."""
-
-    def __init__(self, model):
-        self.params, self.grads = list(model.parameters()), []
-
-    def after_step(self, trainer):
-        self.grads.append([None if p.grad is None else p.grad.detach().clone() for p in self.params])
 
 
 def test_accumulation_equals_large_batch():
@@ -152,36 +122,11 @@ def test_isolated_nonfinite_step_is_skipped_and_training_continues():
     assert not torch.equal(w, model.fc.weight) and opt.state[model.fc.weight]['step'].item() == 1
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
-
-
-class MIMWithPerSampleMask(torch.nn.Module):
-    """Tiny LocalMIM whose mask depends only on the sample, not on how the batch is split."""
-
-    def __init__(self):
-        super().__init__()
-        self.mim = timm.create_model('MIM_vit_tiny_patch16', img_size=32)
-
-    def forward(self, x, mask_ratio=0.75):
-        return self.mim(x, mask_ratio, noise=x[:, 0, ::16, ::16].flatten(1))
-
-
-def image_data(n=16):
-    g = torch.Generator().manual_seed(2)
-    return TensorDataset(torch.randn(n, 3, 32, 32, generator=g), torch.zeros(n))
-
-
 DDP_LR = 0.05
 
 
 def _ddp_worker(rank, world, port, state, out_path):
-    os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
-    torch.set_num_threads(1)  # two processes on a 2-core machine
-    torch.distributed.init_process_group('gloo', rank=rank, world_size=world)
-    try:
+    with gloo_group(rank, world, port):
         model = MIMWithPerSampleMask()
         model.load_state_dict(state)
         recorder = GradRecorder(model)
@@ -189,17 +134,6 @@ def _ddp_worker(rank, world, port, state, out_path):
         losses, _ = run_epochs(model, image_data(), args, world, rank, epochs=3,
                                wrap=torch.nn.parallel.DistributedDataParallel, optimizer=sgd, hooks=[recorder])
         torch.save({'losses': losses, 'state': model.state_dict(), 'grads': recorder.grads}, f'{out_path}.{rank}')
-    finally:
-        torch.distributed.destroy_process_group()
-
-
-def assert_same_grads(got, expected, rtol=1e-4, atol=1e-7):
-    assert len(got) == len(expected)
-    for step, (a, b) in enumerate(zip(got, expected)):
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert (x is None) == (y is None), (step, i)
-            if x is not None:
-                torch.testing.assert_close(x, y, rtol=rtol, atol=atol, msg=lambda m: f'step {step}, param {i}: {m}')
 
 
 def test_ddp_two_processes_match_one_process(tmp_path):
@@ -207,7 +141,7 @@ def test_ddp_two_processes_match_one_process(tmp_path):
     model = MIMWithPerSampleMask()
     state = {k: v.clone() for k, v in model.state_dict().items()}
     out = tmp_path / 'ddp.pt'
-    mp.spawn(_ddp_worker, args=(2, _free_port(), state, str(out)), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(2, free_port(), state, str(out)), nprocs=2, join=True)
     ddp = [torch.load(f'{out}.{rank}') for rank in range(2)]
     # one process, same global batch: 2 processes x batch 2 x accum 2 == 1 process x batch 4 x accum 2
     recorder = GradRecorder(model)

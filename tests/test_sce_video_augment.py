@@ -1,4 +1,4 @@
-"""SCE GPU batch video augmentation (util/sce_video_augment.py): seed parameters, per-clip randomness
+"""SCE GPU batch video augmentation (util/sce_video_augment.py): default parameters, per-clip randomness
 shared by all frames, probabilities, and every op against torchvision's single-image kernels."""
 import math
 
@@ -13,7 +13,7 @@ pytestmark = pytest.mark.usefixtures('one_thread')  # conftest.py
 
 
 ALWAYS = dict(jitter_p=1.0, grayscale_p=1.0, blur_p=1.0, solarize_p=1.0, hflip_p=1.0)
-PROBS = {'seed': {}, 'always': ALWAYS,
+PROBS = {'default': {}, 'always': ALWAYS,
          'mixed': dict(jitter_p=1.0, grayscale_p=1.0, blur_p=0.5, solarize_p=0.5, hflip_p=0.5)}
 
 
@@ -43,7 +43,7 @@ def reference(clip, p, i, aug):
     return x.permute(1, 0, 2, 3)
 
 
-def test_seed_parameters_and_overrides():
+def test_default_parameters_and_overrides():
     a0, a1 = build_sce_augmentations()
     for a in (a0, a1):
         assert a.jitter['brightness'] == pytest.approx((0.2, 1.8))

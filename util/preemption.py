@@ -95,7 +95,8 @@ class MidEpochCheckpoints:
     def batches(self, data_loader, epoch):
         """(iterator, first step, metric sums so far) for this epoch; for the interrupted epoch the iterator
         has passed the batches already trained on."""
-        mid, self.resume = (self.resume, None) if self.resume and self.resume['epoch'] == epoch else (None, None)
+        mid = self.resume if self.resume and self.resume['epoch'] == epoch else None
+        self.resume = None
         if mid is None:
             self.epoch_start_rng = rng_state()
             return iter(data_loader), 0, None
@@ -111,9 +112,10 @@ class MidEpochCheckpoints:
         return iterator, mid['step'], mine['metrics']
 
     def _stop_requested(self):
-        flag = torch.tensor([1 if _received else 0], dtype=torch.int32)
-        if self._group is not None:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group)
+        if self._group is None:
+            return bool(_received)
+        flag = torch.tensor([1 if _received else 0], dtype=torch.int32)  # on the CPU: no device sync
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group)
         return bool(flag.item())
 
     def after_step(self, trainer, epoch, steps_done, metrics):

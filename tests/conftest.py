@@ -1,4 +1,6 @@
 """Fixtures shared by several test modules."""
+import shutil
+
 import pytest
 import torch
 
@@ -11,3 +13,12 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope='module')
+def module_tmp(request, tmp_path_factory):
+    """A folder for the runs a module's tests share, removed when its tests are done: the R3D-18 and ViT
+    checkpoints are hundreds of MB each, and pytest would otherwise keep every one until the session ends."""
+    path = tmp_path_factory.mktemp(request.module.__name__.rsplit('.', 1)[-1])
+    yield path
+    shutil.rmtree(path, ignore_errors=True)

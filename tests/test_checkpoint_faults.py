@@ -302,9 +302,9 @@ def run_pretrain_main(*argv):
 
 
 @pytest.fixture(scope='module')
-def finished_run(tmp_path_factory):
+def finished_run(module_tmp):
     """A 2-epoch run: checkpoint-0.pth, checkpoint-1.pth and checkpoint-last.pth (epoch 1)."""
-    tmp = tmp_path_factory.mktemp('finished')
+    tmp = module_tmp
     data = write_images(tmp / 'flat', 4)  # one step per epoch
     run_pretrain_main(*pretrain_argv(data, tmp / 'out'))
     return data, tmp / 'out'

@@ -51,9 +51,9 @@ CLIP = 0.05
 
 
 @pytest.fixture(scope='module')
-def demo_root(tmp_path_factory):
+def demo_root(module_tmp):
     mp = pytest.MonkeyPatch()
-    root = tmp_path_factory.mktemp('demo')
+    root = module_tmp
     mp.setenv('DEMO_DATA_ROOT', str(root / 'demo'))
     yield root
     mp.undo()

@@ -104,8 +104,8 @@ def test_all_images_corrupt_raises(tmp_path):
 
 
 @pytest.fixture(scope='module')
-def demo_root(tmp_path_factory):
-    return demo_imagefolder(tmp_path_factory.mktemp('demo') / 'images')
+def demo_root(module_tmp):
+    return demo_imagefolder(module_tmp / 'images')
 
 
 def test_demo_data_layout(demo_root):

@@ -50,8 +50,8 @@ LAUNCHERS = {'launch': ['-m', 'torch.distributed.launch'], 'torchrun': ['-m', 't
 
 
 @pytest.fixture(scope='module')
-def demo_env(tmp_path_factory):
-    root = tmp_path_factory.mktemp('launch_demo') / 'images'
+def demo_env(module_tmp):
+    root = module_tmp / 'images'
     os.environ['DEMO_DATA_ROOT'], saved = str(root), os.environ.get('DEMO_DATA_ROOT')
     try:
         demo_imagefolder()  # built once here, not by two ranks at a time

@@ -65,9 +65,9 @@ def test_global_batch_must_divide():
 
 
 @pytest.fixture(scope='module')
-def runs(tmp_path_factory):
+def runs(module_tmp):
     """One straight 2-epoch run, and one interrupted after epoch 0 then auto-resumed (6 steps per epoch)."""
-    tmp = tmp_path_factory.mktemp('sce')
+    tmp = module_tmp
     straight_and_resumed(main_sce, lambda out: parse(shlex.split(TINY) + ['--output_dir', str(out)]), 1, tmp)
     return tmp
 

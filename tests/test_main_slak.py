@@ -127,10 +127,10 @@ SPARSE = ('--sparse', '-u', '2', '--prune_rate', '0.3', '--update_freq', '2', '-
 
 
 @pytest.fixture(scope='module')
-def runs(tmp_path_factory):
+def runs(module_tmp):
     """A straight 2-epoch sparse run (AMP, EMA, accumulation; 4 optimizer steps and 2 prune/grow events per epoch)
     and the same run killed before epoch 1 and auto-resumed."""
-    tmp = tmp_path_factory.mktemp('slak')
+    tmp = module_tmp
     mp = pytest.MonkeyPatch()
     mp.setenv('DEMO_DATA_ROOT', str(tmp / 'demo'))
     straight_and_resumed(main_slak, lambda out: slak_args(out, *SPARSE, '--log_dir', str(out / 'tb')), 1, tmp)

@@ -162,9 +162,9 @@ def run_args(data, out, *extra):
 
 
 @pytest.fixture(scope='module')
-def runs(tmp_path_factory):
+def runs(module_tmp):
     """One straight 2-epoch run, and one interrupted after epoch 0 then auto-resumed (1 step per epoch)."""
-    tmp = tmp_path_factory.mktemp('spark')
+    tmp = module_tmp
     data = write_images(tmp / 'imgs' / 'train', 4, size=40)  # trailing 'train' is stripped, then <path>/train used
     straight_and_resumed(main_spark, lambda out: run_args(data, out), 1, tmp)
     return tmp

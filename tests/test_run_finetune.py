@@ -60,9 +60,9 @@ def test_layer_decay_groups_equal_mae_formula(global_pool):
 
 
 @pytest.fixture(scope='module')
-def demo_pretrained(tmp_path_factory):
+def demo_pretrained(module_tmp):
     """A short demo pretraining of the tiny LocalMIM ViT at 32 px (its checkpoint is what we fine-tune)."""
-    root = tmp_path_factory.mktemp('pre')
+    root = module_tmp
     mp = pytest.MonkeyPatch()
     mp.setenv('DEMO_DATA_ROOT', str(root / 'demo'))
     args = run_pretrain.get_args_parser().parse_args(

@@ -46,8 +46,8 @@ def dataset(tmp_path, videos, **kwargs):
 
 
 @pytest.fixture(scope='module')
-def demo_root(tmp_path_factory):
-    return make_demo_videos(tmp_path_factory.mktemp('video') / 'demo', videos_per_class={'train': 2, 'val': 1},
+def demo_root(module_tmp):
+    return make_demo_videos(module_tmp / 'demo', videos_per_class={'train': 2, 'val': 1},
                             frame_range=(20, 90), frame_size=(32, 40))
 
 

@@ -28,9 +28,9 @@ from util.train_step import TrainStep
 
 
 @pytest.fixture(scope='module')
-def custom_run(tmp_path_factory):
+def custom_run(module_tmp):
     """--model=your_convnet on the demo data, 2 epochs, 2 micro-steps per optimizer step."""
-    tmp = tmp_path_factory.mktemp('custom')
+    tmp = module_tmp
     mp = pytest.MonkeyPatch()
     mp.setenv('DEMO_DATA_ROOT', str(tmp / 'demo'))
     out = tmp / 'out'

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from timm.utils import accuracy
 
 import engine_pretrain
+from util.bad_files import bad_files_of
 from util.dist import all_reduce_sum, get_world_size, unwrap
 from util.metric_logger import MetricLogger
 from util.samplers import is_sharded
@@ -49,7 +50,8 @@ def evaluate(data_loader, model, device, amp_dtype=None, sharded=None, print_fre
     that gives every rank the whole set is never summed W times. Use util.samplers for sharding: torch's
     DistributedSampler pads with duplicates, which would be counted. Top-5 is capped at the number of
     classes (timm.utils.accuracy), so it is 100 with 5 classes or fewer.
-    Returns {'loss', 'acc1', 'acc5', 'count'}; `count` is the number of samples evaluated in all.
+    Returns {'loss', 'acc1', 'acc5', 'count'}; `count` is the number of samples evaluated in all. Samples that
+    could not be read are left out (util.bad_files.collate_readable); then 'skipped_files' counts them.
     """
     device = torch.device(device)
     # Evaluation needs no gradient sync, and a DDP forward may wait for peers (buffer broadcast), while
@@ -62,7 +64,10 @@ def evaluate(data_loader, model, device, amp_dtype=None, sharded=None, print_fre
     was_training = model.training
     model.eval()
     try:
-        for images, target in meter.log_every(data_loader):
+        for batch in meter.log_every(data_loader):
+            if batch is None:  # no sample of the batch could be read
+                continue
+            images, target = batch
             images = images.to(device, non_blocking=True)
             target = target.to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
@@ -81,9 +86,14 @@ def evaluate(data_loader, model, device, amp_dtype=None, sharded=None, print_fre
     if sharded:
         all_reduce_sum(sums)
     loss_sum, correct1, correct5, count = sums.tolist()  # the one host sync
+    bad_files = bad_files_of(data_loader.dataset)
+    skipped = bad_files.count() if bad_files is not None else 0
     if count == 0:
-        raise ValueError('evaluate: the validation loader yielded no samples')
+        raise ValueError(f'evaluate: the validation loader yielded no samples ({skipped} unreadable)')
     stats = {'loss': loss_sum / count, 'acc1': 100 * correct1 / count, 'acc5': 100 * correct5 / count,
              'count': int(count)}
-    print(f"* Acc@1 {stats['acc1']:.3f} Acc@5 {stats['acc5']:.3f} loss {stats['loss']:.3f}")
+    if skipped:
+        stats['skipped_files'] = skipped
+    print(f"* Acc@1 {stats['acc1']:.3f} Acc@5 {stats['acc5']:.3f} loss {stats['loss']:.3f} on {int(count)} samples"
+          + (f' ({skipped} unreadable, left out)' if skipped else ''))
     return stats

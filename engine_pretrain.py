@@ -11,8 +11,10 @@ The contract (all a method needs to plug in; the loop itself never changes):
 - `hooks`: objects with `after_step(trainer)`, run after each optimizer step (util/hooks.py).
 - `checkpoints` (optional): a util.preemption.MidEpochCheckpoints, for saves inside the epoch (a stop signal,
   --save_every_steps) and for resuming at the step where the last run stopped.
-Metrics stay on the device until a print step (no host sync per step).
+Metrics stay on the device until a print step (no host sync per step). Files the loader could not read are
+counted over workers and ranks (util/bad_files.py): `skipped_files` in the progress line, TensorBoard and stats.
 """
+from util.bad_files import bad_files_of
 from util.dist import get_world_size
 from util.metric_logger import MetricLogger
 
@@ -45,6 +47,9 @@ def train_one_epoch(data_loader, trainer, epoch, schedule, compute_loss, hooks=(
     meter.on_print.append(lambda *_: trainer.check())
     if log_writer is not None:
         meter.on_print.append(tensorboard_callback(log_writer, epoch, steps))
+    bad_files = bad_files_of(data_loader.dataset)
+    if bad_files is not None:
+        meter.counters['skipped_files'] = bad_files.count
     if checkpoints is None:
         batches, first_step = iter(data_loader), 0
     else:  # inside the interrupted epoch: past the batches it trained on, with the metric sums so far
@@ -75,4 +80,6 @@ def train_one_epoch(data_loader, trainer, epoch, schedule, compute_loss, hooks=(
     trainer.discard_partial_window()
     stats = meter.global_averages(device)
     stats['epoch_time'] = meter.epoch_time
+    if bad_files is not None:
+        stats['skipped_files'] = bad_files.count()
     return stats

@@ -37,6 +37,7 @@ from util.runtime import (add_bool_arg, append_log_line, attach_ddp, build_train
                           keeps_checkpoint, make_log_writer, per_process_batch, resume_path, resume_training, run_cli,
                           setup_run)
 from util.hooks import SCEHook
+from util.bad_files import write_bad_file_list
 from util.samplers import build_eval_loader
 from util.sce_optim import build_lars, scale_learning_rate, sce_schedule
 from util.train_step import TrainStep
@@ -364,9 +365,10 @@ def main(args):
             val = validate_online(val_loader, model, device, trainer.amp_dtype)
             # accuracies as fractions, like train_online_acc1 (and the official online/val_acc_1)
             val_stats = {'online_val_loss': val['loss'], 'online_val_acc1': val['acc1'] / 100,
-                         'online_val_acc5': val['acc5'] / 100}
+                         'online_val_acc5': val['acc5'] / 100, 'online_val_skipped_files': val.get('skipped_files', 0)}
             print(f"online evaluator on {val['count']} val videos: " +
                   ' '.join(f'{k} {v:.4f}' for k, v in val_stats.items()))
+        write_bad_file_list(args.output_dir, loader.dataset, val_loader.dataset if val_loader is not None else None)
         append_log_line(args.output_dir, {**{f'train_{k}': v for k, v in stats.items()}, **val_stats, 'epoch': epoch,
                                           'epoch_time': epoch_time, 'step': trainer.num_updates,
                                           'skipped_steps': int(trainer.skipped)})

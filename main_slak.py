@@ -31,6 +31,7 @@ from engine_finetune import evaluate, train_one_epoch
 from models.slak import CONV_IMPLS
 from util.checkpoint import load_checkpoint, save_checkpoint
 from util.classification import add_augmentation_args, build_criterion, build_mixup, convnext_param_groups
+from util.bad_files import write_bad_file_list
 from util.datasets import ImageFolderOrFlat, build_finetune_dataset, build_finetune_transform
 from util.dist import get_world_size, is_main_process
 from util.lr_sched import IterationSchedule, cosine_scheduler
@@ -161,7 +162,7 @@ def check_args(args):
 def build_dataset(is_train, args):
     if args.data_set == 'image_folder':
         dataset = ImageFolderOrFlat(args.data_path if is_train else args.eval_data_path,
-                                    build_finetune_transform(is_train, args, EVAL_RESIZE))
+                                    build_finetune_transform(is_train, args, EVAL_RESIZE), drop_unreadable=not is_train)
     else:
         dataset = build_finetune_dataset(is_train, args, EVAL_RESIZE)
     if len(dataset.classes) > args.nb_classes:
@@ -266,6 +267,7 @@ def evaluate_checkpoint(args, model, val_loader, device):
         ema = copy.deepcopy(model)
         ema.load_state_dict(ckpt['model_ema'])
         stats.update({f'{k}_ema': v for k, v in evaluate(val_loader, ema, device, AMP_DTYPES[args.amp]).items()})
+    write_bad_file_list(args.output_dir, val_loader.dataset)
     print(f'accuracy of the network on {stats["count"]} test images: {stats["acc1"]:.2f}%'
           + (f' (EMA {stats["acc1_ema"]:.2f}%)' if 'acc1_ema' in stats else ''))
     return stats
@@ -359,6 +361,7 @@ def main(args):
         if masking is not None:
             log.update({f'sparse_{k}': v for k, v in masking.densities().items()})
         save(args, epoch, trainer, model, masking, ema, best, improved)
+        write_bad_file_list(args.output_dir, train_loader.dataset, val_loader.dataset)
         if log_writer is not None:
             for key, value in log.items():
                 if key.startswith(('test_', 'sparse_')) and not key.startswith('test_count'):

@@ -26,6 +26,7 @@ from torchvision.transforms import InterpolationMode
 
 from engine_pretrain import train_one_epoch
 from models.spark import build_spark, spark_default_drop_path
+from util.bad_files import write_bad_file_list
 from util.datasets import ImageFolderOrFlat, resolve_image_root
 from util.dist import get_world_size, is_main_process
 from util.mim_vis import fixed_vis_batch, vis_transform
@@ -235,16 +236,18 @@ def main(args):
             losses['last_loss'] = float(stats['loss'])
             losses['min_loss'] = min(losses['min_loss'], losses['last_loss'])
             save(epoch)
+            write_bad_file_list(args.exp_dir, dataset)
             if is_main_process() and args.vis_freq and (epoch % args.vis_freq == 0 or epoch + 1 == args.ep):
                 save_spark_pictures(model, vis_imgs.to(device), vis_mask, args.exp_dir, epoch, log_writer)
-            log_epoch(args, epoch, start, losses['min_loss'], losses['last_loss'], log_txt, log_writer)
+            log_epoch(args, epoch, start, losses, stats.get('skipped_files', 0), log_txt, log_writer)
         print(f'training time {fmt_time(time.time() - start)}; min loss {losses["min_loss"]:.4f}')
 
 
-def log_epoch(args, epoch, start, min_loss, last_loss, log_txt, log_writer):
+def log_epoch(args, epoch, start, losses, skipped_files, log_txt, log_writer):
+    min_loss, last_loss = losses['min_loss'], losses['last_loss']
     remain = (time.time() - start) / (epoch + 1 - args.start_epoch) * (args.ep - epoch - 1)
     log_line(log_txt, {'cur_ep': f'{epoch + 1}/{args.ep}', 'last_L': last_loss, 'min_L': min_loss,
-                       'rema': fmt_time(remain),
+                       'skipped_files': skipped_files, 'rema': fmt_time(remain),
                        'fini': time.strftime('%m-%d %H:%M', time.localtime(time.time() + remain))})
     print(f'[*] [ep {epoch + 1}/{args.ep}] Min/Last Recon Loss: {min_loss:.4f}/{last_loss:.4f}, '
           f'Remain: {fmt_time(remain)}')

@@ -27,6 +27,7 @@ from engine_finetune import evaluate, train_one_epoch
 from util.checkpoint import load_checkpoint, save_checkpoint
 from util.classification import (SPARK_RESNET_BLOCKS_PER_DEPTH, add_augmentation_args, build_criterion, build_mixup,
                                   layer_decay_param_groups, spark_resnet_layer_id, timm_convnext_layer_id)
+from util.bad_files import write_bad_file_list
 from util.datasets import build_finetune_dataset
 from util.dist import get_world_size
 from util.hooks import ModelEmaHook
@@ -290,12 +291,14 @@ def main(args):
             log.update({f'test_ema_{k}': v for k, v in evaluate(val_loader, ema.module, device, amp_dtype).items()})
         best = test_stats['acc1'] > max_accuracy
         max_accuracy = max(max_accuracy, test_stats['acc1'])
-        print(f'accuracy of the network on {len(dataset_val)} test images: {test_stats["acc1"]:.1f}% '
+        print(f'accuracy of the network on {test_stats["count"]} test images: {test_stats["acc1"]:.1f}% '
               f'(max {max_accuracy:.2f}%)')
         save(epoch, best=best)
+        write_bad_file_list(args.output_dir, train_loader.dataset, dataset_val)
         if log_writer is not None:
-            for key in ('acc1', 'acc5', 'loss'):
-                log_writer.add_scalar(f'perf/test_{key}', test_stats[key], epoch)
+            for key in ('acc1', 'acc5', 'loss', 'skipped_files'):
+                if key in test_stats:
+                    log_writer.add_scalar(f'perf/test_{key}', test_stats[key], epoch)
             log_writer.flush()
         append_log_line(args.output_dir, {**log, 'epoch': epoch, 'max_accuracy': max_accuracy})
     print(f'training time {datetime.timedelta(seconds=int(time.time() - start_time))}')
@@ -308,7 +311,9 @@ def evaluate_checkpoint(args, model, val_loader, device, amp_dtype):
         raise ValueError('--eval needs a checkpoint: give --resume PATH')
     ckpt = load_checkpoint(path, model)
     print(f'evaluating {path} (epoch {ckpt["epoch"]})')
-    return evaluate(val_loader, model, device, amp_dtype)
+    stats = evaluate(val_loader, model, device, amp_dtype)
+    write_bad_file_list(args.output_dir, val_loader.dataset)
+    return stats
 
 
 if __name__ == '__main__':

@@ -17,6 +17,7 @@ from timm.optim import param_groups_weight_decay
 import models  # noqa: F401  (registers the models with timm)
 from engine_pretrain import masked_modeling_loss, train_one_epoch
 from util.checkpoint import save_checkpoint
+from util.bad_files import write_bad_file_list
 from util.datasets import ImageFolderOrFlat, build_pretrain_dataset
 from util.dist import get_world_size, is_main_process
 from util.preemption import MidEpochCheckpoints
@@ -198,6 +199,7 @@ def main(args):
                                 print_freq=args.print_freq, checkpoints=checkpoints)
         last = epoch + 1 == args.epochs
         save(epoch)
+        write_bad_file_list(args.output_dir, dataset)
         if is_main_process() and args.vis_freq and (epoch % args.vis_freq == 0 or last):
             save_mim_pictures(model, vis_imgs.to(device), vis_noise.to(device), args.output_dir, epoch, log_writer)
         epoch_time = stats.pop('epoch_time')

@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 
 from util.runtime import build_train_loader
+from util.samplers import build_eval_loader
 from util.sce_video_data import (CenterClipDataset, VideoClipDataset, VideoDecoderUnavailable, build_video_dataset,
                              clip_frame_indices,
                              random_resized_crop_box, read_video_csv, require_torchcodec, sample_clip_windows,
@@ -205,7 +206,19 @@ def test_missing_and_corrupt_videos_are_skipped_and_counted(tmp_path):
     torch.manual_seed(0)
     with pytest.warns(UserWarning, match='skipping unreadable video'):
         labels = [data[i][1] for i in range(3) for _ in range(3)]
-    assert set(labels) == {0} and data.skipped == 2
+    assert set(labels) == {0} and data.bad_files.count() == 2
+
+
+def test_validation_leaves_unreadable_videos_out(tmp_path):
+    dataset(tmp_path, {'a/good': (0, [50] * 30), 'a/missing': (1, None), 'b/corrupt': (2, [60] * 30),
+                       'b/also_good': (3, [70] * 30)})
+    (tmp_path / 'train' / 'b' / 'corrupt' / '00000005.jpg').write_bytes(b'not a jpeg')
+    val = CenterClipDataset(tmp_path / 'train.csv', tmp_path / 'train', crop_size=16, num_threads_io=0,
+                            num_threads_decode=0)
+    with pytest.warns(UserWarning, match='skipping unreadable video'):
+        batches = list(build_eval_loader(val, 2, 0, False, False))
+    assert batches[1][1].tolist() == [3] and [len(b[0]) for b in batches] == [1, 1]  # not a neighbour, not twice
+    assert val.bad_files.count() == 2
 
 
 def test_sampling_is_deterministic_under_a_seed(demo_root):
@@ -288,4 +301,4 @@ def test_video_decoder_reads_mp4(tmp_path):
     values = clips[0, 0, :, 8, 8].float() / 2  # ~ frame index, up to codec error
     assert 70 <= float(values[-1] - values[0]) <= 80
     with pytest.warns(UserWarning, match='skipping'):
-        assert data[1][1] == 0 and data.skipped == 1
+        assert data[1][1] == 0 and data.bad_files.count() == 1

@@ -4,7 +4,7 @@ evaluation).
 `--data_path` may be `demo` (generated photographs, see util/demo_data.py), an ImageNet-style
 folder with `train/` inside (the official LocalMIM code appends `train`), a folder of class
 folders, or a flat folder of images (labels are not needed to pretrain). Images that cannot be
-decoded are skipped with a warning and counted, so one bad file never stops a long run.
+decoded are skipped with one warning each and counted, so one bad file never stops a long run.
 """
 import warnings
 from pathlib import Path
@@ -17,6 +17,7 @@ from torchvision.datasets.folder import (IMG_EXTENSIONS, find_classes, has_file_
                                          make_dataset)
 from torchvision.transforms import InterpolationMode
 
+from util.bad_files import BadFiles
 from util.demo_data import demo_imagefolder
 
 ACCEPTED_LAYOUTS = ("'demo', a folder with {split}/ inside, a folder of class folders, "
@@ -41,12 +42,12 @@ def _is_image_file(path: Path) -> bool:
 class ImageFolderOrFlat(VisionDataset):
     """torchvision ImageFolder over class folders, or one class (label 0) over a flat folder.
 
-    Corrupt images are skipped: the next decodable sample is returned instead, with one warning
-    per bad file. `num_skipped` counts the bad files seen by this process (each DataLoader worker
-    holds its own copy of the dataset and counts separately).
+    An image that cannot be decoded is flagged in `bad_files` (util/bad_files.py) and then either replaced by
+    the next decodable one (training: the batch keeps its size) or, with `drop_unreadable`, returned as None
+    (evaluation, with util.bad_files.collate_readable: nothing is counted twice).
     """
 
-    def __init__(self, root, transform=None):
+    def __init__(self, root, transform=None, drop_unreadable=False):
         super().__init__(str(root), transform=transform)
         root = Path(root)
         if not root.is_dir():
@@ -70,27 +71,28 @@ class ImageFolderOrFlat(VisionDataset):
         self.samples = samples
         self.targets = [target for _, target in samples]
         self.classes, self.class_to_idx = classes, class_to_idx
-        self.num_skipped = 0
-        self._undecodable = set()  # indices of samples known to be corrupt
+        self.bad_files = BadFiles([path for path, _ in samples], 'image')
+        self.drop_unreadable = drop_unreadable
 
     def __len__(self):
         return len(self.samples)
 
     def _decode(self, index):
-        """The RGB image of sample `index`, or None (warned once) if it cannot be decoded."""
-        if index in self._undecodable:
+        """The RGB image of sample `index`, or None (flagged, warned once) if it cannot be decoded."""
+        if index in self.bad_files:
             return None
-        path = self.samples[index][0]
         try:
-            with Image.open(path) as image:
+            with Image.open(self.samples[index][0]) as image:
                 return image.convert('RGB')
         except Exception as error:  # PIL raises many types on bad data; never crash a run
-            self._undecodable.add(index)
-            self.num_skipped += 1
-            warnings.warn(f'skipping undecodable image {path}: {error}')
+            self.bad_files.add(index, error)
             return None
 
     def __getitem__(self, index):
+        if self.drop_unreadable:
+            image = self._decode(index)
+            return None if image is None else ((self.transform(image) if self.transform else image),
+                                               self.samples[index][1])
         for offset in range(len(self)):
             candidate = (index + offset) % len(self)
             image = self._decode(candidate)
@@ -183,4 +185,5 @@ def build_finetune_dataset(is_train, args, eval_rule=None):
     root = resolve_image_root(args.data_path, split)
     if root.name != split:
         raise FileNotFoundError(f'--data_path {args.data_path}: fine-tuning needs train/ and val/ class folders inside')
-    return ImageFolderOrFlat(root, transform=build_finetune_transform(is_train, args, eval_rule))
+    return ImageFolderOrFlat(root, transform=build_finetune_transform(is_train, args, eval_rule),
+                             drop_unreadable=not is_train)

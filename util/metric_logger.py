@@ -19,6 +19,9 @@ class MetricLogger:
         self.header = header
         self.images_per_step = images_per_step  # over all processes
         self.on_print = []  # callbacks(step, window_means: dict, images_per_s, seconds_per_step)
+        # name -> function returning a running total (e.g. unreadable files), read at print steps; may be a
+        # collective, since every process prints at the same steps. Shown when not 0, and given to on_print.
+        self.counters = {}
         self._window, self._total = {}, {}  # name -> [sum, count]; a metric may skip steps (frozen stages)
         self.last_window = {}
 
@@ -59,16 +62,19 @@ class MetricLogger:
                 elapsed = now - window_start
                 images_per_s = steps_in_window * self.images_per_step / max(elapsed, 1e-9)
                 eta = (now - start) / (step + 1 - first_step) * (self.num_steps - step - 1)
-                self._print(step, eta, images_per_s, elapsed / steps_in_window, data_wait / max(elapsed, 1e-9))
+                counts = {name: count() for name, count in self.counters.items()}
+                self._print(step, eta, images_per_s, elapsed / steps_in_window, data_wait / max(elapsed, 1e-9),
+                            counts)
                 for callback in self.on_print:
-                    callback(step, self.last_window, images_per_s, elapsed / steps_in_window)
+                    callback(step, {**self.last_window, **counts}, images_per_s, elapsed / steps_in_window)
                 self._window = {}
                 window_start, data_wait, steps_in_window = now, 0.0, 0
         self.epoch_time = time.perf_counter() - start
 
-    def _print(self, step, eta, images_per_s, seconds_per_step, data_share):
+    def _print(self, step, eta, images_per_s, seconds_per_step, data_share, counts):
         total = {k: float(v) / n for k, (v, n) in self._total.items()}
-        metrics = '  '.join(f'{k}: {v:.4g} ({total[k]:.4g})' for k, v in self.last_window.items())
+        metrics = '  '.join([f'{k}: {v:.4g} ({total[k]:.4g})' for k, v in self.last_window.items()] +
+                            [f'{k}: {v}' for k, v in counts.items() if v])
         mem = f'  mem: {torch.cuda.max_memory_allocated() / 2 ** 20:.0f}MB' if torch.cuda.is_available() else ''
         width = len(str(self.num_steps))
         print(f'{self.header} [{step + 1:>{width}}/{self.num_steps}]  eta: {datetime.timedelta(seconds=int(eta))}  '

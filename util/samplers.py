@@ -16,6 +16,7 @@ augmentation, used by SparK's ConvNeXt fine-tuning).
 from timm.data.distributed_sampler import RepeatAugSampler
 from torch.utils.data import DataLoader, Sampler, SequentialSampler
 
+from util.bad_files import collate_readable
 from util.dist import get_rank, get_world_size
 from util.preemption import ignore_stop_signals
 
@@ -47,13 +48,14 @@ def is_sharded(data_loader):
 
 def build_eval_loader(dataset, batch_size, num_workers, pin_memory, dist_eval):
     """With `dist_eval` under DDP each rank evaluates a disjoint shard; otherwise every rank evaluates the
-    whole set in order (the results then agree without communication)."""
+    whole set in order (the results then agree without communication). Unreadable samples (None) are dropped."""
     if dist_eval and get_world_size() > 1:
         sampler = UnpaddedDistributedSampler(dataset)
     else:
         sampler = SequentialSampler(dataset)
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
-                      pin_memory=pin_memory, drop_last=False, worker_init_fn=ignore_stop_signals)
+                      pin_memory=pin_memory, drop_last=False, worker_init_fn=ignore_stop_signals,
+                      collate_fn=collate_readable)
 
 
 def with_repeated_augmentation(loader, num_repeats):

@@ -11,7 +11,8 @@ A training sample: `num_clips` random windows of `clip_duration` seconds, 8 fram
 a temporal difference with probability `time_difference_prob` (128 = no change), one RandomResizedCrop box
 per clip. Random numbers come from torch's RNG only (seeded per DataLoader worker). Samples are uint8
 (0..255) when no temporal difference is used, else float32; the GPU augmentation divides by 255.
-An unreadable video is skipped with one warning and another random video is returned.
+An unreadable video is flagged and warned about once (util/bad_files.py); training returns another random video,
+validation drops it.
 """
 import math
 import os
@@ -25,6 +26,7 @@ import torch.nn.functional as F
 from torchvision.io import ImageReadMode, decode_jpeg, read_file
 from torchvision.transforms.v2.functional import rgb_to_grayscale
 
+from util.bad_files import BadFiles
 from util.sce_video_demo import make_demo_videos
 
 # torchvision 0.29 deprecates its JPEG codec in favour of torchcodec's; it still works and the
@@ -201,7 +203,8 @@ class VideoClipDataset(torch.utils.data.Dataset):
 
     def __init__(self, csv_path, video_root, decoder='frame', num_clips=2, clip_duration=2.56, num_frames=8,
                  fps=30, speeds=(1,), jitter_factor=0.0, time_difference_prob=0.0, crop_size=224,
-                 crop_scale=(0.2, 0.766), crop_ratio=(0.75, 1.3333), num_threads_io=4, num_threads_decode=4):
+                 crop_scale=(0.2, 0.766), crop_ratio=(0.75, 1.3333), num_threads_io=4, num_threads_decode=4,
+                 drop_unreadable=False):
         if decoder not in ('frame', 'video'):
             raise ValueError(f"--decoder {decoder!r}: expected 'frame' or 'video'")
         if decoder == 'video':
@@ -221,8 +224,8 @@ class VideoClipDataset(torch.utils.data.Dataset):
         self.crop_size = (crop_size, crop_size) if isinstance(crop_size, int) else tuple(crop_size)
         self.crop_scale, self.crop_ratio = tuple(crop_scale), tuple(crop_ratio)
         self.num_threads_io, self.num_threads_decode = num_threads_io, num_threads_decode
-        self.skipped = 0
-        self._unreadable = set()
+        self.bad_files = BadFiles([self.video_root / p for p in self.paths], 'video')
+        self.drop_unreadable = drop_unreadable
         self._pool, self._pool_pid = None, None  # per process: a pool's threads do not survive fork or pickle
 
     def __len__(self):
@@ -270,18 +273,16 @@ class VideoClipDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index):
         for _ in range(MAX_SKIPS_PER_SAMPLE):
-            if index not in self._unreadable:
+            if index not in self.bad_files:
                 try:
                     return self._sample(index), self.labels[index]
                 except (OSError, RuntimeError, ValueError) as error:  # missing/corrupt files: never crash a run
-                    self._unreadable.add(index)
-                    self.skipped += 1
-                    reason = (str(error).strip().splitlines() or [''])[0][:200]
-                    warnings.warn(f'skipping unreadable video {self.video_root / self.paths[index]} '
-                                  f'({type(error).__name__}: {reason})')
+                    self.bad_files.add(index, error)
+            if self.drop_unreadable:
+                return None
             index = torch.randint(len(self), ()).item()
         raise RuntimeError(f'{MAX_SKIPS_PER_SAMPLE} unreadable videos in a row from {self.csv_path} '
-                           f'({self.skipped} skipped so far); check the data')
+                           f'({int(self.bad_files.flags.sum())} unreadable so far); check the data')
 
 
 class CenterClipDataset(VideoClipDataset):
@@ -289,13 +290,13 @@ class CenterClipDataset(VideoClipDataset):
     max(duration - d, 0) / 2), `num_frames` of its frames kept uniformly, no temporal difference; each
     frame's short side resized bilinearly (no antialias) to `crop_size`, then the centre crop_size square,
     as the reference run's validation transform (pytorchvideo ShortSideScale, torchvision CenterCrop).
-    `__getitem__` returns ([3, T, S, S] uint8, label). An unreadable video is replaced like in training."""
+    `__getitem__` returns ([3, T, S, S] uint8, label), or None for an unreadable video (dropped from evaluation)."""
 
     def __init__(self, csv_path, video_root, decoder='frame', clip_duration=2.56, num_frames=8, fps=30,
                  crop_size=256, num_threads_io=4, num_threads_decode=4):
         super().__init__(csv_path, video_root, decoder, num_clips=1, clip_duration=clip_duration,
                          num_frames=num_frames, fps=fps, crop_size=crop_size, num_threads_io=num_threads_io,
-                         num_threads_decode=num_threads_decode)
+                         num_threads_decode=num_threads_decode, drop_unreadable=True)
         self.size = crop_size
 
     def _sample(self, index):

@@ -91,6 +91,9 @@ def get_args_parser():
     g.add_argument('--clip_grad', default=None, type=float, help='default: none, as official')
     g.add_argument('--amp', default='fp16', choices=['fp16', 'bf16', 'none'], help='reference run: precision 16')
     add_bool_arg(g, '--sync_bn', True, 'SyncBatchNorm everywhere (under DDP on CUDA)')
+    g.add_argument('--grad_ckpt', action='store_true',
+                   help='recompute the online trunk\'s activations in the backward pass (activation checkpointing, '
+                        'ours): much less memory for ~30%% more compute')
     g.add_argument('--max_nonfinite', default=5, type=int, help='stop after N non-finite steps in a row (0: never)')
     add_bool_arg(g, '--online_eval', True, 'online linear evaluator on detached trunk features (monitor only), '
                  'validated every epoch on <data_path>/val.csv when there is one')
@@ -197,7 +200,10 @@ def build_sce(args=None, steps_per_epoch=1, epochs=None, num_classes=0, trunk=No
         kwargs = {name: getattr(args, name) for name in SCE_ARG_NAMES if hasattr(args, name)}
         epochs = epochs if epochs is not None else getattr(args, 'epochs', 1)
     kwargs.update(overrides)
-    return SCE(trunk=trunk, steps_per_epoch=steps_per_epoch, epochs=epochs or 1, num_classes=num_classes, **kwargs)
+    model = SCE(trunk=trunk, steps_per_epoch=steps_per_epoch, epochs=epochs or 1, num_classes=num_classes, **kwargs)
+    if getattr(args, 'grad_ckpt', False):
+        model.set_grad_checkpointing()
+    return model
 
 
 def resolve_batch_and_lr(args, world_size):

@@ -68,6 +68,9 @@ def get_args_parser():
     boolean('--Decom', False, 'decompose each large kernel into K x N and N x K strips')
     boolean('--bn', True)
     p.add_argument('--conv_impl', default='auto', choices=CONV_IMPLS, help='depthwise conv route (ours)')
+    p.add_argument('--grad_ckpt', action='store_true',
+                   help='recompute activations in the backward pass (activation checkpointing, ours): much less '
+                        'memory for ~30%% more compute')
     # EMA
     boolean('--model_ema', False)
     p.add_argument('--model_ema_decay', type=float, default=0.9999)
@@ -175,6 +178,7 @@ def build_model(args):
                               layer_scale_init_value=args.layer_scale_init_value, head_init_scale=args.head_init_scale,
                               kernel_size=args.kernel_size, width_factor=args.width_factor, Decom=args.Decom,
                               bn=args.bn, conv_impl=args.conv_impl)
+    model.set_grad_checkpointing(args.grad_ckpt)
     if args.finetune and not args.eval:
         load_finetune(model, args)
     return model

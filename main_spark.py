@@ -74,6 +74,8 @@ def get_args_parser():
     # ours
     p.add_argument('--amp', default='none', choices=['bf16', 'fp16', 'none'], help='default fp32 like official')
     p.add_argument('--accum_iter', default=1, type=int, help='micro-steps per optimizer step (same --bs, less memory)')
+    add_bool_arg(p, '--grad_ckpt', False, 'activation checkpointing of the encoder and decoder blocks: same '
+                 'results, less memory, slower steps')
     p.add_argument('--save_every_steps', default=0, type=int,
                    help='also write the resumable checkpoint every N optimizer steps, resumable inside the epoch')
     p.add_argument('--vis_freq', default=20, type=int, help='reconstruction pictures every N epochs (0: never)')
@@ -197,6 +199,7 @@ def main(args):
     device = setup_run(args)
     resolve_args(args, device)
     model = build_spark(args.model, args.input_size, args.mask, args.sbn, args.dp).to(device)  # bad model: ValueError
+    model.set_grad_checkpointing(args.grad_ckpt)
     dataset = ImageFolderOrFlat(data_root(args.data_path), transform=spark_transform(args.input_size))
     loader = build_train_loader(dataset, args.batch_size, args.num_workers, args.pin_mem, args.seed, '--bs')
     if len(loader) < args.accum_iter:

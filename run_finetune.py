@@ -79,6 +79,9 @@ def get_args_parser():
     parser.add_argument('--input_size', default=224, type=int)
     parser.add_argument('--drop_path', type=float, default=None, metavar='PCT', help=mode_default('drop_path'))
     parser.add_argument('--clip_grad', type=float, default=None, metavar='NORM')
+    parser.add_argument('--grad_ckpt', action='store_true',
+                        help='recompute activations in the backward pass (activation checkpointing): much less '
+                             'memory for ~30%% more compute')
     parser.add_argument('--opt', default=None, choices=['adamw', 'lamb', 'lars'],
                         help=mode_default('opt', "lamb: timm's Lamb as SparK's ResNet recipe sets it (max_grad_norm "
                                                  '1e7, always_adapt, no bias correction); lars: MAE\'s LARS'))
@@ -158,6 +161,8 @@ def build_model(args):
     model = timm.create_model(args.model, **kwargs)
     if args.finetune and not args.eval:
         load_pretrained(model, args.finetune)
+    if args.grad_ckpt:
+        enable_grad_checkpointing(model, args.model)
     if args.linprobe:
         head = model.get_classifier()
         classifier_name = next(name for name, module in model.named_modules() if module is head)
@@ -169,6 +174,15 @@ def build_model(args):
         setattr(model.get_submodule(parent) if parent else model, leaf, probe)
         probe.requires_grad_(True)
     return model
+
+
+def enable_grad_checkpointing(model, name):
+    """timm's `set_grad_checkpointing()`, refused where timm would rerun a BatchNorm in the backward pass and so
+    update its running statistics twice (ResNets; the ViTs and ConvNeXts have none)."""
+    if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        raise ValueError(f'--grad_ckpt: {name} has BatchNorm layers, whose running statistics timm\'s activation '
+                         f'checkpointing would update twice per step; drop --grad_ckpt for this model')
+    model.set_grad_checkpointing(True)
 
 
 class StageGrouping:

@@ -19,6 +19,7 @@ from engine_pretrain import masked_modeling_loss, train_one_epoch
 from util.checkpoint import save_checkpoint
 from util.bad_files import write_bad_file_list
 from util.datasets import ImageFolderOrFlat, build_pretrain_dataset
+from util.fast_image import FAST_DATA_MODES, DeviceInput
 from util.dist import get_world_size, is_main_process
 from util.preemption import MidEpochCheckpoints
 from util.mim_vis import fixed_vis_batch, save_mim_pictures, vis_transform
@@ -57,6 +58,9 @@ def get_args_parser():
     parser.add_argument('--amp', default=None, choices=['bf16', 'fp16', 'none'],
                         help='autocast dtype (default: bf16 on GPU, none on CPU; official: fp16)')
     parser.add_argument('--compile', action='store_true', help='torch.compile the model')
+    parser.add_argument('--grad_ckpt', action='store_true',
+                        help='recompute activations in the backward pass (activation checkpointing): much less '
+                             'memory for ~30%% more compute')
     parser.add_argument('--how_scale', default=None, choices=['linear', 'squared', 'cubic'],
                         help='FreezeOut: freeze units front to back at t_i = scale(t_0 + (1 - t_0) i / L) '
                              'of the post-warmup run (default: no freezing)')
@@ -78,6 +82,10 @@ def get_args_parser():
 
     parser.add_argument('--data_path', default='./dataset/ImageNet/train/', type=str,
                         help="'demo', a folder with train/ inside, a folder of class folders, or of images")
+    parser.add_argument('--fast_data', default='none', nargs='?', const='cpu', choices=FAST_DATA_MODES,
+                        help='faster loading, same augmentation (README: "Faster data loading"): cpu = uint8 crops cut '
+                             'while decoding, normalised on the device; cpu_draft = also decode large JPEGs at '
+                             'reduced scale (other pixels); device = decode and crop on the GPU (nvJPEG)')
     parser.add_argument('--output_dir', default='./output/MAE_ViT_B', help='where to save checkpoints and log.txt')
     parser.add_argument('--log_dir', default=None, help='TensorBoard folder (none if not given)')
     parser.add_argument('--device', default='cuda', help='device to use for training / testing')
@@ -109,7 +117,9 @@ def build_model(args):
     available = timm.list_models('MIM_*')
     if args.model not in available:
         raise ValueError(f'unknown --model {args.model}; available: {", ".join(available)}')
-    return timm.create_model(args.model, img_size=args.input_size, hog_nbins=args.hog_nbins, hog_bias=args.hog_bias)
+    model = timm.create_model(args.model, img_size=args.input_size, hog_nbins=args.hog_nbins, hog_bias=args.hog_bias)
+    model.set_grad_checkpointing(args.grad_ckpt)
+    return model
 
 
 def build_schedule(args, model):
@@ -153,7 +163,7 @@ def check_args(args):
 def main(args):
     check_args(args)
     device = setup_run(args)
-    dataset = build_pretrain_dataset(args.data_path, args.input_size)
+    dataset = build_pretrain_dataset(args.data_path, args.input_size, args.fast_data)
     loader = build_train_loader(FixedViews(dataset, args.seed) if args.freeze_cache else dataset, args.batch_size,
                                 args.num_workers, args.pin_mem, args.seed)
     model = build_model(args).to(device)
@@ -187,6 +197,8 @@ def main(args):
     cache = (FrozenPrefixCache(model, args.seed, int(args.freeze_cache_gb * 2 ** 30), args.freeze_cache_dir)
              if args.freeze_cache else None)
     compute_loss = cache.compute_loss(args.mask_ratio) if cache else masked_modeling_loss(args.mask_ratio)
+    if args.fast_data != 'none':  # the loader gives uint8 (or encoded) crops: normalise them on the device
+        compute_loss = DeviceInput(args.input_size, device).wrap(compute_loss)
     log_writer = make_log_writer(args.log_dir)
     vis_imgs, vis_noise = fixed_vis_batch(ImageFolderOrFlat(dataset.root, vis_transform(args.input_size)),
                                           num_patches=model.grid_size ** 2)

@@ -84,7 +84,8 @@ def sweep(args, device, count_flops):
         model.compile()
 
     rows = []
-    for k in range(num_units):  # k = 0 .. num_units - 1: the last unit (block) never freezes
+    # k = 0 .. num_units - 1 (the last unit never freezes), or only the depths listed in args.depths
+    for k in getattr(args, 'depths', None) or range(num_units):
         if k:
             with contextlib.redirect_stdout(None):  # FreezeOut's own log line, once per depth
                 freezeout.freeze(optimizer, k)

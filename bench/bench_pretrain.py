@@ -117,10 +117,8 @@ def training_step(model, groups, args, device):
     return trainer, imgs, step
 
 
-def main():
-    args = get_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+def measure(args):
+    """One benchmark run: (result dict, the one-line summary)."""
     device = torch.device(args.device)
     cuda = device.type == 'cuda'
     model = timm.create_model(args.model, img_size=args.input_size).to(device).train()
@@ -161,6 +159,14 @@ def main():
         res['peak_tflops'] = peak / 1e12 if peak else None
         res['mfu'] = flops / step_s / peak if peak else None
         line += f" | MFU {res['mfu']:.1%}" if peak else ' | MFU n/a (pass --peak_tflops)'
+    return res, line
+
+
+def main():
+    args = get_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    res, line = measure(args)
     print(line)
     if args.json:
         with open(args.json, 'a') as f:

@@ -76,8 +76,9 @@ def timed(fn, warmup, steps, device):
     return (time.perf_counter() - start) / steps
 
 
-def bench_step(args, device):
-    """Seconds per full SCE step and per augmentation of both views, for a batch of args.batch_size videos."""
+def build_step(args, device):
+    """(one full SCE training step, the augmentation of both views) as closures, on a synthetic batch of
+    args.batch_size videos."""
     model_args = main_sce.get_args_parser().parse_args(['--queue_size', str(args.queue_size)])
     model = build_sce(model_args, steps_per_epoch=1000, epochs=200).to(device).train()
     fmt = torch.channels_last_3d if args.channels_last else torch.contiguous_format
@@ -98,7 +99,12 @@ def bench_step(args, device):
     def augment():
         for i, aug in enumerate(compute_loss.augmentations):
             aug(samples[:, i]).contiguous(memory_format=fmt)
+    return step, augment
 
+
+def bench_step(args, device):
+    """Seconds per full SCE step and per augmentation of both views, for a batch of args.batch_size videos."""
+    step, augment = build_step(args, device)
     return timed(step, args.warmup, args.steps, device), timed(augment, args.warmup, args.steps, device)
 
 

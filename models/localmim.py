@@ -17,6 +17,7 @@ from timm.models import register_model
 from timm.models.vision_transformer import Block
 
 from models.factory import model_kwargs
+from models.grad_ckpt import checkpointed
 from models.layers import LayerNorm2d
 from models.hog import HOGLayer
 from util.pos_embed import get_2d_sincos_pos_embed
@@ -55,6 +56,7 @@ class MAE_Decoder(nn.Module):
                  mlp_ratio=4., norm_layer=partial(nn.LayerNorm, eps=1e-6)):
         super().__init__()
         self.grid_size = grid_size
+        self.grad_checkpointing = False
         self.embed = nn.Linear(in_dim, embed_dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, grid_size ** 2 + 1, embed_dim), requires_grad=False)
@@ -75,7 +77,7 @@ class MAE_Decoder(nn.Module):
         patches = torch.gather(patches, 1, ids_restore.unsqueeze(-1).expand(-1, -1, x.shape[2]))
         x = torch.cat([x[:, :1], patches], dim=1) + self.pos_embed
         for blk in self.blocks:
-            x = blk(x)
+            x = checkpointed(blk, x) if self.grad_checkpointing else blk(x)
         x = self.norm(x)[:, 1:]
         x = x.transpose(1, 2).reshape(x.shape[0], -1, self.grid_size, self.grid_size)
         return self.pred(x).flatten(2).transpose(1, 2)
@@ -94,6 +96,7 @@ class MaskedAutoencoderViT(nn.Module):
             raise ValueError(f'LocalMIM taps blocks 1, 3, depth-3 and depth-1: depth must be >= 4, got {depth}')
         self.patch_size = patch_size
         self.grid_size = img_size // patch_size
+        self.grad_checkpointing = False
         self.ID = [1, 3, depth - 3, depth - 1]
         self.scale = list(SCALES)
         self.hog_nbins = hog_nbins
@@ -121,6 +124,14 @@ class MaskedAutoencoderViT(nn.Module):
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
         nn.init.normal_(self.cls_token, std=.02)
         self.apply(_init_linear_and_norm)
+
+    def set_grad_checkpointing(self, enable=True):
+        """Recompute the activations of the trained encoder blocks and of the decoder blocks in the backward
+        pass (timm's convention): less memory for about a third more compute. Blocks frozen by FreezeOut run
+        without autograd and store nothing anyway."""
+        self.grad_checkpointing = enable
+        for decoder in self.decoder:
+            decoder.grad_checkpointing = enable
 
     def target_grid(self, k):
         side = int(self.grid_size * self.scale[k])
@@ -192,7 +203,7 @@ class MaskedAutoencoderViT(nn.Module):
         x, mask, ids_restore = prefix if prefix is not None else self.forward_prefix(imgs, mask_ratio, noise)
         latents = [None] * len(self.ID)
         for i in range(max(self.frozen_units - 1, 0), len(self.blocks)):
-            x = self.blocks[i](x)
+            x = checkpointed(self.blocks[i], x) if self.grad_checkpointing else self.blocks[i](x)
             for k, tap in enumerate(self.ID):
                 if tap == i:
                     latents[k] = self.norm[k](x)

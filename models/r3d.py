@@ -12,6 +12,8 @@ kaiming-normal (fan_out, ReLU) convs, BN weight 1 / bias 0, except the last BN o
 import torch
 from torch import nn
 
+from models.grad_ckpt import checkpointed
+
 STAGE_DEPTHS = {18: (2, 2, 2, 2)}
 
 
@@ -77,15 +79,25 @@ class ResStage(nn.Module):
 
 
 class Net(nn.Module):
-    """pytorchvideo's `Net`: the blocks in sequence (stem, then four stages)."""
+    """pytorchvideo's `Net`: the blocks in sequence (stem, then four stages). With `grad_checkpointing` the
+    stem and every residual block are checkpointed segments (models/grad_ckpt.py)."""
 
     def __init__(self, blocks):
         super().__init__()
         self.blocks = nn.ModuleList(blocks)
+        self.grad_checkpointing = False
+
+    def segments(self):
+        for block in self.blocks:
+            yield from block.res_blocks if isinstance(block, ResStage) else [block]
 
     def forward(self, x):
-        for block in self.blocks:
-            x = block(x)
+        if not self.grad_checkpointing:
+            for block in self.blocks:
+                x = block(x)
+            return x
+        for segment in self.segments():
+            x = checkpointed(segment, x)
         return x
 
 
@@ -106,6 +118,11 @@ class VideoHeadModel(nn.Module):
     def __init__(self, model, head, num_features):
         super().__init__()
         self.model, self.head, self.num_features = model, head, num_features
+
+    def set_grad_checkpointing(self, enable=True):
+        """Recompute the conv net's activations in the backward pass: less memory for about a third more
+        compute; BatchNorm running statistics are updated once, as without it."""
+        self.model.grad_checkpointing = enable
 
     def forward_features(self, x):
         return self.model(x)

@@ -234,6 +234,10 @@ class SCE(nn.Module):
         self._pending_keys = []
         momentum_value(0, self.total_steps, initial_momentum, scheduler_momentum, steps_per_epoch)  # validates
 
+    def set_grad_checkpointing(self, enable=True):
+        """Checkpoint the online trunk (the momentum trunk runs under no_grad and stores nothing)."""
+        self.trunk.set_grad_checkpointing(enable)
+
     # ----- schedules (host-side floats of global_step)
     def current_temp_m(self):
         spe, s = self.steps_per_epoch, self.global_step

@@ -14,6 +14,7 @@ from timm.layers import DropPath, trunc_normal_
 from timm.models import register_model
 
 from models.factory import model_kwargs
+from models.grad_ckpt import checkpointed
 from models.layers import LayerNorm2d
 
 CONV_IMPLS = ('auto', 'dense', 'crop', 'fft')
@@ -245,6 +246,7 @@ class SLaK(nn.Module):
             raise ValueError(f'depths and dims need 4 entries, got {depths} and {dims}')
         dims = [int(d * width_factor) for d in dims]
         self.dims, self.num_classes = dims, num_classes
+        self.grad_checkpointing = False
         self.downsample_layers = nn.ModuleList([nn.Sequential(nn.Conv2d(in_chans, dims[0], 4, stride=4),
                                                               LayerNorm2d(dims[0]))])
         for i in range(3):
@@ -271,9 +273,19 @@ class SLaK(nn.Module):
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
 
+    def set_grad_checkpointing(self, enable=True):
+        """Recompute each block's activations in the backward pass (timm's convention): less memory for about a
+        third more compute; BatchNorm running statistics are updated once, as without it."""
+        self.grad_checkpointing = enable
+
     def forward_features(self, x):
         for down, stage in zip(self.downsample_layers, self.stages):
-            x = stage(down(x))
+            x = down(x)
+            if self.grad_checkpointing:
+                for block in stage:
+                    x = checkpointed(block, x)
+            else:
+                x = stage(x)
         return self.norm(x.mean([-2, -1]))
 
     def forward(self, x):

@@ -20,7 +20,7 @@ from timm.models.convnext import ConvNeXt
 from models.convnext_keys import convnext_official_to_timm, convnext_timm_to_official, is_official_convnext, \
     official_convnext_order, timm_to_official_key
 from models.spark_sparse import ActiveMask, SparseBatchNorm2d, SparseEncoder, SparseLayerNorm2d, \
-    SparseSyncBatchNorm2d
+    SparseSyncBatchNorm2d, run_checkpointed
 
 # ready and tested; any other timm convnext_* works too
 SPARK_MODELS = ('resnet18', 'resnet34', 'resnet50', 'resnet101', 'resnet152', 'resnet200', 'convnext_atto',
@@ -66,15 +66,21 @@ class LightDecoder(nn.Module):
         bn2d = nn.SyncBatchNorm if sbn else nn.BatchNorm2d
         self.dec = nn.ModuleList([UNetBlock(cin, cout, bn2d) for cin, cout in zip(channels[:-1], channels[1:])])
         self.proj = nn.Conv2d(channels[-1], 3, kernel_size=1, stride=1, bias=True)
+        self.grad_checkpointing = False
         self.initialize()
+
+    def set_grad_checkpointing(self, enable=True):
+        """Recompute each UNet block's activations in the backward instead of keeping them."""
+        self.grad_checkpointing = enable
 
     def forward(self, to_dec):
         """to_dec: list of feature maps, SMALLEST first (None entries skipped) -> [B, 3, H, W]."""
+        ckpt = self.grad_checkpointing and self.training and torch.is_grad_enabled()
         x = 0
         for i, block in enumerate(self.dec):
             if i < len(to_dec) and to_dec[i] is not None:
                 x = x + to_dec[i]
-            x = block(x)
+            x = run_checkpointed(block, x) if ckpt else block(x)
         return self.proj(x)
 
     def initialize(self):
@@ -192,7 +198,7 @@ class SparK(nn.Module):
                 raise ValueError(f'active_b1ff must have shape {(B, 1, h, w)}, got {tuple(active_b1ff.shape)}')
             active_b1ff = active_b1ff.to(device=inp_bchw.device, dtype=torch.bool)
         active_b1hw = active_b1ff.repeat_interleave(r, 2).repeat_interleave(r, 3)
-        masked_bchw = inp_bchw * active_b1hw.to(inp_bchw.dtype)
+        masked_bchw = inp_bchw * active_b1hw
 
         # encode (largest first) -> smallest first
         fea_bcffs = list(self.sparse_encoder(masked_bchw, active_b1ff))
@@ -204,8 +210,7 @@ class SparK(nn.Module):
         try:
             for i, bcff in enumerate(fea_bcffs):
                 if bcff is not None:
-                    fh, fw = bcff.shape[-2:]
-                    cur_active = active_b1ff.repeat_interleave(fh // h, 2).repeat_interleave(fw // w, 3)
+                    cur_active = self.holder.expand(*bcff.shape[-2:])
                     bcff = self.densify_norms[i](bcff)
                     bcff = torch.where(cur_active, bcff, self.mask_tokens[i].to(bcff.dtype).expand_as(bcff))
                     bcff = self.densify_projs[i](bcff)
@@ -229,6 +234,12 @@ class SparK(nn.Module):
         return inp_bchw, masked_bchw, rec_or_inp
 
     # ------------------------------------------------------------ helpers
+    def set_grad_checkpointing(self, enable=True):
+        """Activation checkpointing of the encoder's residual blocks and the decoder's UNet blocks: same loss,
+        gradients and BN running statistics, less memory, about one more encoder + decoder forward of time."""
+        self.sparse_encoder.set_grad_checkpointing(enable)
+        self.dense_decoder.set_grad_checkpointing(enable)
+
     def get_config(self):
         return {
             'mask_ratio': self.mask_ratio, 'densify_norm_str': self.densify_norm_str, 'sbn': self.sbn,

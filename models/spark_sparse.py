@@ -10,20 +10,26 @@ owned by one `SparseEncoder`, not in a module global, so two encoders in one pro
 mask; without a mask every sparse layer runs exactly as its dense original. The sparse layers subclass the
 dense ones and only override `forward`, so state-dict keys are those of the dense timm model.
 """
+import contextlib
 import copy
 import warnings
 
+import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import LayerNorm2d
 from timm.models.convnext import ConvNeXt, ConvNeXtBlock
 from timm.models.resnet import ResNet
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.utils.checkpoint import checkpoint
 
 
 class ActiveMask:
     """Holds the active mask [B, 1, f, f] (bool, True = visible) shared by one model's sparse layers.
 
-    `mask` is None outside a masked forward; layers then behave as their dense originals.
+    `mask` is None outside a masked forward; layers then behave as their dense originals. The mask upsampled
+    to each feature-map size, and its visible positions, are computed once per forward and reused by every
+    layer at that size.
     """
 
     def __init__(self):
@@ -41,6 +47,16 @@ class ActiveMask:
     def clear(self):
         self.set(None)
 
+    @contextlib.contextmanager
+    def using(self, active_b1ff):
+        """Sets the mask for the block and restores the previous one (and its cached sizes) afterwards."""
+        saved = self.mask, self._cache
+        self.set(active_b1ff)
+        try:
+            yield self
+        finally:
+            self.mask, self._cache = saved
+
     def expand(self, h, w):
         """The mask nearest-upsampled to [B, 1, h, w] (bool), or None when no mask is set."""
         if self.mask is None:
@@ -52,6 +68,14 @@ class ActiveMask:
                 raise ValueError(f'feature map {h}x{w} is not a multiple of the mask grid {fh}x{fw}; '
                                  'the input size must be a multiple of the downsample ratio')
             self._cache[key] = self.mask.repeat_interleave(h // fh, dim=2).repeat_interleave(w // fw, dim=3)
+        return self._cache[key]
+
+    def visible(self, h, w):
+        """(b, i, j) index tensors of the visible positions of the [B, h, w] map (one nonzero per size, which
+        on a GPU is also one host sync per size instead of one per layer)."""
+        key = ('visible', h, w)
+        if key not in self._cache:
+            self._cache[key] = self.expand(h, w)[:, 0].nonzero(as_tuple=True)
         return self._cache[key]
 
 
@@ -67,9 +91,10 @@ class _Sparse:
         return None if self.holder is None else self.holder.expand(h, w)
 
     def _remask(self, y):
-        """y [B, C, H, W] times the mask at y's resolution (exact zeros at masked positions)."""
+        """y [B, C, H, W] times the mask at y's resolution (exact zeros at masked positions), in place: y is
+        always a fresh output that its layer's backward does not need."""
         act = self._active(y.shape[2], y.shape[3])
-        return y if act is None else y * act.to(y.dtype)
+        return y if act is None else y.mul_(act)
 
 
 class SparseConv2d(_Sparse, nn.Conv2d):
@@ -92,18 +117,17 @@ class SparseAvgPooling(_Sparse, nn.AvgPool2d):
 class _SparseBNForward(_Sparse):
     """BN over the visible positions: gather them into [N_visible, C, 1, 1], run the parent BN
     (batch mean and biased variance for normalising; running stats updated with momentum and the
-    unbiased variance, exactly as BN does), scatter back into zeros."""
+    unbiased variance, exactly as BN does), scatter back into zeros laid out in memory as x is
+    (a channels-last output would turn every later layer channels-last, and slower)."""
 
     def forward(self, x):
-        act = self._active(x.shape[2], x.shape[3])
-        if act is None:
+        if self.holder is None or self.holder.mask is None:
             return super().forward(x)
-        sel = act[:, 0]                                       # [B, H, W] bool
+        visible = self.holder.visible(x.shape[2], x.shape[3])  # (b, i, j) index tensors
         x_bhwc = x.permute(0, 2, 3, 1)
-        rows = x_bhwc[sel]                                    # [N_visible, C]
-        y = super().forward(rows[:, :, None, None])[:, :, 0, 0]
-        out = x_bhwc.new_zeros(x_bhwc.shape)
-        out[sel] = y
+        y = super().forward(x_bhwc[visible][:, :, None, None])[:, :, 0, 0]
+        out = torch.zeros_like(x_bhwc)
+        out[visible] = y
         return out.permute(0, 3, 1, 2)
 
 
@@ -128,7 +152,7 @@ class SparseLayerNorm(_Sparse, nn.LayerNorm):
         if x.dim() != 4:
             raise NotImplementedError('SparseLayerNorm with a mask expects a 4-D [B, H, W, C] input')
         act = self._active(x.shape[1], x.shape[2])            # [B, 1, H, W]
-        return y * act.permute(0, 2, 3, 1).to(y.dtype)
+        return y.mul_(act.permute(0, 2, 3, 1))
 
 
 class SparseLayerNorm2d(_Sparse, LayerNorm2d):
@@ -211,6 +235,44 @@ def dense_model_to_sparse(module, holder, sbn=False):
     return _convert(copy.deepcopy(module), holder, sbn)
 
 
+# ---------------------------------------------------------------- activation checkpointing
+
+@contextlib.contextmanager
+def _running_stats_frozen(module):
+    """BatchNorms in `module` run as in training but update throw-away copies of their running statistics
+    and batch counters: a recomputation must not update them a second time (and must save the same tensors
+    for backward as the forward did, so the statistics are still passed)."""
+    names = ('running_mean', 'running_var', 'num_batches_tracked')
+    saved = [(m, [getattr(m, n) for n in names]) for m in module.modules()
+             if isinstance(m, _BatchNorm) and m.training and m.track_running_stats]
+    for m, buffers in saved:
+        for n, b in zip(names, buffers):
+            setattr(m, n, None if b is None else b.clone())
+    try:
+        yield
+    finally:
+        for m, buffers in saved:
+            for n, b in zip(names, buffers):
+                setattr(m, n, b)
+
+
+def run_checkpointed(module, x, holder=None):
+    """module(x), keeping only x for the backward, which recomputes module(x): with the sparse mask `holder`
+    held during this call (the encoder has cleared it by then) and without a second BN running-stats update.
+    Drop path draws the same samples again (checkpoint restores the RNG state)."""
+    mask = None if holder is None else holder.mask
+    calls = []
+
+    def run(inp):
+        if not calls:                                 # the forward itself
+            calls.append(True)
+            return module(inp)
+        with _running_stats_frozen(module), \
+                (holder.using(mask) if holder is not None else contextlib.nullcontext()):
+            return module(inp)
+    return checkpoint(run, x, use_reentrant=False)
+
+
 # ---------------------------------------------------------------- backbone contract (models/custom.py)
 
 def get_downsample_ratio(cnn):
@@ -248,20 +310,30 @@ def drop_unused_modules(cnn):
     return cnn
 
 
-def hierarchical_forward(cnn, x):
-    """List of the 4 stage outputs of cnn for x, largest first (1/4, 1/8, 1/16, 1/32)."""
+def hierarchical_forward(cnn, x, run_block=None):
+    """List of the 4 stage outputs of cnn for x, largest first (1/4, 1/8, 1/16, 1/32). With run_block, each
+    residual block of a timm ResNet / ConvNeXt runs as run_block(block, x) (activation checkpointing)."""
     if isinstance(cnn, ResNet) and not hasattr(cnn, 'get_downsample_ratio'):
         x = cnn.maxpool(cnn.act1(cnn.bn1(cnn.conv1(x))))
         feats = []
         for layer in (cnn.layer1, cnn.layer2, cnn.layer3, cnn.layer4):
-            x = layer(x)
+            if run_block is None:
+                x = layer(x)
+            else:
+                for block in layer:
+                    x = run_block(block, x)
             feats.append(x)
         return feats
     if isinstance(cnn, ConvNeXt) and not hasattr(cnn, 'get_downsample_ratio'):
         x = cnn.stem(x)
         feats = []
         for stage in cnn.stages:
-            x = stage(x)
+            if run_block is None:
+                x = stage(x)
+            else:
+                x = stage.downsample(x)
+                for block in stage.blocks:
+                    x = run_block(block, x)
             feats.append(x)
         return feats
     if hasattr(cnn, 'get_downsample_ratio'):                   # custom-model route (models/custom.py)
@@ -284,6 +356,12 @@ class SparseEncoder(nn.Module):
         self.enc_feat_map_chs = get_feature_map_channels(cnn)
         self.holder = ActiveMask()
         self.sp_cnn = drop_unused_modules(dense_model_to_sparse(cnn, self.holder, sbn=sbn))
+        self.grad_checkpointing = False
+
+    def set_grad_checkpointing(self, enable=True):
+        """Recompute each residual block's activations in the backward instead of keeping them (timm ResNets
+        and ConvNeXts; a custom CNN checkpoints inside its own forward if it wants to)."""
+        self.grad_checkpointing = enable
 
     def get_downsample_ratio(self):
         return self.downsample_ratio
@@ -304,11 +382,10 @@ class SparseEncoder(nn.Module):
                 raise ValueError(f'active_b1ff must have shape {(x.shape[0], 1, h // r, w // r)}, '
                                  f'got {tuple(active_b1ff.shape)}')
             active_b1ff = active_b1ff.to(x.device)
-        self.holder.set(active_b1ff)
-        try:
+        ckpt = self.grad_checkpointing and self.training and torch.is_grad_enabled()
+        with self.holder.using(active_b1ff):
             act = self.holder.expand(h, w)
             if act is not None:
-                x = x * act.to(x.dtype)
-            return hierarchical_forward(self.sp_cnn, x)
-        finally:
-            self.holder.clear()
+                x = x * act
+            run_block = (lambda block, inp: run_checkpointed(block, inp, self.holder)) if ckpt else None
+            return hierarchical_forward(self.sp_cnn, x, run_block)

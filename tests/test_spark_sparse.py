@@ -225,6 +225,23 @@ def test_masked_features_exact_zeros_and_visible_only(name, kw):
     assert (x.grad[up == 0] == 0).all() and (x.grad[up == 1] != 0).any()
 
 
+@pytest.mark.parametrize('fmt', [torch.contiguous_format, torch.channels_last])
+def test_masked_resnet_keeps_the_memory_format_of_its_input(fmt):
+    """A sparse BN whose output turned channels-last would make every later conv (and the decoder) run
+    channels-last with contiguous weights, which is slower on CPU."""
+    enc = SparseEncoder(_model('resnet18'), 64).train().to(memory_format=fmt)
+    seen = []
+
+    def record(module, args, out):
+        seen.append((type(module).__name__, out.is_contiguous(memory_format=fmt)))
+    for m in enc.modules():
+        if not list(m.children()):
+            m.register_forward_hook(record)
+    enc(torch.randn(2, 3, 64, 64).contiguous(memory_format=fmt), _mask(2, 2, seed=3))
+    assert {'SparseConv2d', 'SparseBatchNorm2d', 'SparseMaxPooling'} <= {n for n, _ in seen}
+    assert all(ok for _, ok in seen), [n for n, ok in seen if not ok]
+
+
 def test_output_at_visible_positions_ignores_masked_content():
     enc = SparseEncoder(_model('resnet18'), 64).eval()
     mask = _mask(2, 2, seed=1)

@@ -19,6 +19,7 @@ from torchvision.transforms import InterpolationMode
 
 from util.bad_files import BadFiles
 from util.demo_data import demo_imagefolder
+from util.fast_image import FAST_DATA_MODES, EncodedCropReader, RandomResizedCropReader
 
 ACCEPTED_LAYOUTS = ("'demo', a folder with {split}/ inside, a folder of class folders, "
                     "or a flat folder of images")
@@ -39,16 +40,23 @@ def _is_image_file(path: Path) -> bool:
     return path.is_file() and has_file_allowed_extension(path.name, IMG_EXTENSIONS)
 
 
+def read_rgb(path):
+    with Image.open(path) as image:
+        return image.convert('RGB')
+
+
 class ImageFolderOrFlat(VisionDataset):
-    """torchvision ImageFolder over class folders, or one class (label 0) over a flat folder.
+    """torchvision ImageFolder over class folders, or one class (label 0) over a flat folder. `loader` reads a
+    path (default: the RGB PIL image; util/fast_image.py has readers that crop while decoding).
 
     An image that cannot be decoded is flagged in `bad_files` (util/bad_files.py) and then either replaced by
     the next decodable one (training: the batch keeps its size) or, with `drop_unreadable`, returned as None
     (evaluation, with util.bad_files.collate_readable: nothing is counted twice).
     """
 
-    def __init__(self, root, transform=None, drop_unreadable=False):
+    def __init__(self, root, transform=None, drop_unreadable=False, loader=None):
         super().__init__(str(root), transform=transform)
+        self.loader = loader or read_rgb
         root = Path(root)
         if not root.is_dir():
             raise FileNotFoundError(f'image folder {root} does not exist')
@@ -78,12 +86,12 @@ class ImageFolderOrFlat(VisionDataset):
         return len(self.samples)
 
     def _decode(self, index):
-        """The RGB image of sample `index`, or None (flagged, warned once) if it cannot be decoded."""
+        """`loader(path)` of sample `index` (default: the RGB image), or None (flagged, warned once) if it cannot be
+        decoded."""
         if index in self.bad_files:
             return None
         try:
-            with Image.open(self.samples[index][0]) as image:
-                return image.convert('RGB')
+            return self.loader(self.samples[index][0])
         except Exception as error:  # PIL raises many types on bad data; never crash a run
             self.bad_files.add(index, error)
             return None
@@ -113,10 +121,18 @@ def build_pretrain_transform(input_size):
     ])
 
 
-def build_pretrain_dataset(data_path, input_size):
-    """The pretraining data set: the `train` split of `data_path`, with the LocalMIM transform."""
-    return ImageFolderOrFlat(resolve_image_root(data_path, 'train'),
-                             transform=build_pretrain_transform(input_size))
+def build_pretrain_dataset(data_path, input_size, fast_data='none'):
+    """The pretraining data set: the `train` split of `data_path`, with the LocalMIM transform. With `fast_data`
+    (util/fast_image.py) the same augmentation yields uint8 crops, or with 'device' still-encoded JPEGs, which
+    `fast_image.DeviceInput` turns into normalised images on the device."""
+    root = resolve_image_root(data_path, 'train')
+    if fast_data == 'none':
+        return ImageFolderOrFlat(root, transform=build_pretrain_transform(input_size))
+    if fast_data == 'device':
+        return ImageFolderOrFlat(root, loader=EncodedCropReader())
+    if fast_data in ('cpu', 'cpu_draft'):
+        return ImageFolderOrFlat(root, loader=RandomResizedCropReader(input_size, draft=fast_data == 'cpu_draft'))
+    raise ValueError(f'--fast_data {fast_data}: one of {", ".join(FAST_DATA_MODES)}')
 
 
 def _posterize_zero_bits_ok(img, bits_to_keep, **kwargs):

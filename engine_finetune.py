@@ -86,7 +86,7 @@ def evaluate(data_loader, model, device, amp_dtype=None, sharded=None, print_fre
     if sharded:
         all_reduce_sum(sums)
     loss_sum, correct1, correct5, count = sums.tolist()  # the one host sync
-    bad_files = bad_files_of(data_loader.dataset)
+    bad_files = bad_files_of(getattr(data_loader, 'dataset', None))
     skipped = bad_files.count() if bad_files is not None else 0
     if count == 0:
         raise ValueError(f'evaluate: the validation loader yielded no samples ({skipped} unreadable)')

@@ -47,7 +47,7 @@ def train_one_epoch(data_loader, trainer, epoch, schedule, compute_loss, hooks=(
     meter.on_print.append(lambda *_: trainer.check())
     if log_writer is not None:
         meter.on_print.append(tensorboard_callback(log_writer, epoch, steps))
-    bad_files = bad_files_of(data_loader.dataset)
+    bad_files = bad_files_of(getattr(data_loader, 'dataset', None))  # any sized iterable of batches is a loader
     if bad_files is not None:
         meter.counters['skipped_files'] = bad_files.count
     if checkpoints is None:

@@ -24,12 +24,19 @@ def _keep_batchnorm_buffers(module):
                 buffer.copy_(value)
 
 
-def checkpointed(module, *args):
+@contextlib.contextmanager
+def _recomputation(module, extra_context):
+    with _keep_batchnorm_buffers(module), extra_context():
+        yield
+
+
+def checkpointed(module, *args, recompute_context=contextlib.nullcontext):
     """module(*args), its activations recomputed in the backward pass; a plain call when autograd is off
-    (evaluation, a momentum encoder under no_grad), where there is nothing to store."""
+    (evaluation, a momentum encoder under no_grad), where there is nothing to store. `recompute_context()` is
+    entered around the recomputation (SparK re-sets its sparse mask there)."""
     if not torch.is_grad_enabled():
         return module(*args)
     if torch.compiler.is_compiling():  # traced as a plain checkpoint; the scripts that compile have no BatchNorm
         return checkpoint(module, *args, use_reentrant=False)
     return checkpoint(module, *args, use_reentrant=False,
-                      context_fn=lambda: (contextlib.nullcontext(), _keep_batchnorm_buffers(module)))
+                      context_fn=lambda: (contextlib.nullcontext(), _recomputation(module, recompute_context)))

@@ -20,8 +20,8 @@ import torch.nn.functional as F
 from timm.layers import LayerNorm2d
 from timm.models.convnext import ConvNeXt, ConvNeXtBlock
 from timm.models.resnet import ResNet
-from torch.nn.modules.batchnorm import _BatchNorm
-from torch.utils.checkpoint import checkpoint
+
+from models.grad_ckpt import checkpointed
 
 
 class ActiveMask:
@@ -237,40 +237,13 @@ def dense_model_to_sparse(module, holder, sbn=False):
 
 # ---------------------------------------------------------------- activation checkpointing
 
-@contextlib.contextmanager
-def _running_stats_frozen(module):
-    """BatchNorms in `module` run as in training but update throw-away copies of their running statistics
-    and batch counters: a recomputation must not update them a second time (and must save the same tensors
-    for backward as the forward did, so the statistics are still passed)."""
-    names = ('running_mean', 'running_var', 'num_batches_tracked')
-    saved = [(m, [getattr(m, n) for n in names]) for m in module.modules()
-             if isinstance(m, _BatchNorm) and m.training and m.track_running_stats]
-    for m, buffers in saved:
-        for n, b in zip(names, buffers):
-            setattr(m, n, None if b is None else b.clone())
-    try:
-        yield
-    finally:
-        for m, buffers in saved:
-            for n, b in zip(names, buffers):
-                setattr(m, n, b)
-
-
 def run_checkpointed(module, x, holder=None):
-    """module(x), keeping only x for the backward, which recomputes module(x): with the sparse mask `holder`
-    held during this call (the encoder has cleared it by then) and without a second BN running-stats update.
-    Drop path draws the same samples again (checkpoint restores the RNG state)."""
+    """module(x), keeping only x for the backward, which recomputes module(x) with the sparse mask of this call
+    set again in `holder` (the encoder has cleared it by then); BN statistics and drop path as in
+    models/grad_ckpt.py."""
     mask = None if holder is None else holder.mask
-    calls = []
-
-    def run(inp):
-        if not calls:                                 # the forward itself
-            calls.append(True)
-            return module(inp)
-        with _running_stats_frozen(module), \
-                (holder.using(mask) if holder is not None else contextlib.nullcontext()):
-            return module(inp)
-    return checkpoint(run, x, use_reentrant=False)
+    return checkpointed(module, x, recompute_context=(lambda: holder.using(mask)) if holder is not None
+                        else contextlib.nullcontext)
 
 
 # ---------------------------------------------------------------- backbone contract (models/custom.py)

@@ -32,7 +32,8 @@ from models.slak import CONV_IMPLS
 from util.checkpoint import load_checkpoint, save_checkpoint
 from util.classification import add_augmentation_args, build_criterion, build_mixup, convnext_param_groups
 from util.bad_files import write_bad_file_list
-from util.datasets import ImageFolderOrFlat, build_finetune_dataset, build_finetune_transform
+from util.datasets import (ImageFolderOrFlat, add_finetune_data_args, build_finetune_dataset, build_finetune_transform,
+                           check_finetune_data_args)
 from util.dist import get_world_size, is_main_process
 from util.lr_sched import IterationSchedule, cosine_scheduler
 from util.preemption import MidEpochCheckpoints
@@ -98,8 +99,7 @@ def get_args_parser():
     p.add_argument('--head_init_scale', default=1.0, type=float)
     p.add_argument('--model_key', default='model|module', type=str)
     p.add_argument('--model_prefix', default='', type=str)
-    p.add_argument('--data_path', default='/datasets01/imagenet_full_size/061417/', type=str,
-                   help="train/ and val/ class folders inside, or 'demo'")
+    add_finetune_data_args(p, '/datasets01/imagenet_full_size/061417/')
     p.add_argument('--eval_data_path', default=None, type=str, help='validation folder of --data_set image_folder')
     p.add_argument('--nb_classes', default=1000, type=int)
     boolean('--imagenet_default_mean_and_std', True)
@@ -160,6 +160,10 @@ def check_args(args):
                        '--update-frequency': '>= 1'})
     if args.data_set == 'image_folder' and not args.eval_data_path:
         raise ValueError('--data_set image_folder needs --eval_data_path (the validation class folders)')
+    check_finetune_data_args(args)
+    if args.data_set == 'image_folder' and (args.val_fraction is not None or args.train_csv):
+        raise ValueError('--data_set image_folder reads --data_path and --eval_data_path as they are: drop it to use '
+                         '--val_fraction or --train_csv')
 
 
 def build_dataset(is_train, args):

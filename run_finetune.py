@@ -28,7 +28,7 @@ from util.checkpoint import load_checkpoint, save_checkpoint
 from util.classification import (SPARK_RESNET_BLOCKS_PER_DEPTH, add_augmentation_args, build_criterion, build_mixup,
                                   layer_decay_param_groups, spark_resnet_layer_id, timm_convnext_layer_id)
 from util.bad_files import write_bad_file_list
-from util.datasets import build_finetune_dataset
+from util.datasets import add_finetune_data_args, build_finetune_dataset, check_finetune_data_args
 from util.dist import get_world_size
 from util.hooks import ModelEmaHook
 from util.lars import LARS
@@ -119,7 +119,7 @@ def get_args_parser():
     parser.add_argument('--model_ema', action='store_true', help='keep (and evaluate) an EMA of the weights')
     parser.add_argument('--model_ema_decay', type=float, default=0.9999)
     # data, outputs, runtime
-    parser.add_argument('--data_path', default='./dataset/ImageNet/', type=str, help="train/ and val/ inside, or 'demo'")
+    add_finetune_data_args(parser, './dataset/ImageNet/')
     parser.add_argument('--nb_classes', default=1000, type=int)
     parser.add_argument('--output_dir', default='./output/MAE_ViT_B_Finetune')
     parser.add_argument('--log_dir', default=None)
@@ -246,6 +246,7 @@ def check_args(args):
                        '--repeated_aug': '>= 0', '--model_ema_decay': '[0, 1]', '--nb_classes': '>= 1',
                        '--num_workers': '>= 0', '--print_freq': '>= 1', '--save_freq': '>= 1',
                        '--max_nonfinite': '>= 0', '--save_every_steps': '>= 0'})
+    check_finetune_data_args(args)
 
 
 def main(args):

@@ -10,8 +10,9 @@ Each is run through a DataLoader with 1, 2, ... workers over a few hundred gener
 mostly 500 px on the long side, some smaller, 12% larger; quality 90; cached under .cache/). A pass is timed
 once the workers run; "per core" divides by the CPU time of the main process and its workers. With --device cuda
 the time includes each batch's step on the GPU (host-to-device copy, float conversion and normalisation, or the
-decoding), also timed alone; with --device cpu the fast pipelines' normalisation is left out (on a GPU it runs
-there). Pipelines alternate within each round and the median over rounds is reported, so load from other
+decoding), also timed alone; with --device cpu the fast pipelines' device step (normalisation) is left out of
+the loader's rate, as on a GPU it runs there, and reported apart: its CPU time per image on this CPU, and the rate
+with it counted. Pipelines alternate within each round and the median over rounds is reported, so load from other
 processes on the machine hits all alike. `MAD` is the mean absolute difference, in grey levels, to the official
 output for the same random boxes and flips.
 
@@ -30,7 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
-from torch.utils.data import DataLoader, RandomSampler  # noqa: E402
+from torch.utils.data import DataLoader, RandomSampler, default_collate  # noqa: E402
 from torchvision import datasets, transforms  # noqa: E402
 from torchvision.transforms import InterpolationMode  # noqa: E402
 
@@ -79,30 +80,36 @@ def official_dataset(root, size):
 
 
 def build_pipelines(root, size, device):
-    """name -> (dataset, the per-batch step on the device that gives the model's input). Off CUDA the fast
-    pipelines' step (float conversion and normalisation) is left out: in training it runs on the accelerator."""
+    """name -> (dataset, the per-batch step counted in the loader's rate, the device step that gives the model's
+    input). Off CUDA the fast pipelines' device step is not counted in the loader's rate (in training it runs on
+    the accelerator); it is timed apart."""
     to_input = DeviceInput(size, device)
     moved = lambda x: x.to(device, non_blocking=True)  # noqa: E731
-    on_device = (lambda x: to_input(moved(x))) if device.type == 'cuda' else (lambda x: x)  # noqa: E731
-    pipelines = {'official': (official_dataset(root, size), moved),
-                 'ours': (build_pretrain_dataset(root, size), moved)}
+    on_device = lambda x: to_input(moved(x))  # noqa: E731
+    pipelines = {'official': (official_dataset(root, size), moved, moved),
+                 'ours': (build_pretrain_dataset(root, size), moved, moved)}
     for mode in ('cpu', 'cpu_draft') + (('device',) if device.type == 'cuda' else ()):
-        pipelines[mode] = (build_pretrain_dataset(root, size, mode), on_device)
+        counted = on_device if device.type == 'cuda' else (lambda x: x)
+        pipelines[mode] = (build_pretrain_dataset(root, size, mode), counted, on_device)
     return pipelines
 
 
-def device_step_rate(dataset, to_input, batch_size, repeats=5):
-    """Images/s of the device step alone (pinned host batch -> normalised float batch on the GPU)."""
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=2, pin_memory=True)
+def device_step_rate(dataset, to_input, batch_size, device, repeats=5):
+    """Images/s of the device step alone (host batch -> normalised float batch on the device): per second of
+    wall time on a GPU, per CPU second (all threads of this process) on the CPU."""
+    cuda = device.type == 'cuda'
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=2, pin_memory=cuda)
     batches = [samples for (samples, _), _ in zip(loader, range(3))]
+    clock = time.perf_counter if cuda else time.process_time
     to_input(batches[0])
-    torch.cuda.synchronize()
-    start = time.perf_counter()
+    torch.cuda.synchronize() if cuda else None
+    start = clock()
     for _ in range(repeats):
         for samples in batches:
             to_input(samples)
-    torch.cuda.synchronize()
-    return repeats * sum(len(b) for b in batches) / (time.perf_counter() - start)
+    torch.cuda.synchronize() if cuda else None
+    elapsed = clock() - start
+    return repeats * sum(len(b) for b in batches) / elapsed if elapsed > 0 else float('inf')
 
 
 def timed_pass(dataset, to_input, workers, batch_size, device, images):
@@ -151,13 +158,9 @@ def pixel_difference(root, size, modes, device, count):
             expected = official[i][0].to(device)
             torch.manual_seed(i)
             sample = fast[i][0]
-            got = to_input(sample.to(device)[None] if torch.is_tensor(sample) else _as_batch(sample))[0]
+            got = to_input(default_collate([sample]).to(device))[0]
             diffs[mode].append(float(((got - expected).abs() * std).mean()))
     return {mode: statistics.mean(values) for mode, values in diffs.items()}
-
-
-def _as_batch(encoded):
-    return type(encoded)(jpeg=[encoded['jpeg']], params=encoded['params'][None])
 
 
 def parse_workers(text):
@@ -203,33 +206,38 @@ def main():
     speeds = {(name, w): [] for name in pipelines for w in workers}
     for _ in range(rounds):
         for w in workers:
-            for name, (dataset, to_input) in pipelines.items():
+            for name, (dataset, to_input, _) in pipelines.items():
                 pass_images = max(images, 4 * w * args.batch_size)  # every worker busy
                 speeds[name, w].append(timed_pass(dataset, to_input, w, args.batch_size, device, pass_images))
     mad = pixel_difference(root, args.input_size, [n for n in pipelines if n not in ('official', 'ours')], device,
                            16 if args.quick else 128)
 
-    device_rates = ({name: device_step_rate(dataset, to_input, args.batch_size)
-                     for name, (dataset, to_input) in pipelines.items()} if device.type == 'cuda' else {})
-
+    device_rates = {name: device_step_rate(dataset, step, args.batch_size, device)
+                    for name, (dataset, _, step) in pipelines.items()}
+    cuda = device.type == 'cuda'
     print('\n| pipeline | workers | images/s | images/s per core | vs official (per core) | MAD vs official '
-          '(grey levels) |' + (' device step images/s |' if device_rates else ''))
-    print('|---|---|---|---|---|---|' + ('---|' if device_rates else ''))
+          '(grey levels) | ' + ('device step images/s |' if cuda else
+                                'device step CPU ms/image | per core, device step counted | vs official |'))
+    print('|---|---|---|---|---|---|---|' + ('' if cuda else '---|---|'))
     for name in pipelines:
         for w in workers:
             wall = statistics.median(r[0] for r in speeds[name, w])
             per_core = statistics.median(r[1] for r in speeds[name, w])
             base = statistics.median(r[1] for r in speeds['official', w])
-            print(f'| {name} | {w} | {wall:.0f} | {per_core:.0f} | {per_core / base:.2f}x | {mad.get(name, 0):.3f} |'
-                  + (f' {device_rates[name]:.0f} |' if device_rates else ''))
+            row = f'| {name} | {w} | {wall:.0f} | {per_core:.0f} | {per_core / base:.2f}x | {mad.get(name, 0):.3f} |'
+            with_step = per_core if cuda else 1 / (1 / per_core + 1 / device_rates[name])
+            print(row + (f' {device_rates[name]:.0f} |' if cuda else
+                         f' {1e3 / device_rates[name]:.2f} | {with_step:.0f} | {with_step / base:.2f}x |'))
             if args.json:
                 with open(args.json, 'a') as f:
                     f.write(json.dumps({
                         'bench': 'data', 'pipeline': name, 'workers': w, 'device': args.device, 'images_per_s': wall,
                         'images_per_cpu_s': per_core, 'vs_official': per_core / base,
-                        'mad_grey_levels': mad.get(name, 0.0), 'device_step_images_per_s': device_rates.get(name),
+                        'images_per_cpu_s_with_device_step': with_step,
+                        'mad_grey_levels': mad.get(name, 0.0), 'device_step_images_per_s': device_rates[name],
                         'rounds': speeds[name, w], 'images': images, 'batch_size': args.batch_size,
                         'input_size': args.input_size, 'quick': args.quick}) + '\n')
+
 
 if __name__ == '__main__':
     main()

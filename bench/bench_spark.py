@@ -164,18 +164,22 @@ def compare_official(args, device):
 
     steps = {'ours': stepper(ours), 'official': stepper(official)}
     times = {name: [] for name in steps}
+    cpu_times = {name: [] for name in steps}  # with --threads 1, CPU seconds hardly see other load on the machine
     for step in steps.values():
         for _ in range(args.warmup):
             step()
     for _ in range(args.rounds):
         for name, step in steps.items():
+            cpu_start = time.process_time()
             times[name].append(timed(step, 0, args.steps, device))
+            cpu_times[name].append((time.process_time() - cpu_start) / args.steps)
     if args.profile:
         for name, step in steps.items():
             with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
                 step()
             print(f'--- {name}\n' + prof.key_averages().table(sort_by='self_cpu_time_total', row_limit=25))
     med = {name: statistics.median(t) for name, t in times.items()}
+    cpu = {name: statistics.median(t) for name, t in cpu_times.items()}
     result = {
         'model': args.model, 'threads': torch.get_num_threads(), 'batch_size': B, 'input_size': size,
         'mask': args.mask, 'drop_path': dp, 'rounds': args.rounds, 'steps_per_round': args.steps,
@@ -185,6 +189,9 @@ def compare_official(args, device):
         'official_range_s': [min(times['official']), max(times['official'])],
         'ratio_ours_to_official': med['ours'] / med['official'],
         'round_ratios': [a / b for a, b in zip(times['ours'], times['official'])],
+        'ours_step_cpu_s': cpu['ours'], 'official_step_cpu_s': cpu['official'],
+        'cpu_ratio_ours_to_official': cpu['ours'] / cpu['official'],
+        'round_cpu_ratios': [a / b for a, b in zip(cpu_times['ours'], cpu_times['official'])],
     }
     report(result, args.json)
 

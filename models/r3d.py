@@ -170,6 +170,34 @@ def r3d18_trunk(in_channels=3):
     return VideoHeadModel(net, GlobalPoolHead(), dim)
 
 
+class VideoClassifier(nn.Module):
+    """A pooled trunk (`r3d18_trunk()`) -> Dropout -> Linear: eztorch's fine-tuning and linear-evaluation head
+    (weights N(0, 0.01), bias 0). With `freeze_trunk` the trunk has no gradients, runs under no_grad and stays in
+    eval mode whatever `train()` says, so its BatchNorm uses, and never updates, the pretrained statistics."""
+
+    def __init__(self, trunk, num_classes, dropout=0.0, freeze_trunk=False):
+        super().__init__()
+        self.trunk, self.freeze_trunk = trunk, freeze_trunk
+        self.dropout = nn.Dropout(dropout)
+        self.fc = nn.Linear(trunk.num_features, num_classes)
+        nn.init.normal_(self.fc.weight, std=0.01)
+        nn.init.zeros_(self.fc.bias)
+        if freeze_trunk:
+            trunk.requires_grad_(False)
+            trunk.eval()
+
+    def train(self, mode=True):
+        super().train(mode)
+        if self.freeze_trunk:
+            self.trunk.eval()
+        return self
+
+    def forward(self, x):
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze_trunk):
+            h = self.trunk(x)
+        return self.fc(self.dropout(h))
+
+
 if __name__ == '__main__':
     trunk = r3d18_trunk()
     print(sum(p.numel() for p in trunk.parameters()), trunk(torch.randn(1, 3, 8, 64, 64)).shape)

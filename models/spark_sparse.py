@@ -115,17 +115,21 @@ class SparseAvgPooling(_Sparse, nn.AvgPool2d):
 
 
 class _SparseBNForward(_Sparse):
-    """BN over the visible positions: gather them into [N_visible, C, 1, 1], run the parent BN
-    (batch mean and biased variance for normalising; running stats updated with momentum and the
-    unbiased variance, exactly as BN does), scatter back into zeros laid out in memory as x is
-    (a channels-last output would turn every later layer channels-last, and slower)."""
+    """BN over the visible positions: gather them into [N_visible, C], run the parent BN on those rows (batch
+    mean and biased variance for normalising; running stats updated with momentum and the unbiased variance,
+    exactly as BN does), scatter back into zeros laid out in memory as x is (a channels-last output would turn
+    every later layer channels-last, and slower)."""
+
+    def _check_input_dim(self, input):
+        if input.dim() != 2:  # the gathered rows; without a mask the parent's own check runs
+            super()._check_input_dim(input)
 
     def forward(self, x):
         if self.holder is None or self.holder.mask is None:
             return super().forward(x)
         visible = self.holder.visible(x.shape[2], x.shape[3])  # (b, i, j) index tensors
         x_bhwc = x.permute(0, 2, 3, 1)
-        y = super().forward(x_bhwc[visible][:, :, None, None])[:, :, 0, 0]
+        y = super().forward(x_bhwc[visible])
         out = torch.zeros_like(x_bhwc)
         out[visible] = y
         return out.permute(0, 3, 1, 2)

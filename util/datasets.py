@@ -5,6 +5,7 @@ evaluation).
 folder with `train/` inside (the official LocalMIM code appends `train`), a folder of class
 folders, or a flat folder of images (labels are not needed to pretrain). Images that cannot be
 decoded are skipped with one warning each and counted, so one bad file never stops a long run.
+Fine-tuning reads `train/` and `val/` class folders, or your own data as util/user_data.py reads it.
 """
 import warnings
 from pathlib import Path
@@ -19,7 +20,10 @@ from torchvision.transforms import InterpolationMode
 
 from util.bad_files import BadFiles
 from util.demo_data import demo_imagefolder
+from util.runtime import check_flags
 from util.fast_image import FAST_DATA_MODES, EncodedCropReader, RandomResizedCropReader
+from util.user_data import (check_every_class_has_images, class_folder_samples, csv_classes, csv_samples,
+                            describe_classes, read_label_csv, stratified_split)
 
 ACCEPTED_LAYOUTS = ("'demo', a folder with {split}/ inside, a folder of class folders, "
                     "or a flat folder of images")
@@ -45,40 +49,21 @@ def read_rgb(path):
         return image.convert('RGB')
 
 
-class ImageFolderOrFlat(VisionDataset):
-    """torchvision ImageFolder over class folders, or one class (label 0) over a flat folder. `loader` reads a
-    path (default: the RGB PIL image; util/fast_image.py has readers that crop while decoding).
+class LabeledImages(VisionDataset):
+    """(path, label) `samples` with their `classes`. `loader` reads a path (default: the RGB PIL image;
+    util/fast_image.py has readers that crop while decoding).
 
-    An image that cannot be decoded is flagged in `bad_files` (util/bad_files.py) and then either replaced by
-    the next decodable one (training: the batch keeps its size) or, with `drop_unreadable`, returned as None
-    (evaluation, with util.bad_files.collate_readable: nothing is counted twice).
+    An image that cannot be decoded (or is missing) is flagged in `bad_files` (util/bad_files.py) and then either
+    replaced by the next decodable one (training: the batch keeps its size) or, with `drop_unreadable`, returned as
+    None (evaluation, with util.bad_files.collate_readable: nothing is counted twice).
     """
 
-    def __init__(self, root, transform=None, drop_unreadable=False, loader=None):
+    def __init__(self, root, samples, classes, transform=None, drop_unreadable=False, loader=None):
         super().__init__(str(root), transform=transform)
         self.loader = loader or read_rgb
-        root = Path(root)
-        if not root.is_dir():
-            raise FileNotFoundError(f'image folder {root} does not exist')
-        loose_images = sorted(str(p) for p in root.iterdir() if _is_image_file(p))
-        samples, classes, class_to_idx = [], [], {}
-        try:
-            classes, class_to_idx = find_classes(str(root))
-            samples = make_dataset(str(root), class_to_idx, IMG_EXTENSIONS, allow_empty=True)
-        except FileNotFoundError:  # no subfolders at all
-            pass
-        if samples and loose_images:
-            warnings.warn(f'{root}: using class folders, ignoring {len(loose_images)} image files '
-                          f'directly inside it (e.g. {loose_images[0]})')
-        elif not samples:
-            samples = [(path, 0) for path in loose_images]
-            classes, class_to_idx = [''], {'': 0}
-        if not samples:
-            raise FileNotFoundError(f'no images found in {root} (expected class folders or image files '
-                                    f'with extensions {", ".join(IMG_EXTENSIONS)})')
         self.samples = samples
         self.targets = [target for _, target in samples]
-        self.classes, self.class_to_idx = classes, class_to_idx
+        self.classes, self.class_to_idx = classes, {name: index for index, name in enumerate(classes)}
         self.bad_files = BadFiles([path for path, _ in samples], 'image')
         self.drop_unreadable = drop_unreadable
 
@@ -108,6 +93,31 @@ class ImageFolderOrFlat(VisionDataset):
                 target = self.samples[candidate][1]
                 return (self.transform(image) if self.transform else image), target
         raise RuntimeError(f'none of the {len(self)} images in {self.root} can be decoded')
+
+
+class ImageFolderOrFlat(LabeledImages):
+    """torchvision ImageFolder over class folders, or one class (label 0) over a flat folder."""
+
+    def __init__(self, root, transform=None, drop_unreadable=False, loader=None):
+        root = Path(root)
+        if not root.is_dir():
+            raise FileNotFoundError(f'image folder {root} does not exist')
+        loose_images = sorted(str(p) for p in root.iterdir() if _is_image_file(p))
+        samples, classes = [], []
+        try:
+            classes, class_to_idx = find_classes(str(root))
+            samples = make_dataset(str(root), class_to_idx, IMG_EXTENSIONS, allow_empty=True)
+        except FileNotFoundError:  # no subfolders at all
+            pass
+        if samples and loose_images:
+            warnings.warn(f'{root}: using class folders, ignoring {len(loose_images)} image files '
+                          f'directly inside it (e.g. {loose_images[0]})')
+        elif not samples:
+            samples, classes = [(path, 0) for path in loose_images], ['']
+        if not samples:
+            raise FileNotFoundError(f'no images found in {root} (expected class folders or image files '
+                                    f'with extensions {", ".join(IMG_EXTENSIONS)})')
+        super().__init__(root, samples, classes, transform, drop_unreadable, loader)
 
 
 def build_pretrain_transform(input_size):
@@ -195,11 +205,102 @@ def build_finetune_transform(is_train, args, eval_rule=None):
     return transform
 
 
+def add_finetune_data_args(parser, default_data_path):
+    """The data flags of the fine-tuning scripts (run_finetune.py, main_slak.py)."""
+    parser.add_argument('--data_path', default=default_data_path, type=str,
+                        help="train/ and val/ class folders inside, one folder of class folders (with --val_fraction), "
+                             "the folder the --train_csv paths are relative to, or 'demo'")
+    parser.add_argument('--val_fraction', default=None, type=float, metavar='F',
+                        help='hold out this fraction of each class of --data_path (or of --train_csv) for validation: '
+                             'the same split on every process and resume, chosen by --seed')
+    parser.add_argument('--train_csv', default=None, metavar='FILE',
+                        help='training images as "path,label" lines (paths relative to --data_path, labels integers '
+                             '0..N-1 or class names; an optional header line)')
+    parser.add_argument('--val_csv', default=None, metavar='FILE', help='validation images, as --train_csv')
+
+
+def check_finetune_data_args(args):
+    """The data flags fit together and the CSV files exist (before anything is written)."""
+    check_flags(args, {'--val_fraction': '(0, 1)'})
+    if args.val_csv and not args.train_csv:
+        raise ValueError('--val_csv needs --train_csv (the training labels define the class list)')
+    if args.val_csv and args.val_fraction is not None:
+        raise ValueError('--val_fraction and --val_csv both give a validation set: use one of them')
+    if args.train_csv and not args.val_csv and args.val_fraction is None:
+        raise ValueError('--train_csv needs --val_csv FILE or --val_fraction F (a validation set)')
+    for flag, path in (('--train_csv', args.train_csv), ('--val_csv', args.val_csv)):
+        if path and not Path(path).expanduser().is_file():
+            raise FileNotFoundError(f'{flag} {path}: no such file')
+
+
+def _data_folder(data_path):
+    folder = demo_imagefolder() if str(data_path) == 'demo' else Path(data_path).expanduser()
+    if not folder.is_dir():
+        raise FileNotFoundError(f'--data_path {data_path}: no such folder')
+    return folder
+
+
+def finetune_samples(is_train, args):
+    """(root, samples, classes) of the training or validation set that --data_path, --val_fraction, --train_csv and
+    --val_csv select, or None for `train/` and `val/` class folders."""
+    if args.train_csv:
+        root = _data_folder(args.data_path)
+        entries = read_label_csv(args.train_csv, root)
+        classes = csv_classes(entries, args.train_csv)
+        kind = 'integer labels' if classes == [str(i) for i in range(len(classes))] else 'class names, sorted'
+        print(f'{args.train_csv}: {len(classes)} classes ({kind}): {describe_classes(classes)}')
+        csv_path = args.train_csv if is_train or not args.val_csv else args.val_csv
+        samples = csv_samples(entries if csv_path == args.train_csv else read_label_csv(csv_path, root), classes,
+                              csv_path)
+    elif args.val_fraction is not None:
+        root = resolve_image_root(args.data_path, 'train')
+        samples, classes = class_folder_samples(root)
+    else:
+        return None
+    if args.val_fraction is not None:
+        samples = stratified_split(samples, args.val_fraction, args.seed, root)[0 if is_train else 1]
+        if not samples:
+            raise ValueError(f'--val_fraction {args.val_fraction} holds out no images of {args.train_csv or root}: '
+                             f'every class has a single image, which stays in training')
+        print(f'--val_fraction {args.val_fraction} (--seed {args.seed}): {len(samples)} '
+              f'{"training" if is_train else "validation"} images of {root}')
+    return root, samples, classes
+
+
+def _labelled_as_in_train(val, train_root):
+    """`val/` labelled by the class list of `train/`: a class folder missing from `val/` must not shift the
+    labels of the classes after it."""
+    train_classes, _ = find_classes(str(train_root))
+    if val.classes == train_classes:
+        return val
+    unknown = sorted(set(val.classes) - set(train_classes))
+    if unknown:
+        raise ValueError(f'{val.root}: class folders {", ".join(unknown[:3])} are not in {train_root}: the '
+                         f'validation classes must be training classes')
+    index = {name: i for i, name in enumerate(train_classes)}
+    samples = [(path, index[val.classes[label]]) for path, label in val.samples]
+    return LabeledImages(val.root, samples, train_classes, val.transform, val.drop_unreadable, val.loader)
+
+
 def build_finetune_dataset(is_train, args, eval_rule=None):
-    """`train/` or `val/` class folders of --data_path (`demo`: the demo data's held-out split)."""
-    split = 'train' if is_train else 'val'
-    root = resolve_image_root(args.data_path, split)
-    if root.name != split:
-        raise FileNotFoundError(f'--data_path {args.data_path}: fine-tuning needs train/ and val/ class folders inside')
-    return ImageFolderOrFlat(root, transform=build_finetune_transform(is_train, args, eval_rule),
-                             drop_unreadable=not is_train)
+    """The training or validation set: `train/` or `val/` class folders of --data_path (`demo`: the demo data's
+    held-out split), or the sets util/user_data.py makes from --val_fraction or --train_csv / --val_csv."""
+    transform = build_finetune_transform(is_train, args, eval_rule)
+    selected = finetune_samples(is_train, args)
+    if selected is not None:
+        dataset = LabeledImages(*selected, transform, drop_unreadable=not is_train)
+    else:
+        split = 'train' if is_train else 'val'
+        root = resolve_image_root(args.data_path, split)
+        if root.name != split:
+            raise FileNotFoundError(f'--data_path {args.data_path}: fine-tuning needs train/ and val/ class folders '
+                                    f'inside, or --val_fraction F to split one folder of class folders, or --train_csv')
+        dataset = ImageFolderOrFlat(root, transform=transform, drop_unreadable=not is_train)
+        if is_train:
+            check_every_class_has_images(dataset.samples, dataset.classes, root)
+        else:
+            dataset = _labelled_as_in_train(dataset, resolve_image_root(args.data_path, 'train'))
+    if len(dataset.classes) > args.nb_classes:
+        raise ValueError(f'{args.train_csv or dataset.root}: {len(dataset.classes)} classes, more than --nb_classes '
+                         f'{args.nb_classes}')
+    return dataset

@@ -7,10 +7,16 @@ Each video is a virtual camera moving in a straight line from one box of a photo
 (pan + zoom), 48-96 frames at 64x80 px, i.e. 1.6-3.2 s at 30 fps: some shorter and some longer
 than the 2.56 s clips. The six photographs of util/demo_data.py are the six classes.
 
+`make_demo_video_files()` encodes those frame folders as video files (`<root>/{train,val}/<class>/<video>.mp4`
+or `.avi`, 30 fps, and the CSVs of `--decoder video`) to try `prepare_video.py` and `--decoder video` on, with
+torchcodec's encoder (FFmpeg libraries) or else the `ffmpeg` command.
+
 Like the demo ImageFolder, the build goes to a temporary sibling folder renamed into place at the
 end, so concurrent callers (DDP ranks) and interrupted builds are safe.
 """
 import os
+import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +27,8 @@ from util.demo_data import DEMO_PHOTOGRAPHS, DEMO_SEED, REPOSITORY_ROOT, _load_p
 DEMO_VIDEOS_PER_CLASS = {'train': 8, 'val': 2}
 DEMO_FRAME_RANGE = (48, 96)       # frames per video, inclusive
 DEMO_FRAME_SIZE = (64, 80)        # (height, width)
+DEMO_VIDEO_SUFFIXES = ('.mp4', '.avi')  # alternating over the videos of a class
+DEMO_FPS = 30
 
 
 def default_demo_video_root() -> Path:
@@ -85,3 +93,71 @@ def make_demo_videos(root=None, videos_per_class=None, frame_range=DEMO_FRAME_RA
     return build_once(root, lambda tmp: _write_demo_videos(tmp, videos_per_class or DEMO_VIDEOS_PER_CLASS,
                                                            frame_range, frame_size),
                       f'demo videos ({len(DEMO_PHOTOGRAPHS)} classes)')
+
+
+# ---------------------------------------------------------------- video files
+
+def video_encoder():
+    """'torchcodec' when its encoder can load FFmpeg, else 'ffmpeg' when that command exists, else None."""
+    from util.sce_video_data import VideoDecoderUnavailable, require_torchcodec  # that module imports this one
+    try:
+        require_torchcodec()
+        return 'torchcodec'
+    except VideoDecoderUnavailable:
+        return 'ffmpeg' if shutil.which('ffmpeg') else None
+
+
+def require_video_encoder():
+    encoder = video_encoder()
+    if encoder is None:
+        raise RuntimeError('encoding videos needs FFmpeg: install it (e.g. `apt-get install ffmpeg`) so that '
+                           'torchcodec can load its libraries')
+    return encoder
+
+
+def encode_video(frames, path, fps=DEMO_FPS):
+    """Write uint8 RGB frames [T, 3, H, W] (H, W even) to `path`, the container chosen by its suffix."""
+    if require_video_encoder() == 'torchcodec':
+        from torchcodec.encoders import VideoEncoder
+        VideoEncoder(frames, frame_rate=fps).to_file(str(path))
+        return
+    height, width = frames.shape[-2:]
+    command = ['ffmpeg', '-y', '-loglevel', 'error', '-f', 'rawvideo', '-pix_fmt', 'rgb24', '-s', f'{width}x{height}',
+               '-r', str(fps), '-i', '-', '-pix_fmt', 'yuv420p', str(path)]
+    subprocess.run(command, input=frames.permute(0, 2, 3, 1).contiguous().numpy().tobytes(), check=True)
+
+
+def default_demo_video_file_root() -> Path:
+    """The demo frame root's name + `_files` (`<repository>/.cache/demo_videos_files` by default)."""
+    frames = default_demo_video_root()
+    return frames.with_name(frames.name + '_files')
+
+
+def _write_demo_video_files(folder, frames_root, suffixes, fps):
+    import torch
+    from torchvision.io import ImageReadMode, decode_jpeg, read_file
+
+    from util.sce_video_data import read_video_csv
+    for csv in sorted(frames_root.glob('*.csv')):
+        lines = []
+        for k, (video, label, num_frames) in enumerate(read_video_csv(csv)):
+            paths = [str(frames_root / csv.stem / video / f'{i + 1:08d}.jpg') for i in range(num_frames)]
+            frames = torch.stack(decode_jpeg([read_file(p) for p in paths], mode=ImageReadMode.RGB))
+            name = f'{video}{suffixes[k % len(suffixes)]}'
+            (folder / csv.stem / name).parent.mkdir(parents=True, exist_ok=True)
+            encode_video(frames, folder / csv.stem / name, fps)
+            lines.append(f'{name} {label}\n')
+        (folder / csv.name).write_text(''.join(lines))  # the CSV of --decoder video
+
+
+def make_demo_video_files(root=None, frames_root=None, suffixes=DEMO_VIDEO_SUFFIXES, fps=DEMO_FPS) -> Path:
+    """Return a folder of demo video files, `<root>/{train,val}/<class>/<video><suffix>` with `<root>/{train,val}.csv`
+    (`<class>/<video><suffix> <label>`, as `--decoder video` reads), building it if missing by encoding the frame
+    folders of `frames_root` (default: `make_demo_videos()`) at `fps`, one frame per frame; the suffixes alternate
+    over the videos of a split."""
+    frames_root = Path(frames_root) if frames_root is not None else make_demo_videos()
+    root = Path(root) if root is not None else default_demo_video_file_root()
+    if not root.is_dir():
+        require_video_encoder()  # before any output
+    return build_once(root, lambda tmp: _write_demo_video_files(tmp, frames_root, tuple(suffixes), fps),
+                      f'demo video files ({", ".join(suffixes)})')

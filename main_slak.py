@@ -33,7 +33,7 @@ from util.checkpoint import load_checkpoint, save_checkpoint
 from util.classification import add_augmentation_args, build_criterion, build_mixup, convnext_param_groups
 from util.bad_files import write_bad_file_list
 from util.datasets import (ImageFolderOrFlat, add_finetune_data_args, build_finetune_dataset, build_finetune_transform,
-                           check_finetune_data_args)
+                           check_finetune_data_args, check_resumed_split)
 from util.dist import get_world_size, is_main_process
 from util.lr_sched import IterationSchedule, cosine_scheduler
 from util.preemption import MidEpochCheckpoints
@@ -348,6 +348,7 @@ def main(args):
     ckpt = resume_training(args, path, model, trainer, checkpoints=checkpoints) if path else None
     best = {'max_accuracy': 0.0, 'max_accuracy_ema': 0.0}
     if ckpt:
+        check_resumed_split(ckpt.get('args', {}), args)
         if 'step' not in ckpt:  # an official checkpoint
             trainer.num_updates = args.start_epoch * steps_per_epoch
         best.update({k: ckpt.get('extra', {}).get(k, 0.0) for k in best})

@@ -28,7 +28,8 @@ from util.checkpoint import load_checkpoint, save_checkpoint
 from util.classification import (SPARK_RESNET_BLOCKS_PER_DEPTH, add_augmentation_args, build_criterion, build_mixup,
                                   layer_decay_param_groups, spark_resnet_layer_id, timm_convnext_layer_id)
 from util.bad_files import write_bad_file_list
-from util.datasets import add_finetune_data_args, build_finetune_dataset, check_finetune_data_args
+from util.datasets import (add_finetune_data_args, build_finetune_dataset, check_finetune_data_args,
+                           check_resumed_split)
 from util.dist import get_world_size
 from util.hooks import ModelEmaHook
 from util.lars import LARS
@@ -277,6 +278,7 @@ def main(args):
     checkpoints = MidEpochCheckpoints(save, args.save_every_steps)
     path = resume_path(args.resume, args.auto_resume, args.output_dir)
     ckpt = resume_training(args, path, model, trainer, checkpoints=checkpoints) if path else {}
+    check_resumed_split(ckpt.get('args', {}), args)
     ema = ModelEmaHook(model, args.model_ema_decay) if args.model_ema else None  # starts from the loaded weights
     if ema is not None and ckpt.get('extra', {}).get('ema'):
         ema.load_state_dict(ckpt['extra']['ema'])

@@ -16,7 +16,7 @@ from timm.optim import param_groups_weight_decay
 
 import models  # noqa: F401  (registers the models with timm)
 from engine_pretrain import masked_modeling_loss, train_one_epoch
-from util.checkpoint import save_checkpoint
+from util.checkpoint import read_checkpoint, save_checkpoint
 from util.bad_files import write_bad_file_list
 from util.datasets import ImageFolderOrFlat, build_pretrain_dataset
 from util.fast_image import FAST_DATA_MODES, DeviceInput
@@ -26,7 +26,8 @@ from util.mim_vis import fixed_vis_batch, save_mim_pictures, vis_transform
 from util.runtime import (append_log_line, attach_ddp, build_train_loader, check_flags, keeps_checkpoint,
                           make_log_writer, resume_path, resume_training, run_cli, setup_run)
 from util.freezeout_cache import FixedViews, FrozenPrefixCache
-from util.freezeout import FreezeOut, FreezeOutSchedule
+from util.feature_masking import FeatureMasking, SwitchableViews
+from util.freezeout import FreezeOut, FreezeOutSchedule, prune_decoders, pruned_stages
 from util.lr_sched import WarmupCosine
 from util.train_step import TrainStep
 
@@ -77,6 +78,15 @@ def get_args_parser():
                              'and mask for the whole run (that is what makes reuse exact)')
     parser.add_argument('--freeze_cache_dir', default=None, help='keep the cache in this folder (default: memory)')
     parser.add_argument('--freeze_cache_gb', type=float, default=8.0, help='size limit of the cache')
+    parser.add_argument('--feature_masking', action='store_true',
+                        help='FreezeOut experiment (README): store the frozen prefix\'s features of the UNMASKED '
+                             'image once per sample and depth (storage as --freeze_cache), mask them afresh each step; '
+                             'masked content leaks into the visible features')
+    parser.add_argument('--feature_target', default='hog', choices=['hog', 'features', 'both'],
+                        help='--feature_masking: active stages predict HOG, the stored features of the masked tokens, '
+                             'or both (sum)')
+    parser.add_argument('--decoder_prune', action='store_true',
+                        help='FreezeOut: remove the decoders (and HOG heads) of frozen stages from the model')
     parser.add_argument('--max_nonfinite', type=int, default=5,
                         help='stop after this many non-finite steps in a row (they are skipped); 0 = never')
 
@@ -119,6 +129,8 @@ def build_model(args):
         raise ValueError(f'unknown --model {args.model}; available: {", ".join(available)}')
     model = timm.create_model(args.model, img_size=args.input_size, hog_nbins=args.hog_nbins, hog_bias=args.hog_bias)
     model.set_grad_checkpointing(args.grad_ckpt)
+    if args.feature_masking:
+        model.add_feature_heads(args.feature_target)
     return model
 
 
@@ -129,7 +141,7 @@ def build_schedule(args, model):
         return schedule, param_groups_weight_decay(model, args.weight_decay)
     schedule = FreezeOutSchedule(len(model.blocks) + 1, args.how_scale, args.t_0, args.epochs, args.warmup_epochs,
                                  args.lr, args.min_lr, args.scale_lr, layerwise=not args.non_layerwise_lr)
-    freezeout = FreezeOut(model, schedule)
+    freezeout = FreezeOut(model, schedule, prune=args.decoder_prune)
     print('FreezeOut freeze epochs: ' + ', '.join(f'{at:.2f}' for at, t in zip(schedule.freeze_at, schedule.t) if t < 1))
     return freezeout, freezeout.param_groups(args.weight_decay if args.freezeout_wd is None else args.freezeout_wd)
 
@@ -153,8 +165,13 @@ def check_args(args):
                        '--t_0': '(0, 1]', '--freeze_cache_gb': '> 0', '--max_nonfinite': '>= 0',
                        '--num_workers': '>= 0', '--print_freq': '>= 1', '--save_freq': '>= 1',
                        '--save_every_steps': '>= 0', '--vis_freq': '>= 0'})
-    if args.freeze_cache and not args.how_scale:
-        raise ValueError('--freeze_cache caches frozen FreezeOut units: give --how_scale too')
+    for flag in ('freeze_cache', 'feature_masking', 'decoder_prune'):
+        if getattr(args, flag) and not args.how_scale:
+            raise ValueError(f'--{flag} works on frozen FreezeOut units: give --how_scale too')
+    if args.freeze_cache and args.feature_masking:
+        raise ValueError('--freeze_cache and --feature_masking are two different caches: give one of them')
+    if args.feature_target != 'hog' and not args.feature_masking:
+        raise ValueError(f'--feature_target {args.feature_target} predicts stored features: give --feature_masking')
     if args.freezeout_wd is not None and (not args.how_scale or args.freezeout_wd < 0):
         raise ValueError(f'--freezeout_wd {args.freezeout_wd}: a weight decay >= 0 for FreezeOut runs '
                          f'(with --how_scale); without FreezeOut use --weight_decay')
@@ -164,7 +181,8 @@ def main(args):
     check_args(args)
     device = setup_run(args)
     dataset = build_pretrain_dataset(args.data_path, args.input_size, args.fast_data)
-    loader = build_train_loader(FixedViews(dataset, args.seed) if args.freeze_cache else dataset, args.batch_size,
+    views = (SwitchableViews if args.feature_masking else FixedViews)(dataset, args.seed)
+    loader = build_train_loader(views if args.freeze_cache or args.feature_masking else dataset, args.batch_size,
                                 args.num_workers, args.pin_mem, args.seed)
     model = build_model(args).to(device)
     print(f'{args.model}: {sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.1f}M trainable '
@@ -178,25 +196,31 @@ def main(args):
     schedule, param_groups = build_schedule(args, model)
     optimizer = torch.optim.AdamW(param_groups, lr=args.lr, betas=(0.9, 0.95), fused=True)
     trainer = TrainStep(model, optimizer, device, args.amp, args.accum_iter, args.clip_grad, args.max_nonfinite)
+    cache_bytes = int(args.freeze_cache_gb * 2 ** 30)
+    # before any freeze (a resume's) and before DDP: its freeze callback runs ahead of the re-wrap
+    masking = FeatureMasking(schedule, args.mask_ratio, cache_bytes, args.freeze_cache_dir) if args.feature_masking \
+        else None
 
     def save(epoch, mid_epoch=None):  # after `epoch`, or inside it (a stop signal, --save_every_steps)
         if args.output_dir:
-            extra = {'frozen_units': model.frozen_units, 'mid_epoch': mid_epoch}
+            extra = {'frozen_units': model.frozen_units, 'mid_epoch': mid_epoch, 'pruned_stages': pruned_stages(model)}
             save_checkpoint(args.output_dir, epoch - (mid_epoch is not None), trainer.num_updates, args, model,
                             optimizer, trainer.scaler, extra=extra,
                             keep=mid_epoch is None and keeps_checkpoint(epoch, args.save_freq, args.epochs))
     checkpoints = MidEpochCheckpoints(save, args.save_every_steps)
     path = resume_path(args.resume, args.auto_resume, args.output_dir)
-    if path:
+    if path:  # a checkpoint written after --decoder_prune lacks the pruned decoders: prune them here first
+        prune_decoders(model, read_checkpoint(path, mmap=True).get('extra', {}).get('pruned_stages', []))
         resume_training(args, path, model, trainer, refreezer(path, trainer, schedule), checkpoints)
     if args.compile:
         if args.how_scale:  # each freeze changes requires_grad and the no-grad prefix: one recompile each
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 4 * len(model.blocks))
         model.compile()
     attach_ddp(trainer, device, schedule)
-    cache = (FrozenPrefixCache(model, args.seed, int(args.freeze_cache_gb * 2 ** 30), args.freeze_cache_dir)
-             if args.freeze_cache else None)
+    cache = FrozenPrefixCache(model, args.seed, cache_bytes, args.freeze_cache_dir) if args.freeze_cache else None
     compute_loss = cache.compute_loss(args.mask_ratio) if cache else masked_modeling_loss(args.mask_ratio)
+    if masking:
+        compute_loss = masking.compute_loss
     if args.fast_data != 'none':  # the loader gives uint8 (or encoded) crops: normalise them on the device
         compute_loss = DeviceInput(args.input_size, device).wrap(compute_loss)
     log_writer = make_log_writer(args.log_dir)
@@ -207,6 +231,8 @@ def main(args):
     start_time = time.time()
     for epoch in range(args.start_epoch, args.epochs):
         loader.sampler.set_epoch(epoch)
+        if masking:
+            masking.start_epoch(views, epoch)
         stats = train_one_epoch(loader, trainer, epoch, schedule, compute_loss, log_writer=log_writer,
                                 print_freq=args.print_freq, checkpoints=checkpoints)
         last = epoch + 1 == args.epochs

@@ -5,13 +5,13 @@ Pipelines (224 px RandomResizedCrop scale 0.2-1, bicubic, flip, ImageNet normali
   ours        util.datasets.ImageFolderOrFlat + build_pretrain_transform (the run_pretrain.py default)
   cpu         --fast_data cpu: box from the header, uint8 crop (torch's bicubic kernel), normalised on the device
   cpu_draft   --fast_data cpu_draft: also reduced-scale JPEG decoding of crops >= 2x the output size
-  device      --fast_data device (--device cuda only): workers read bytes, nvJPEG decodes and crops the batch
+  device      --fast_data device: workers read bytes and draw the box; the device (nvJPEG) decodes and crops
 Each is run through a DataLoader with 1, 2, ... workers over a few hundred generated JPEGs (ImageNet-like sizes:
 mostly 500 px on the long side, some smaller, 12% larger; quality 90; cached under .cache/). A pass is timed
 once the workers run; "per core" divides by the CPU time of the main process and its workers. With --device cuda
 the time includes each batch's step on the GPU (host-to-device copy, float conversion and normalisation, or the
-decoding), also timed alone; with --device cpu the fast pipelines' device step (normalisation) is left out of
-the loader's rate, as on a GPU it runs there, and reported apart: its CPU time per image on this CPU, and the rate
+decoding), also timed alone; with --device cpu the fast pipelines' device step (normalisation; for `device` the
+decoding too) is left out of the loader's rate, as on a GPU it runs there, and reported apart: its CPU time per image on this CPU, and the rate
 with it counted. Pipelines alternate within each round and the median over rounds is reported, so load from other
 processes on the machine hits all alike. `MAD` is the mean absolute difference, in grey levels, to the official
 output for the same random boxes and flips.
@@ -88,7 +88,7 @@ def build_pipelines(root, size, device):
     on_device = lambda x: to_input(moved(x))  # noqa: E731
     pipelines = {'official': (official_dataset(root, size), moved, moved),
                  'ours': (build_pretrain_dataset(root, size), moved, moved)}
-    for mode in ('cpu', 'cpu_draft') + (('device',) if device.type == 'cuda' else ()):
+    for mode in ('cpu', 'cpu_draft', 'device'):
         counted = on_device if device.type == 'cuda' else (lambda x: x)
         pipelines[mode] = (build_pretrain_dataset(root, size, mode), counted, on_device)
     return pipelines
@@ -198,8 +198,6 @@ def main():
     print(f'{len(files)} JPEGs, mean {np.mean([w for w, _ in sizes]):.0f} x {np.mean([h for _, h in sizes]):.0f} '
           f'px, {sum(f.stat().st_size for f in files) / len(files) / 1e3:.0f} KB per file (ImageNet-1k train: about '
           f'110), {root}')
-    if device.type != 'cuda':
-        print('device: skipped (nvJPEG decoding needs --device cuda)')
 
     pipelines = build_pipelines(root, args.input_size, device)
     workers = parse_workers(args.workers)

@@ -11,6 +11,12 @@ and the epochs of an equal-cost baseline (how to compare with it: README, "Freez
     python bench/bench_freezeout.py --model MIM_vit_tiny_patch16 --input_size 64 --batch_size 16   # CPU
     python bench/bench_freezeout.py --batch_size 128 --amp bf16 --json results.jsonl            # GPU
 (on a small or shared CPU, --threads 1 --rounds 3 gives much steadier numbers)
+
+--feature_masking also times, per depth, a step of the exact cache (--freeze_cache) served from the cache,
+a step of feature masking served from its store, and the extra work of a store miss (the frozen prefix on
+all tokens), and predicts the whole-run saving of plain FreezeOut, the exact cache and feature masking
+for cubic t_0 0.8 and linear t_0 0.5 (the first epoch at each depth counted as misses, the rest as hits:
+the store must hold the data set, see the README).
 """
 import contextlib
 import json
@@ -25,7 +31,10 @@ import timm  # noqa: E402
 import torch  # noqa: E402
 
 import models  # noqa: E402,F401  (registers MIM_vit_*)
-from bench.bench_pretrain import count_step_flops, finish_args, step_parser, training_step  # noqa: E402
+from torch.utils import flop_counter  # noqa: E402
+
+from bench.bench_pretrain import CPU_SDPA_FLOPS, count_step_flops, finish_args, step_parser, training_step  # noqa
+from util.feature_masking import FeatureMasking  # noqa: E402
 from util.freezeout import SCALE_FNS, FreezeOut, FreezeOutSchedule  # noqa: E402
 
 
@@ -37,6 +46,8 @@ def get_args():
     p.add_argument('--epochs', type=float, default=100)
     p.add_argument('--warmup_epochs', type=float, default=10)
     p.add_argument('--steps_per_epoch', type=int, default=1000, help='only for the step counts printed')
+    p.add_argument('--feature_masking', action='store_true', help='also time the exact cache and feature masking')
+    p.add_argument('--feature_target', choices=['hog', 'features', 'both'], default='hog')
     return finish_args(p.parse_args())
 
 
@@ -72,12 +83,16 @@ def time_steps(step, n, device):
 
 def sweep(args, device, count_flops):
     """A fresh model frozen deeper and deeper: one row per depth (FLOPs only when count_flops)."""
-    model = timm.create_model(args.model, img_size=args.input_size).to(device).train()
+    model = timm.create_model(args.model, img_size=args.input_size)
+    if args.feature_masking:
+        model.add_feature_heads(args.feature_target)
+    model = model.to(device).train()
     num_units = len(model.blocks) + 1
     schedule = FreezeOutSchedule(num_units, args.how_scale, args.t_0, args.epochs, args.warmup_epochs, 1e-4, 0.0)
     freezeout = FreezeOut(model, schedule)
     groups = freezeout.param_groups(0.05)
     trainer, imgs, step = training_step(model, groups, args, device)
+    masking = FeatureMasking(freezeout, args.mask_ratio, 0) if args.feature_masking else None
     optimizer = trainer.optimizer
     if args.compile:  # each depth recompiles (requires_grad, no-grad prefix): keep dynamo from giving up
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 4 * num_units)
@@ -95,8 +110,76 @@ def sweep(args, device, count_flops):
             step()
         rows.append({'frozen': k, 'active_units': num_units - k, 'active_stages': len(model.active_stages()),
                      'flops': flops, 's_per_step': statistics.median(time_steps(step, args.steps, device))})
+        if masking:
+            rows[-1].update(time_stored_paths(model, trainer, masking, imgs, args, device, rows[-1], count_flops))
         print(f"depth {k:2d}: {rows[-1]['s_per_step']:.4f} s/step", flush=True)
     return rows, schedule, trainer.fused
+
+
+def time_stored_paths(model, trainer, masking, imgs, args, device, row, count_flops):
+    """Seconds per step (and FLOPs, with count_flops) at the current depth: exact cache hit, feature masking hit,
+    and a store miss's extra work. At depth 0 nothing is stored and both paths are the exact step."""
+    if not model.frozen_units:
+        return {'cache_hit_s': row['s_per_step'], 'fm_hit_s': row['s_per_step'], 'fm_store_s': 0.0,
+                'cache_hit_flops': row['flops'], 'fm_hit_flops': row['flops'], 'fm_store_flops': 0}
+    with trainer.autocast():
+        prefix = model.forward_prefix(imgs, args.mask_ratio)
+        features = model.frozen_features(imgs).to(torch.get_autocast_dtype(device.type) if args.amp != 'none'
+                                                  else torch.float32).float()
+
+    def timed(kwargs):
+        def step():
+            with trainer.autocast():
+                loss, _ = model(imgs, mask_ratio=args.mask_ratio, **kwargs())
+            trainer.backward(loss)
+            trainer.step()
+        for _ in range(args.warmup):
+            step()
+        return statistics.median(time_steps(step, args.steps, device))
+
+    def store():
+        with trainer.autocast():
+            model.frozen_features(imgs)
+
+    def flops(kwargs):
+        if not count_flops:
+            return None
+        with flop_counter.FlopCounterMode(display=False, custom_mapping=CPU_SDPA_FLOPS) as counter:
+            with trainer.autocast():
+                loss, _ = model(imgs, mask_ratio=args.mask_ratio, **kwargs())
+            loss.backward()
+        trainer.optimizer.zero_grad(set_to_none=True)
+        return counter.get_total_flops()
+    fm_kwargs = lambda: {'prefix': model.mask_features(features, args.mask_ratio, masking.noise(imgs)),  # noqa: E731
+                         'features': features}
+    if count_flops:
+        with flop_counter.FlopCounterMode(display=False, custom_mapping=CPU_SDPA_FLOPS) as counter:
+            store()
+    return {'cache_hit_flops': flops(lambda: {'prefix': prefix}), 'fm_hit_flops': flops(fm_kwargs),
+            'fm_store_flops': counter.get_total_flops() if count_flops else None,
+            'cache_hit_s': timed(lambda: {'prefix': prefix}),
+            'fm_hit_s': timed(fm_kwargs),
+            'fm_store_s': statistics.median(time_steps(store, args.steps, device))}
+
+
+def stored_savings(rows, epochs, warmup_epochs, unit='s'):
+    """Whole-run saving vs the depth-0 step of plain FreezeOut, the exact cache and feature masking, for the
+    schedules of the user's plan, from the per-step seconds (unit 's') or FLOPs ('flops'). The first epoch
+    (at most) at each depth >= 1 is a store miss."""
+    rows = [{**r, **{k[:-len(unit) - 1]: v for k, v in r.items() if k.endswith(f'_{unit}')}} for r in rows]
+    for r in rows:
+        r['exact'] = r['s_per_step'] if unit == 's' else r['flops']
+    t0, out = rows[0]['exact'], {}
+    for how, t_0 in (('cubic', 0.8), ('linear', 0.5)):
+        schedule = FreezeOutSchedule(len(rows), how, t_0, epochs, warmup_epochs, 1e-4, 0.0)
+        cost = {'freezeout': 0.0, 'exact_cache': 0.0, 'feature_masking': 0.0}
+        for r, f in zip(rows, depth_fractions(schedule)):
+            miss = min(1.0, f * epochs) / epochs if r['frozen'] else 0.0
+            cost['freezeout'] += f * r['exact']
+            cost['exact_cache'] += miss * r['exact'] + (f - miss) * r['cache_hit']
+            cost['feature_masking'] += miss * (r['fm_hit'] + r['fm_store']) + (f - miss) * r['fm_hit']
+        out[f'{how}_t0_{t_0}'] = {name: 1 - c / t0 for name, c in cost.items()}
+    return out
 
 
 def main():
@@ -111,6 +194,8 @@ def main():
     for k, r in enumerate(rows):
         r['s_per_step_rounds'] = [s[0][k]['s_per_step'] for s in sweeps]
         r['s_per_step'] = min(r['s_per_step_rounds'])
+        for name in ('cache_hit_s', 'fm_hit_s', 'fm_store_s') if args.feature_masking else ():  # FLOPs: round 0
+            r[name] = min(s[0][k][name] for s in sweeps)
         r['gflop_per_image'], r['run_fraction'] = r['flops'] / args.batch_size / 1e9, frac[k]
     t0, f0, tl, fl = rows[0]['s_per_step'], rows[0]['flops'], rows[-1]['s_per_step'], rows[-1]['flops']
     # Affine refinement: a constant per-step term c fitted on the shallowest and the deepest depth,
@@ -141,9 +226,27 @@ def main():
           f'(about 14.5% for 12 blocks, cubic 0.8, 10/100 warmup)\n'
           f'(d) equal-cost baseline: {equal_epochs:.1f} epochs '
           f'(warmup {args.warmup_epochs * equal_epochs / args.epochs:.1f} epochs keeps the warmup fraction)')
+    stored = None
+    if args.feature_masking:
+        print('\n k  exact s/step  exact-cache hit  feature-masking hit  store miss extra  (s/step)')
+        for r in rows:
+            print(f"{r['frozen']:2d} {r['s_per_step']:13.4f} {r['cache_hit_s']:16.4f} {r['fm_hit_s']:20.4f} "
+                  f"{r['fm_store_s']:17.4f}")
+        print(' k  GFLOP/img: exact  exact-cache hit  feature-masking hit  store miss extra')
+        for r in rows:
+            print(f"{r['frozen']:2d} {r['flops'] / args.batch_size / 1e9:17.3f} "
+                  f"{r['cache_hit_flops'] / args.batch_size / 1e9:16.3f} "
+                  f"{r['fm_hit_flops'] / args.batch_size / 1e9:20.3f} "
+                  f"{r['fm_store_flops'] / args.batch_size / 1e9:17.3f}")
+        stored = {unit: stored_savings(rows, args.epochs, args.warmup_epochs, unit) for unit in ('s', 'flops')}
+        for unit, by_schedule in stored.items():
+            for name, s in by_schedule.items():
+                print(f"predicted saving ({'measured s/step' if unit == 's' else 'FLOP model'}), {name} "
+                      f'({args.epochs:g} epochs, {args.warmup_epochs:g} warmup): ' +
+                      ', '.join(f'{k} {v:.1%}' for k, v in s.items()))
     if args.json:
         cuda = device.type == 'cuda'
-        res = {**vars(args), 'device': torch.cuda.get_device_name(device) if cuda
+        res = {**vars(args), 'stored_path_savings': stored, 'device': torch.cuda.get_device_name(device) if cuda
                else f'cpu ({torch.get_num_threads()} threads)', 'fused_adamw': fused, 'affine_term_s': c,
                'depths': rows, 'saving': saving, 'equal_cost_epochs': equal_epochs, 'torch': torch.__version__}
         with open(args.json, 'a') as f:

@@ -87,7 +87,8 @@ def freezeout(args, device):
     model, batch, size = ('MIM_vit_tiny_patch16', 2, 32) if args.quick else ('MIM_vit_base_patch16', 128, 224)
     ns = SimpleNamespace(model=model, input_size=size, batch_size=batch, mask_ratio=0.75, amp=args.amp,
                          compile=args.compile, device=str(device), warmup=args.warmup, steps=args.steps,
-                         how_scale='cubic', t_0=0.8, epochs=100, warmup_epochs=10, depths=[0, 4, 8, 11])
+                         how_scale='cubic', t_0=0.8, epochs=100, warmup_epochs=10, depths=[0, 4, 8, 11],
+                         feature_masking=False)
     rows, _, fused = bench_freezeout.sweep(ns, device, count_flops=True)
     return {'what': f'FreezeOut {model}, {size} px', 'batch_size': batch, 'fused_adamw': fused,
             'depths': [{'frozen': r['frozen'], 's_per_step': r['s_per_step'], 'active_units': r['active_units'],

@@ -4,7 +4,8 @@ An MAE encoder (timm PatchEmbed + Blocks) on the visible 25% of patches is tappe
 (`ID = [1, 3, depth-3, depth-1]`); each tap has its own LayerNorm and a light decoder (`MAE_Decoder`)
 that predicts HOG histograms at 4x, 2x, 1x and 0.5x the patch grid. The loss is the sum over scales
 of the MSE on masked positions. Parameter names equal the official `models_mim.py`, so released
-checkpoints load with strict=True in both directions.
+checkpoints load with strict=True in both directions (FreezeOut's experimental feature target adds
+`decoder.k.feature_pred`, only when asked for).
 """
 import contextlib
 from functools import partial
@@ -64,6 +65,7 @@ class MAE_Decoder(nn.Module):
                                      for _ in range(depth)])
         self.norm = norm_layer(embed_dim)
         self.pred = _prediction_head(scale, embed_dim, out_dim)
+        self.feature_pred = None  # --feature_target features|both: decoder width -> encoder width, per token
         pos = get_2d_sincos_pos_embed(embed_dim, grid_size, cls_token=True)
         self.pos_embed.data.copy_(torch.from_numpy(pos).float().unsqueeze(0))
         nn.init.normal_(self.mask_token, std=.02)
@@ -71,6 +73,10 @@ class MAE_Decoder(nn.Module):
 
     def forward(self, x, ids_restore):
         """[B, 1 + visible, D] latent -> [B, h * w, out_dim] predictions in row-major order."""
+        return self.predict_hog(self.decode(x, ids_restore))
+
+    def decode(self, x, ids_restore):
+        """[B, 1 + visible, D] latent -> [B, h * w, embed_dim] decoded patch tokens in row-major order."""
         x = self.embed(x)
         num_masked = ids_restore.shape[1] + 1 - x.shape[1]
         patches = torch.cat([x[:, 1:], self.mask_token.expand(x.shape[0], num_masked, -1)], dim=1)
@@ -78,8 +84,10 @@ class MAE_Decoder(nn.Module):
         x = torch.cat([x[:, :1], patches], dim=1) + self.pos_embed
         for blk in self.blocks:
             x = checkpointed(blk, x) if self.grad_checkpointing else blk(x)
-        x = self.norm(x)[:, 1:]
-        x = x.transpose(1, 2).reshape(x.shape[0], -1, self.grid_size, self.grid_size)
+        return self.norm(x)[:, 1:]
+
+    def predict_hog(self, tokens):
+        x = tokens.transpose(1, 2).reshape(tokens.shape[0], -1, self.grid_size, self.grid_size)
         return self.pred(x).flatten(2).transpose(1, 2)
 
 
@@ -183,19 +191,59 @@ class MaskedAutoencoderViT(nn.Module):
     # block it reads, unit ID[k] + 1, is frozen: it could no longer teach the encoder anything.
     frozen_units = 0
 
+    # --feature_target features|both (util/feature_masking.py): the active stages also predict the stored
+    # frozen-depth features of the masked tokens, through each decoder's `feature_pred`.
+    feature_target = 'hog'
+
     def active_stages(self):
         return [k for k, tap in enumerate(self.ID) if tap + 1 >= self.frozen_units]
+
+    def add_feature_heads(self, feature_target):
+        """Adds `decoder.k.feature_pred` (a linear map to the encoder width) for the feature target. Their
+        initialisation draws from a forked RNG, so the run's other random draws (masks) are unchanged."""
+        if feature_target not in ('hog', 'features', 'both'):
+            raise ValueError(f'--feature_target must be hog, features or both, got {feature_target!r}')
+        self.feature_target = feature_target
+        if feature_target == 'hog':
+            return
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            for decoder in self.decoder:
+                decoder.feature_pred = nn.Linear(decoder.embed.out_features, self.pos_embed.shape[-1])
+                decoder.feature_pred.apply(_init_linear_and_norm)
+
+    def _with_cls(self, x):
+        cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
+        return torch.cat([cls, x], dim=1)
 
     def forward_prefix(self, imgs, mask_ratio, noise=None):
         """Embedding, masking, cls token and the frozen blocks: (tokens, mask, ids_restore)."""
         with torch.no_grad() if self.frozen_units else contextlib.nullcontext():
             x = self.patch_embed(imgs) + self.pos_embed[:, 1:]
             x, mask, ids_restore = self.random_masking(x, mask_ratio, noise)
-            cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
-            x = torch.cat([cls, x], dim=1)
+            x = self._with_cls(x)
             for blk in self.blocks[:max(self.frozen_units - 1, 0)]:
                 x = blk(x)
         return x, mask, ids_restore
+
+    @torch.no_grad()
+    def frozen_features(self, imgs):
+        """Feature masking: the frozen prefix on the UNMASKED image, [B, 1 + L, D] (cls token, then every patch in
+        row-major order). Past one frozen block the patch tokens have attended to each other: see the README."""
+        x = self._with_cls(self.patch_embed(imgs) + self.pos_embed[:, 1:])
+        for blk in self.blocks[:max(self.frozen_units - 1, 0)]:
+            x = blk(x)
+        return x
+
+    def mask_features(self, features, mask_ratio, noise):
+        """Feature masking: a `forward_prefix`-like (tokens, mask, ids_restore) from `frozen_features` output. The
+        patches with the smallest `noise` stay visible, kept in their row-major order after the cls token."""
+        N, L = noise.shape
+        keep = torch.argsort(noise, dim=1)[:, :int(L * (1 - mask_ratio))]
+        masked = torch.ones_like(noise).scatter_(1, keep, 0.0)
+        in_order = torch.arange(L, device=noise.device) + L * masked  # visible first, each group in position order
+        x, mask, ids_restore = self.random_masking(features[:, 1:], mask_ratio, in_order)
+        return torch.cat([features[:, :1], x], dim=1), mask, ids_restore
 
     def forward_encoder(self, imgs, mask_ratio, noise=None, prefix=None):
         """The tapped latents [B, 1 + visible, D] (None for skipped stages), patch mask [B, L], ids_restore.
@@ -224,10 +272,35 @@ class MaskedAutoencoderViT(nn.Module):
                    if latents[k] is not None else None for k in range(len(self.scale))]
         return mask, outputs
 
-    def forward(self, imgs, mask_ratio=0.75, noise=None, prefix=None):
-        """Total loss (sum over the active scales) and a dict of the per-scale losses for logging."""
-        _, outputs = self.predict(imgs, mask_ratio, noise, prefix)
-        losses = {f'loss_scale{s:g}': self.forward_loss(*out) for s, out in zip(self.scale, outputs) if out is not None}
+    def feature_masking_losses(self, imgs, prefix, features):
+        """Per-stage losses of feature masking: HOG of the masked patches and/or (`feature_target`) the frozen-depth
+        `features` [B, 1 + L, D] of the masked tokens, normalised per token (a LayerNorm without affine)."""
+        latents, mask, ids_restore = self.forward_encoder(imgs, None, prefix=prefix)
+        hog = self.feature_target in ('hog', 'both')
+        hist = self.shared_histogram(imgs) if hog else None
+        if self.feature_target != 'hog':
+            target = F.layer_norm(features[:, 1:].float(), features.shape[-1:], eps=1e-6)
+        losses = {}
+        for k, s in enumerate(self.scale):
+            if latents[k] is None:
+                continue
+            tokens = self.decoder[k].decode(latents[k], ids_restore)
+            if hog:
+                pred = self.decoder[k].predict_hog(tokens)
+                losses[f'loss_scale{s:g}'] = self.forward_loss(pred, self.HOG(imgs, k, hist), self.recal_mask(mask, k))
+            if self.feature_target != 'hog':
+                losses[f'loss_feat{s:g}'] = self.forward_loss(self.decoder[k].feature_pred(tokens), target, mask)
+        return losses
+
+    def forward(self, imgs, mask_ratio=0.75, noise=None, prefix=None, features=None):
+        """Total loss (sum over the active scales) and a dict of the per-scale losses for logging. `features`
+        (with `prefix` from `mask_features`): feature masking's stored frozen-depth features."""
+        if features is not None:
+            losses = self.feature_masking_losses(imgs, prefix, features)
+        else:
+            _, outputs = self.predict(imgs, mask_ratio, noise, prefix)
+            losses = {f'loss_scale{s:g}': self.forward_loss(*out) for s, out in zip(self.scale, outputs)
+                      if out is not None}
         return sum(losses.values()), {name: loss.detach() for name, loss in losses.items()}
 
 

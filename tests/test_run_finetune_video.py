@@ -15,7 +15,8 @@ from helpers import REPO, log_entries, straight_and_resumed
 from models.r3d import r3d18_trunk
 from util.checkpoint import LAST
 from util.runtime import run_cli
-from util.sce_video_demo import make_demo_videos
+from util.sce_video_data import VideoDecoderUnavailable, require_torchcodec
+from util.sce_video_demo import make_demo_video_files, make_demo_videos
 from util.video_eval import retrieval_recall
 
 pytestmark = pytest.mark.usefixtures('one_thread')
@@ -166,3 +167,24 @@ def test_two_processes_count_every_test_video_once(data, module_tmp):
     stats = run_finetune_video.main(args_for(data, out, '--protocol', 'linear', '--eval'))  # one process
     assert stats['count'] == NUM_TEST and stats['acc1'] == logged['val_acc1']
     assert stats['loss'] == pytest.approx(logged['val_loss'], rel=1e-5)
+
+
+def test_video_files_give_the_frame_folders_features(tmp_path):
+    """--decoder video (torchcodec) on mp4/avi files encoded from demo frame folders: the same videos, labels and
+    views as the frame folders, so nearly the same features (the video codec's loss apart) and the same recall."""
+    try:
+        require_torchcodec()
+    except VideoDecoderUnavailable as error:
+        pytest.skip(str(error))
+    frames = make_demo_videos(tmp_path / 'frames', videos_per_class={'train': 2, 'val': 1}, frame_range=(8, 12))
+    make_demo_video_files(tmp_path / 'files', frames)
+    results = {}
+    for decoder, root in (('frame', frames), ('video', tmp_path / 'files')):
+        args = parse(shlex.split(f'{TINY} --protocol retrieval --dataset kinetics --data_path {root} --decoder '
+                                 f'{decoder} --output_dir {tmp_path / decoder}'))
+        recall = run_finetune_video.main(args)
+        results[decoder] = recall, torch.load(tmp_path / decoder / 'features_queries.pth', weights_only=True)
+    (recall_frames, frames_q), (recall_video, video_q) = results['frame'], results['video']
+    assert recall_video == recall_frames and torch.equal(video_q['labels'], frames_q['labels'])
+    cosine = torch.nn.functional.cosine_similarity(video_q['features'], frames_q['features'])
+    assert cosine.shape == (6,) and cosine.min() > 0.98

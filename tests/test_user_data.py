@@ -237,6 +237,10 @@ def test_run_finetune_on_a_split_folder_resumes_with_the_same_split(tmp_path, ca
     printed = capsys.readouterr().out
     assert printed.count('--val_fraction 0.3 (--seed 0): 6 validation images') == 2
     assert printed.count('--val_fraction 0.3 (--seed 0): 14 training images') == 2
+    for changed in (['--val_fraction', '0.4'], ['--seed', '1']):  # another split: refused, nothing trained
+        with pytest.raises(ValueError, match=f'trained with {changed[0]} (0.3|0), not {changed[1]}: resume with'):
+            run_finetune.main(finetune_args(out, *flags, *changed, '--epochs', '3'))
+    assert len(log_entries(out)) == 2
 
 
 def test_val_folder_missing_a_class_keeps_the_training_labels(tmp_path):

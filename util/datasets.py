@@ -233,6 +233,17 @@ def check_finetune_data_args(args):
             raise FileNotFoundError(f'{flag} {path}: no such file')
 
 
+def check_resumed_split(saved_args, args):
+    """A resumed run selects the training and validation images its checkpoint was trained with (another split
+    would move validation images into training)."""
+    names = ('val_fraction', 'train_csv', 'val_csv') + (('seed',) if args.val_fraction is not None else ())
+    for name in names:
+        if name in saved_args and saved_args[name] != getattr(args, name):
+            raise ValueError(f'the checkpoint in {args.output_dir or "--resume"} was trained with --{name} '
+                             f'{saved_args[name]}, not {getattr(args, name)}: resume with the same data flags, or '
+                             f'start a new --output_dir')
+
+
 def _data_folder(data_path):
     folder = demo_imagefolder() if str(data_path) == 'demo' else Path(data_path).expanduser()
     if not folder.is_dir():

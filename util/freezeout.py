@@ -12,8 +12,11 @@ baseline's schedule exactly and nothing freezes.
 A freeze takes the unit's parameters out of autograd (`requires_grad_(False)`) and out of the
 optimizer (param groups and state), and raises `model.frozen_units`, which makes the model run the
 prefix under no_grad and skip the stages of frozen blocks. `on_freeze` callbacks (e.g. re-wrapping
-DDP so frozen parameters are neither bucketed nor all-reduced) run after each freeze.
+DDP so frozen parameters are neither bucketed nor all-reduced) run after each freeze. With `prune`
+(--decoder_prune) the decoders of frozen stages (with their HOG heads) leave the model too.
 """
+import torch.nn as nn
+
 from util.lr_sched import cosine_lr
 
 SCALE_FNS = {'linear': lambda x: x, 'squared': lambda x: x ** 2, 'cubic': lambda x: x ** 3}
@@ -67,11 +70,23 @@ def unit_parameters(model):
     return units
 
 
+def prune_decoders(model, stages):
+    """Replaces the decoders of `stages` by parameterless placeholders: their memory is freed and the model's
+    state dict (so its checkpoints) no longer has `decoder.<k>.*`. A model gets the same placeholders before
+    loading such a checkpoint (run_pretrain reads them from the checkpoint's `pruned_stages`)."""
+    for k in stages:
+        model.decoder[k] = nn.Identity()
+
+
+def pruned_stages(model):
+    return [k for k, decoder in enumerate(model.decoder) if isinstance(decoder, nn.Identity)]
+
+
 class FreezeOut:
     """The engine's lr schedule when --how_scale is given: sets per-unit lrs and freezes units."""
 
-    def __init__(self, model, schedule):
-        self.model, self.schedule = model, schedule
+    def __init__(self, model, schedule, prune=False):
+        self.model, self.schedule, self.prune = model, schedule, prune
         self.units = unit_parameters(model)
         self.on_freeze = []
 
@@ -104,6 +119,11 @@ class FreezeOut:
                 optimizer.state.pop(p, None)
         optimizer.param_groups[:] = [g for g in optimizer.param_groups if g['unit'] not in newly]
         self.model.frozen_units = num_units
+        if self.prune:
+            active = self.model.active_stages()
+            prune_decoders(self.model, [k for k in range(len(self.model.decoder)) if k not in active])
+            kept = {id(p) for p in self.model.parameters()}
+            self.units = [[(n, p) for n, p in unit if id(p) in kept] for unit in self.units]
         print(f'FreezeOut: froze units {newly.start}..{newly.stop - 1}; '
               f'{len(self.units) - num_units} of {len(self.units)} units train')
         for callback in self.on_freeze:

@@ -41,6 +41,8 @@ def gloo_group(rank, world, port, init=True):
         torch.distributed.init_process_group('gloo', rank=rank, world_size=world)
     try:
         yield
+        if torch.distributed.is_initialized():  # a rank that leaves first could tear down gloo's pairs while its
+            torch.distributed.barrier()          # peer still finishes the last collective (SIGABRT there)
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()

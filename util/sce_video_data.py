@@ -198,7 +198,22 @@ class EncodedVideo:
 
 # ---------------------------------------------------------------- dataset
 
-class VideoClipDataset(torch.utils.data.Dataset):
+class DecodeThreadPool:
+    """Mixin of the video data sets: a thread pool for frame reading and decoding (`num_threads_io`,
+    `num_threads_decode`), made once per process: a pool's threads do not survive fork or pickle."""
+    _pool = _pool_pid = None
+
+    def __getstate__(self):
+        return {**self.__dict__, '_pool': None, '_pool_pid': None}
+
+    def _thread_pool(self):
+        threads = max(self.num_threads_io, self.num_threads_decode)
+        if threads > 0 and self._pool_pid != os.getpid():
+            self._pool, self._pool_pid = ThreadPoolExecutor(threads, thread_name_prefix='jpeg'), os.getpid()
+        return self._pool
+
+
+class VideoClipDataset(DecodeThreadPool, torch.utils.data.Dataset):
     """Map-style dataset of `num_clips` augmented clips per video, listed by a CSV (see module docstring)."""
 
     def __init__(self, csv_path, video_root, decoder='frame', num_clips=2, clip_duration=2.56, num_frames=8,
@@ -226,19 +241,9 @@ class VideoClipDataset(torch.utils.data.Dataset):
         self.num_threads_io, self.num_threads_decode = num_threads_io, num_threads_decode
         self.bad_files = BadFiles([self.video_root / p for p in self.paths], 'video')
         self.drop_unreadable = drop_unreadable
-        self._pool, self._pool_pid = None, None  # per process: a pool's threads do not survive fork or pickle
 
     def __len__(self):
         return len(self.paths)
-
-    def __getstate__(self):
-        return {**self.__dict__, '_pool': None, '_pool_pid': None}
-
-    def _thread_pool(self):
-        threads = max(self.num_threads_io, self.num_threads_decode)
-        if threads > 0 and self._pool_pid != os.getpid():
-            self._pool, self._pool_pid = ThreadPoolExecutor(threads, thread_name_prefix='jpeg'), os.getpid()
-        return self._pool
 
     def _open(self, index):
         path = self.video_root / self.paths[index]

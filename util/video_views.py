@@ -12,14 +12,14 @@ util/sce_video_data.py does. A video at `fps` frames per second lasts num_frames
 """
 import math
 import os
-from concurrent.futures import ThreadPoolExecutor
 from fractions import Fraction
 
 import torch
 
 from util.bad_files import BadFiles
-from util.sce_video_data import (MAX_SKIPS_PER_SAMPLE, EncodedVideo, FrameFolderVideo, clip_frame_indices,
-                                 require_torchcodec, resize_clip, sample_clip_windows, uniform_offsets)
+from util.sce_video_data import (MAX_SKIPS_PER_SAMPLE, DecodeThreadPool, EncodedVideo, FrameFolderVideo,
+                                 clip_frame_indices, require_torchcodec, resize_clip, sample_clip_windows,
+                                 uniform_offsets)
 
 
 def short_side_size(height, width, short):
@@ -45,7 +45,7 @@ def _resized_uint8(frames, size):
     return resize_clip(frames, size).round_().clamp_(0, 255).to(torch.uint8)
 
 
-class VideoListDataset(torch.utils.data.Dataset):
+class VideoListDataset(DecodeThreadPool, torch.utils.data.Dataset):
     """Opens the videos of a VideoList (frame folders, or files with `decoder='video'`); unreadable ones are
     flagged once (util/bad_files.py)."""
 
@@ -60,19 +60,9 @@ class VideoListDataset(torch.utils.data.Dataset):
         self.labels = [label for _, label, _ in videos.items]
         self.num_threads_io, self.num_threads_decode = num_threads_io, num_threads_decode
         self.bad_files = BadFiles([videos.root / path for path, _, _ in videos.items], 'video')
-        self._pool, self._pool_pid = None, None  # per process: a pool's threads do not survive fork or pickle
 
     def __len__(self):
         return len(self.videos.items)
-
-    def __getstate__(self):
-        return {**self.__dict__, '_pool': None, '_pool_pid': None}
-
-    def _thread_pool(self):
-        threads = max(self.num_threads_io, self.num_threads_decode)
-        if threads > 0 and self._pool_pid != os.getpid():
-            self._pool, self._pool_pid = ThreadPoolExecutor(threads, thread_name_prefix='jpeg'), os.getpid()
-        return self._pool
 
     def open(self, index):
         path, _, count = self.videos.items[index]

@@ -29,7 +29,7 @@ from timm.optim import create_optimizer_v2
 import models  # noqa: F401  (registers SLaK_* with timm)
 from engine_finetune import evaluate, train_one_epoch
 from models.slak import CONV_IMPLS
-from util.checkpoint import load_checkpoint, save_checkpoint
+from util.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
 from util.classification import add_augmentation_args, build_criterion, build_mixup, convnext_param_groups
 from util.bad_files import write_bad_file_list
 from util.datasets import (ImageFolderOrFlat, add_finetune_data_args, build_finetune_dataset, build_finetune_transform,
@@ -191,10 +191,11 @@ def build_model(args):
 def load_finetune(model, args):
     """The weights under the first --model_key in the checkpoint (or the raw dict), a head of another shape dropped;
     every other model key must be there. (util.pretrained would take SLaK's keys for FB ConvNeXt's and rename them.)"""
-    with torch.serialization.safe_globals([argparse.Namespace]):
-        ckpt = torch.load(args.finetune, map_location='cpu', weights_only=True)
-    state = next((ckpt[k] for k in args.model_key.split('|') if k in ckpt), ckpt)
-    state = {k.removeprefix('module.'): v for k, v in state.items()}
+    if not os.path.isfile(args.finetune):
+        raise FileNotFoundError(f'--finetune {args.finetune}: no such checkpoint file')
+    ckpt = read_checkpoint(args.finetune)
+    state = next((ckpt[k] for k in args.model_key.split('|') if isinstance(ckpt.get(k), dict)), ckpt)
+    state = {k.removeprefix('module.'): v for k, v in state.items() if torch.is_tensor(v)}
     own = model.state_dict()
     dropped = [k for k in ('head.weight', 'head.bias') if k in state and state[k].shape != own[k].shape]
     result = model.load_state_dict({k: v for k, v in state.items() if k not in dropped}, strict=False)

@@ -27,6 +27,7 @@ from torchvision.transforms import InterpolationMode
 from engine_pretrain import train_one_epoch
 from models.spark import build_spark, spark_default_drop_path
 from util.bad_files import write_bad_file_list
+from util.checkpoint import read_checkpoint
 from util.datasets import ImageFolderOrFlat, resolve_image_root
 from util.dist import get_world_size, is_main_process
 from util.mim_vis import fixed_vis_batch, vis_transform
@@ -206,7 +207,9 @@ def main(args):
         raise ValueError(f'{len(dataset)} images make {len(loader)} batches per process, fewer than --accum_iter '
                          f'{args.accum_iter}: lower --bs or --accum_iter')
     if args.init_weight:
-        state = torch.load(args.init_weight, map_location='cpu', weights_only=True)
+        if not os.path.isfile(args.init_weight):
+            raise FileNotFoundError(f'--init_weight {args.init_weight}: no such checkpoint file')
+        state = read_checkpoint(args.init_weight)
         state = state.get('module', state.get('model', state))
         print(f'init_weight {args.init_weight}: {model.load_state_dict(state, strict=False)}')
     optimizer = build_optimizer(args, model)

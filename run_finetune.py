@@ -36,7 +36,7 @@ from util.lars import LARS
 from util.pretrained import load_pretrained
 from util.lr_sched import WarmupCosine
 from util.preemption import MidEpochCheckpoints
-from util.runtime import (append_log_line, attach_ddp, build_train_loader, check_flags, keeps_checkpoint,
+from util.runtime import (add_bool_arg, append_log_line, attach_ddp, build_train_loader, check_flags, keeps_checkpoint,
                           make_log_writer, resume_path, resume_training, run_cli, setup_run)
 from util.samplers import build_eval_loader, with_repeated_augmentation
 from util.train_step import AMP_DTYPES, TrainStep
@@ -127,9 +127,9 @@ def get_args_parser():
     parser.add_argument('--device', default='cuda')
     parser.add_argument('--seed', default=0, type=int)
     parser.add_argument('--resume', default='')
-    parser.add_argument('--auto_resume', action='store_true')
+    add_bool_arg(parser, '--auto_resume', True, 'resume from the newest checkpoint in output_dir (default; '
+                 '--auto_resume false or --no_auto_resume: start over)')
     parser.add_argument('--no_auto_resume', action='store_false', dest='auto_resume')
-    parser.set_defaults(auto_resume=True)
     parser.add_argument('--start_epoch', default=0, type=int, metavar='N')
     parser.add_argument('--eval', action='store_true', help='only evaluate (the --resume checkpoint)')
     parser.add_argument('--dist_eval', action='store_true', default=False,

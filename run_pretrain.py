@@ -23,7 +23,7 @@ from util.fast_image import FAST_DATA_MODES, DeviceInput
 from util.dist import get_world_size, is_main_process
 from util.preemption import MidEpochCheckpoints
 from util.mim_vis import fixed_vis_batch, save_mim_pictures, vis_transform
-from util.runtime import (append_log_line, attach_ddp, build_train_loader, check_flags, keeps_checkpoint,
+from util.runtime import (add_bool_arg, append_log_line, attach_ddp, build_train_loader, check_flags, keeps_checkpoint,
                           make_log_writer, resume_path, resume_training, run_cli, setup_run)
 from util.freezeout_cache import FixedViews, FrozenPrefixCache
 from util.feature_masking import FeatureMasking, SwitchableViews
@@ -101,9 +101,9 @@ def get_args_parser():
     parser.add_argument('--device', default='cuda', help='device to use for training / testing')
     parser.add_argument('--seed', default=0, type=int)
     parser.add_argument('--resume', default='', help='resume from checkpoint')
-    parser.add_argument('--auto_resume', action='store_true', help='resume from the newest checkpoint in output_dir')
+    add_bool_arg(parser, '--auto_resume', True, 'resume from the newest checkpoint in output_dir (default; '
+                 '--auto_resume false or --no_auto_resume: start over)')
     parser.add_argument('--no_auto_resume', action='store_false', dest='auto_resume')
-    parser.set_defaults(auto_resume=True)
     parser.add_argument('--start_epoch', default=0, type=int, metavar='N', help='start epoch')
     parser.add_argument('--num_workers', default=12, type=int)
     parser.add_argument('--pin_mem', action='store_true', help='pin CPU memory in DataLoader')

@@ -73,9 +73,14 @@ def test_damaged_files_are_skipped_newest_first(tmp_path, capsys):
     damage(tmp_path / LAST, 'garbage')
     damage(tmp_path / 'checkpoint-0.pth', 'empty')
     capsys.readouterr()
-    assert latest_checkpoint(str(tmp_path)) is None
+    with pytest.raises(CheckpointError, match=f'^no checkpoint in {tmp_path} can be resumed .* start over on purpose '
+                                              f'with --auto_resume false') as error:
+        latest_checkpoint(str(tmp_path))  # never None: the run would start over and overwrite them
+    assert '\n' not in str(error.value)
     printed = capsys.readouterr().out
-    assert len(lines_with('cannot be read', printed)) == 3 and len(lines_with('no readable checkpoint', printed)) == 1
+    assert len(lines_with('cannot be read', printed)) == 3
+    assert lines_with('empty file: damaged', printed) and lines_with('truncated at', printed)
+    assert lines_with('neither a zip archive nor a pickle', printed)
 
 
 def test_explicit_resume_of_a_damaged_file_is_a_one_line_value_error(tmp_path):
@@ -111,9 +116,11 @@ def test_spark_skips_a_damaged_checkpoint(tmp_path, capsys):
     damage(ours, 'truncated')
     official.symlink_to(ours.name)  # as SparK writes it: the same file, reported once
     capsys.readouterr()
-    assert latest_spark_checkpoint(str(tmp_path), 'resnet18') is None
+    with pytest.raises(CheckpointError, match=f'no checkpoint in {tmp_path} can be resumed \\({ours.name}: .*'
+                                              f'--resume_from FILE.*--auto_resume false'):
+        latest_spark_checkpoint(str(tmp_path), 'resnet18')  # never a silent restart over them
     printed = capsys.readouterr().out
-    assert len(lines_with('cannot be read', printed)) == 1 and 'starting from scratch' in printed
+    assert len(lines_with('cannot be read', printed)) == 1
     official.unlink()
     spark_file(official, 2)  # an intact official-name file beside it is the fallback
     assert latest_spark_checkpoint(str(tmp_path), 'resnet18') == str(official)

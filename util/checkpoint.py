@@ -12,20 +12,23 @@ Nothing bad replaces a good file: a model holding NaN or inf is not saved, a fai
 the previous file as it was, and auto-resume skips a file it cannot read (a write killed midway) for the next
 newest. Each of these ends in, or is reported as, one line.
 """
-import argparse
 import contextlib
 import glob
 import itertools
 import os
+import pickle
 import random
 import re
 import zipfile
+from urllib.parse import urlparse
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
 from util.dist import get_rank, get_world_size, is_dist_avail_and_initialized, is_main_process
+from util.optimizer_state import load_optimizer_state
+from util.safe_load import UnsafeCheckpointError, describe, foreign_names, safe_load
 from util.train_step import NonFiniteLossError
 
 LAST = 'checkpoint-last.pth'
@@ -171,29 +174,42 @@ def save_checkpoint(output_dir, epoch, step, args, model, optimizer, scaler=None
 
 
 def read_checkpoint(path, mmap=False):
-    """torch.load on the CPU, weights only (official checkpoints may also pickle their argparse args). A file that
-    is not a readable checkpoint (a write killed midway, garbage, empty) raises a one-line CheckpointError.
-    `mmap`: tensors stay on disk until used, a cheap check that a file reads."""
+    """The dict a checkpoint file holds, on the CPU, read without running code from it (util/safe_load.py): ours,
+    and what the official code writes (argparse Namespaces, numpy floats, Lightning's omegaconf entries). One-line
+    CheckpointError for a file that is damaged (empty, truncated, not a zip archive or pickle), that would run code
+    when loaded, or that holds something other than a dict (it names what). `mmap`: tensors stay on disk until
+    used, a cheap check that a file reads."""
     try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location='cpu', weights_only=True, mmap=mmap and zipfile.is_zipfile(path))
+        ckpt = safe_load(path, mmap=mmap)
+    except UnsafeCheckpointError as error:
+        raise CheckpointError(str(error)) from None
     except (MemoryError, PermissionError):
         raise
     except Exception as error:  # damage shows as RuntimeError, EOFError, UnpicklingError, KeyError, OSError, ...
-        raise CheckpointError(f'{path} cannot be read ({_why_unreadable(path, error)[:200]}): damaged, or not a '
-                              f'checkpoint') from None
+        raise CheckpointError(f'{path} cannot be read: {_why_unreadable(path, error)[:200]}') from None
+    if not isinstance(ckpt, dict):
+        whole_model = ' (a whole model saved with torch.save(model)? save its state_dict())' \
+            if foreign_names(ckpt) and not isinstance(ckpt, (list, tuple)) else ''
+        raise CheckpointError(f'{path} holds {describe(ckpt)}, not a checkpoint dict{whole_model}')
+    return ckpt
 
 
 def _why_unreadable(path, error):
+    """Why torch could not read the file: damage (said so), or what it holds that a safe reader cannot rebuild."""
     size = os.path.getsize(path)
     with open(path, 'rb') as f:
-        zip_start = f.read(4) == b'PK\x03\x04'
+        start = f.read(4)
     if size == 0:
-        return 'empty file'
-    if zip_start and not zipfile.is_zipfile(path):
-        return f'truncated at {size} bytes: the end of its zip archive is missing'
+        return 'empty file: damaged'
+    if start == b'PK\x03\x04' and not zipfile.is_zipfile(path):
+        return f'truncated at {size} bytes, the end of its zip archive is missing: damaged'
+    if not zipfile.is_zipfile(path) and not start.startswith(b'\x80'):
+        return f'neither a zip archive nor a pickle, it starts with {start!r}: damaged, or not a checkpoint'
     text = str(error).strip().split('. ')[0].splitlines()
-    return f'{type(error).__name__}: {text[0] if text else ""}'
+    text = text[0] if text else ''
+    if isinstance(error, pickle.UnpicklingError) and not text.startswith(('Unsupported operand', 'unpickling stack')):
+        return f'it holds Python objects that cannot be rebuilt without running their code: {text}'
+    return f'{type(error).__name__}: {text}: damaged'
 
 
 def readable_checkpoint(path):
@@ -205,9 +221,18 @@ def readable_checkpoint(path):
         return None
 
 
+def no_readable_checkpoint(folder, damaged, resume_flag='--resume'):
+    """The one-line error of a folder whose checkpoints are all unreadable: a run never starts over there by
+    itself, since that would overwrite the files."""
+    return CheckpointError(f'no checkpoint in {folder} can be resumed ({", ".join(map(os.path.basename, damaged))}: '
+                           f'see above); resume another file with {resume_flag} FILE, or start over on purpose with '
+                           f'--auto_resume false (the files there will be overwritten)')
+
+
 def latest_checkpoint(output_dir):
-    """The readable checkpoint of the highest finished epoch in output_dir (checkpoint-last.pth on a tie), or None.
-    A file that cannot be read is reported in one line and the next newest one is tried."""
+    """The readable checkpoint of the highest finished epoch in output_dir (checkpoint-last.pth on a tie), or None
+    when it holds none. A file that cannot be read is reported in one line and the next newest one is tried; when
+    none is left, a one-line CheckpointError."""
     numbered = sorted(((int(m.group(1)), path) for path in glob.glob(os.path.join(output_dir, 'checkpoint-*.pth'))
                        if (m := re.search(r'checkpoint-(\d+)\.pth$', path))), reverse=True)
     last, last_epoch = os.path.join(output_dir, LAST), None
@@ -225,7 +250,7 @@ def latest_checkpoint(output_dir):
     if last_epoch is not None:
         return last
     if numbered or os.path.exists(last):
-        print(f'no readable checkpoint left in {output_dir}: nothing to resume')
+        raise no_readable_checkpoint(output_dir, [path for _, path in numbered] + [last] * os.path.exists(last))
     return None
 
 
@@ -254,26 +279,47 @@ def remove_stale_temp_files(folder):
                 print(f'removed {path}, left by a checkpoint write that was killed')
 
 
+# (a key only that kind of model has, what it is), the most specific first
+MODEL_SIGNS = (('hog_enc.', 'a LocalMIM pretraining ViT'), ('decoder_embed.', 'an MAE pretraining ViT'),
+               ('sparse_encoder.', 'a SparK pretraining model'), ('trunk.model.', 'an SCE video model (R3D-18)'),
+               ('.large_kernel.', 'a SLaK ConvNet'), ('downsample_layers.', 'a ConvNeXt (official layout)'),
+               ('patch_embed.', 'a ViT'), ('layer1.0.', 'a ResNet'), ('stages.', 'a ConvNeXt (timm layout)'),
+               ('blocks.0.', 'an R3D-18 trunk'))
+
+
+def what_model(state):
+    """What a model state dict holds, in words ('a SLaK ConvNet (62 tensors)'), for errors."""
+    if not isinstance(state, dict):
+        return describe(state)
+    keys = [k.removeprefix('module.') for k in state if isinstance(k, str)]
+    what = next((name for sign, name in MODEL_SIGNS if any(sign in k if sign[0] == '.' else k.startswith(sign)
+                                                            for k in keys)), 'an unknown model')
+    return f'{what} ({len(keys)} tensors, first {", ".join(keys[:2])})'
+
+
 def load_checkpoint(path, model, optimizer=None, scaler=None, strict=True, before_optimizer=None):
     """Restores model (+ optimizer, RNG, and the GradScaler when given and saved); returns the checkpoint dict.
     `before_optimizer(ckpt)` may reshape the optimizer (e.g. re-apply frozen units) to the saved layout."""
-    if path.startswith('https://'):
-        ckpt = torch.hub.load_state_dict_from_url(path, map_location='cpu', check_hash=True)
-    else:
+    if path.startswith('https://'):  # the official scripts' released-weights URLs: downloaded once, read safely
+        url, path = path, os.path.join(torch.hub.get_dir(), 'checkpoints', os.path.basename(urlparse(path).path))
         if not os.path.isfile(path):
-            raise FileNotFoundError(f'--resume {path}: no such checkpoint file')
-        ckpt = read_checkpoint(path)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            torch.hub.download_url_to_file(url, path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f'--resume {path}: no such checkpoint file')
+    ckpt = read_checkpoint(path)
     state = ckpt.get('model', ckpt)
     try:
         model.load_state_dict(state, strict=strict)
     except RuntimeError as e:
         first = str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else str(e)
-        raise ValueError(f'checkpoint {path} does not fit this model ({first[:300]}); '
-                         f'check --model and its flags (e.g. --hog_nbins, --hog_bias, --input_size)') from None
+        raise ValueError(f'checkpoint {path} does not fit this model: it holds {what_model(state)}, this run builds '
+                         f'a {type(model).__name__} ({first[:300]}); check --model and its flags (e.g. --hog_nbins, '
+                         f'--input_size, --kernel_size)') from None
     if optimizer is not None and ckpt.get('optimizer') is not None:
         if before_optimizer is not None:
             before_optimizer(ckpt)
-        optimizer.load_state_dict(ckpt['optimizer'])
+        load_optimizer_state(optimizer, ckpt['optimizer'], path)
         if scaler is not None and ckpt.get('scaler'):  # absent, None or {}: no fp16 run saved it; fresh scaler
             scaler.load_state_dict(ckpt['scaler'])
         rng = ckpt.get('rng') or []

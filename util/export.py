@@ -6,10 +6,10 @@ or linear-probed), a ResNet or ConvNeXt (SparK, fine-tuned), a SLaK, or SCE's R3
 SCE's momentum branch, projector, predictor and queue. It names the timm model whose state dict has exactly these
 keys and shapes (checked on the meta device). util/export_formats.py writes the result for each tool.
 """
+import argparse
 import os
 import re
 import warnings
-import zipfile
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -18,7 +18,7 @@ import torch
 
 import models  # noqa: F401  (registers SLaK_*)
 from models.slak import rename_old_keys
-from util.checkpoint import CheckpointError, read_checkpoint
+from util.checkpoint import read_checkpoint
 from util.pretrained import PRETRAIN_ONLY, SPARK_ENCODER, read_state_dict
 from util.video_checkpoint import r3d_trunk_state_dict
 
@@ -63,24 +63,15 @@ def _group(key):
 
 
 def _load(path):
-    """(whole checkpoint dict or None, model state dict). Official files that pickle more than tensors (eztorch's
-    Lightning checkpoints) are read by read_state_dict, which says so; anything else unreadable is an error."""
+    """(whole checkpoint dict, model state dict), read without running code from the file."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f'{path}: no such checkpoint file')
-    try:
-        ckpt = read_checkpoint(path, mmap=True)
-    except CheckpointError:
-        if not zipfile.is_zipfile(path):
-            raise
-        ckpt = None
-    if ckpt is not None and not isinstance(ckpt, dict):
-        raise ValueError(f'{path} holds a {type(ckpt).__name__}, not a checkpoint dict')
-    return ckpt, read_state_dict(path)
+    return read_checkpoint(path, mmap=True), read_state_dict(path)
 
 
 def _ema_state(ckpt, path):
     """The EMA weights of a main_slak.py (`model_ema`) or run_finetune.py --model_ema (`extra.ema`) checkpoint."""
-    ema = (ckpt or {}).get('model_ema') or ((ckpt or {}).get('extra') or {}).get('ema')
+    ema = ckpt.get('model_ema') or (ckpt.get('extra') or {}).get('ema')
     if not isinstance(ema, dict):
         raise ValueError(f'{path} holds no EMA weights (model_ema or extra.ema); export without --ema')
     return {k.removeprefix('module.'): v for k, v in ema.items() if torch.is_tensor(v)}
@@ -192,9 +183,10 @@ def _match(state, candidates, what):
 
 
 def _run_args(ckpt):
-    """The checkpoint's `args` as a dict (ours store a dict, official ones an argparse Namespace), else {}."""
-    args = (ckpt or {}).get('args') or {}
-    return args if isinstance(args, dict) else vars(args)
+    """The checkpoint's `args` as a dict (ours store a dict, official ones an argparse Namespace or, SparK, a
+    string), else {}."""
+    args = ckpt.get('args') or {}
+    return args if isinstance(args, dict) else vars(args) if isinstance(args, argparse.Namespace) else {}
 
 
 def _describe(family, raw, ckpt, state, num_classes):
@@ -251,7 +243,7 @@ def read_backbone(path, ema=False):
         backbone.timm_name, backbone.timm_kwargs = _match(state, candidates, path)
         backbone.timm_kwargs.pop('num_classes')
     else:
-        named = [n for n in (args.get('model'), (ckpt or {}).get('arch')) if isinstance(n, str) and family[:6] in n]
+        named = [n for n in (args.get('model'), ckpt.get('arch')) if isinstance(n, str) and family[:6] in n]
         pool = RESNETS if family == 'resnet' else CONVNEXTS
         candidates = [(n, dict(num_classes=num_classes)) for n in dict.fromkeys(named + list(pool))]
         backbone.timm_name = _match(state, candidates, path)[0]

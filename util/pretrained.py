@@ -10,7 +10,6 @@ else -- a missing encoder tensor, a shape that differs, a key nobody expects -- 
 Works for the ViTs of `models/vit.py` (LocalMIM and MAE checkpoints) and for timm CNNs fed a SparK
 encoder checkpoint (ours in timm key layout, or an official one: ConvNeXt keys are renamed to timm's).
 """
-import argparse
 import os
 import re
 from collections import Counter
@@ -21,6 +20,7 @@ from timm.layers import resample_abs_pos_embed, trunc_normal_
 from timm.models.vision_transformer import VisionTransformer
 
 from models.convnext_keys import convnext_official_to_timm, is_official_convnext
+from util.checkpoint import read_checkpoint
 
 # Keys that only the pretraining model has: MAE's decoder (`decoder_embed`, `decoder_blocks`, ...,
 # `mask_token`), LocalMIM's per-tap decoders and HOG layers and its tap norms `norm.0` .. `norm.3`.
@@ -35,22 +35,11 @@ SPARK_ENCODER = 'sparse_encoder.sp_cnn.'  # the CNN's keys inside a SparK checkp
 
 
 def read_state_dict(path):
-    """The model state dict of a checkpoint file: `ckpt['model']`, `['state_dict']`, `['module']` or
-    the raw dict; tensors only, a DDP `module.` prefix stripped."""
+    """The model state dict of a checkpoint file (read without running code from it): `ckpt['model']`,
+    `['state_dict']`, `['module']` or the raw dict; tensors only, a DDP `module.` prefix stripped."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f'--finetune {path}: no such checkpoint file')
-    try:
-        # Official MAE/LocalMIM checkpoints store `args` as an argparse Namespace: allow just that.
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            ckpt = torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e:  # noqa: BLE001 -- any unpickling failure gets the same fallback
-        lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
-        reason = next((line for line in lines if 'Unpickler error' in line), lines[0]).split(' Please use')[0][:200]
-        print(f'load_pretrained: {path} cannot be read with weights_only=True ({reason}); reading it with '
-              f'weights_only=False, which runs arbitrary pickled code: only do this for files you trust')
-        ckpt = torch.load(path, map_location='cpu', weights_only=False)
-    if not isinstance(ckpt, dict):
-        raise ValueError(f'checkpoint {path} holds a {type(ckpt).__name__}, not a state dict')
+    ckpt = read_checkpoint(path)
     state = ckpt
     for key in ('model', 'state_dict', 'module'):
         if isinstance(ckpt.get(key), dict):

@@ -17,8 +17,9 @@ import os
 import torch
 
 from models.spark import encoder_state_dict
-from util.checkpoint import (load_checkpoint, on_main_process, read_checkpoint, readable_checkpoint, save_checkpoint,
-                              write_file)
+from util.checkpoint import (load_checkpoint, no_readable_checkpoint, on_main_process, read_checkpoint,
+                              readable_checkpoint, save_checkpoint, write_file)
+from util.optimizer_state import load_optimizer_state
 
 
 def output_names(model_name):
@@ -60,8 +61,9 @@ def save_spark_outputs(args, epoch, trainer, model, optimizer, stats):
 
 
 def latest_spark_checkpoint(exp_dir, model_name):
-    """The experiment folder's resumable checkpoint (ours, else the official spark_style file), or None. A file
-    that cannot be read is reported in one line and skipped."""
+    """The experiment folder's resumable checkpoint (ours, else the official spark_style file), or None when it
+    holds neither. A file that cannot be read is reported in one line and skipped; when none is left, a one-line
+    CheckpointError (the run never starts over by itself)."""
     names = output_names(model_name)
     unreadable = []
     for key in ('resume', 'resume_new'):
@@ -72,28 +74,8 @@ def latest_spark_checkpoint(exp_dir, model_name):
             return path
         unreadable.append(path)
     if unreadable:
-        print(f'no readable checkpoint left in {exp_dir}: starting from scratch')
+        raise no_readable_checkpoint(exp_dir, unreadable, '--resume_from')
     return None
-
-
-def check_optimizer_state(opt_state, optimizer, path):
-    """Raises a clear ValueError unless the saved optimizer state has this optimizer's groups, parameter counts
-    and, parameter by parameter, state tensors of the parameter's shape (torch would load a misaligned state
-    silently and fail at the first step)."""
-    saved = opt_state['param_groups']
-    if len(saved) != len(optimizer.param_groups):
-        raise ValueError(f'{path}: the optimizer state has {len(saved)} param groups, this model '
-                         f'{len(optimizer.param_groups)}; was it saved for another --model or --opt?')
-    for g, (ours, theirs) in enumerate(zip(optimizer.param_groups, saved)):
-        if len(ours['params']) != len(theirs['params']):
-            raise ValueError(f'{path}: optimizer group {g} has {len(theirs["params"])} parameters, this model '
-                             f'{len(ours["params"])}; was it saved for another --model?')
-        for p, idx in zip(ours['params'], theirs['params']):
-            for k, v in opt_state['state'].get(idx, {}).items():
-                if torch.is_tensor(v) and v.ndim and v.shape != p.shape:
-                    raise ValueError(f'{path}: optimizer state {k!r} of parameter {idx} has shape {list(v.shape)}, '
-                                     f'the parameter {list(p.shape)}: the file orders its parameters differently')
-    return opt_state
 
 
 def resume_spark(path, model, trainer):
@@ -102,8 +84,7 @@ def resume_spark(path, model, trainer):
         raise FileNotFoundError(f'--resume_from {path}: no such file')
     ckpt = read_checkpoint(path)
     if 'model' in ckpt:  # ours
-        ckpt = load_checkpoint(path, model, trainer.optimizer, trainer.scaler, before_optimizer=lambda c: (
-            check_optimizer_state(c['optimizer'], trainer.optimizer, path)))
+        ckpt = load_checkpoint(path, model, trainer.optimizer, trainer.scaler)
         return ckpt['epoch'], ckpt.get('step', 0), ckpt.get('extra', {})
     if 'module' not in ckpt:
         raise ValueError(f'--resume_from {path}: neither our checkpoint nor an official SparK spark_style file '
@@ -114,5 +95,5 @@ def resume_spark(path, model, trainer):
                          f'unexpected {result.unexpected_keys[:3]}): was it saved for another --model?')
     print(f'official checkpoint {path}: all {len(ckpt["module"]) - ("config" in ckpt["module"])} tensors loaded')
     if ckpt.get('optimizer'):
-        trainer.optimizer.load_state_dict(check_optimizer_state(ckpt['optimizer'], trainer.optimizer, path))
+        load_optimizer_state(trainer.optimizer, ckpt['optimizer'], path)
     return ckpt.get('epoch', -1), None, {}

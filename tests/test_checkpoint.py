@@ -8,7 +8,8 @@ from timm.optim import param_groups_weight_decay
 
 import run_pretrain
 from helpers import pretrain_args, write_images
-from util.checkpoint import LAST, load_checkpoint, save_checkpoint
+from official_files import localmim_pretrain_checkpoint, stepped_adamw
+from util.checkpoint import LAST, load_checkpoint, read_checkpoint, save_checkpoint
 from util.train_step import TrainStep
 
 
@@ -107,3 +108,52 @@ def test_atomic_save_failure_keeps_the_previous_file_and_leaves_no_temporary(tmp
     assert sorted(os.listdir(tmp_path)) == [LAST]  # no temporary file left behind
     checkpoint.atomic_save({'epoch': 2}, str(path))  # and a later save replaces the file
     assert torch.load(path, weights_only=True)['epoch'] == 2 and sorted(os.listdir(tmp_path)) == [LAST]
+
+
+def test_official_localmim_checkpoint_resumes_and_trains_an_epoch(tmp_path, capsys):
+    """A checkpoint of the official pretraining (torch 1.x optimizer groups, int steps, fp16 scaler, Namespace args)
+    resumes: its weights and Adam moments are used, and the fused AdamW steps on (it failed with `Expected grad_scale
+    and found_inf to be None` when the options the file lacks were left None)."""
+    data = write_images(tmp_path / 'flat', 8)
+    args = pretrain_args(data, tmp_path / 'out', '--epochs', '2', '--num_workers', '0')
+    model = run_pretrain.build_model(args)
+    steps_before = 3
+    official = stepped_adamw(model, param_groups_weight_decay(model, args.weight_decay), steps_before, lr=1e-3,
+                             betas=(0.9, 0.95))
+    saved = tmp_path / 'official' / 'checkpoint-0.pth'
+    saved.parent.mkdir()
+    localmim_pretrain_checkpoint(saved, model, official, 0, model='MIM_vit_tiny_patch16', input_size=32,
+                                 batch_size=4, blr=1e-3, weight_decay=args.weight_decay)
+    assert not {'fused', 'foreach', 'capturable'} & set(read_checkpoint(str(saved))['optimizer']['param_groups'][0])
+    args.resume = str(saved)
+    run_pretrain.main(args)
+    assert f'resumed from {saved} (epoch 0 done' in capsys.readouterr().out
+    ckpt = torch.load(tmp_path / 'out' / LAST, weights_only=True)
+    assert ckpt['epoch'] == 1
+    state = ckpt['optimizer']
+    assert all(g['fused'] is True for g in state['param_groups'])
+    # its Adam moments went on counting: 3 official steps + 2 of ours (8 images / 4 per step)
+    assert {float(s['step']) for s in state['state'].values()} == {steps_before + 2.0}
+    moved = [k for k, v in ckpt['model'].items() if not torch.equal(v, model.state_dict()[k])]
+    assert 'blocks.0.attn.qkv.weight' in moved
+
+
+def test_optimizer_state_of_another_kind_or_size_is_one_clear_line(tmp_path):
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+    sgd = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.randn(2, 4)).sum().backward()
+    sgd.step()
+    path = tmp_path / 'ckpt.pth'
+    torch.save({'model': model.state_dict(), 'optimizer': sgd.state_dict(), 'epoch': 0}, path)
+    adamw = torch.optim.AdamW(model.parameters())
+    with pytest.raises(ValueError, match=r'the optimizer state keeps momentum_buffer per parameter, this run\'s '
+                                         r'AdamW needs exp_avg, exp_avg_sq, step; was it saved with another '
+                                         r'optimizer \(--opt\)\?'):
+        load_checkpoint(str(path), model, adamw)
+    two_groups = torch.optim.SGD([{'params': model[0].parameters()}, {'params': model[1].parameters()}], lr=0.1,
+                                 momentum=0.9)
+    with pytest.raises(ValueError, match='the optimizer state has 1 param groups, this run 2'):
+        load_checkpoint(str(path), model, two_groups)
+    fewer = torch.optim.SGD(model[0].parameters(), lr=0.1, momentum=0.9)
+    with pytest.raises(ValueError, match='optimizer group 0 has 4 parameters, this run 2'):
+        load_checkpoint(str(path), model, fewer)

@@ -1,6 +1,5 @@
 """main_slak.py: official flags, schedules, param groups, the evaluation resize, a tiny sparse SLaK on the demo
 data with EMA and AMP, masks in checkpoints, resume, --eval, official checkpoints, one-line errors."""
-import argparse
 import math
 import shlex
 import sys
@@ -8,10 +7,12 @@ import sys
 import numpy as np
 import pytest
 import torch
+from torch.serialization import get_unsafe_globals_in_checkpoint
 
 import main_slak
 from engine_finetune import evaluate
 from helpers import log_entries, slak_args, straight_and_resumed
+from official_files import slak_checkpoint
 from util.checkpoint import LAST
 from util.classification import convnext_param_groups
 from util.lr_sched import IterationSchedule, cosine_scheduler
@@ -198,11 +199,13 @@ def test_eval_resume_returns_the_logged_accuracy(runs, monkeypatch, ema_eval):
 
 @pytest.fixture()
 def official_checkpoint(runs):
-    """The straight run's last state as the official code saves it: no masks, args as a Namespace."""
+    """The straight run's last state as the official code saves it: no masks, args as a Namespace, the optimizer
+    groups of torch 1.x with numpy-float lr and weight decay, an fp16 GradScaler's state."""
     ours = torch.load(runs / 'straight' / LAST, weights_only=True)
     path = runs / 'official.pth'
-    torch.save({'model': ours['model'], 'optimizer': ours['optimizer'], 'epoch': 1, 'scaler': {},
-                'args': argparse.Namespace(model='SLaK_tiny'), 'model_ema': ours['model_ema']}, path)
+    slak_checkpoint(path, ours['model'], ours['optimizer'], 1, ours['model_ema'], model='SLaK_tiny', sparse=True,
+                    sparsity=0.4, Decom=True, kernel_size=[7, 7, 5, 3, 3], width_factor=0.25, lr=4e-3)
+    assert 'numpy._core.multiarray.scalar' in get_unsafe_globals_in_checkpoint(path)  # as the official run wrote it
     return path, ours
 
 

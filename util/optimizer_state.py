@@ -7,6 +7,8 @@ state saved for other parameters loads silently and fails at the first step, or 
 is checked first (one-line errors naming what differs), and every group option the file lacks, or holds as None,
 is taken from this run's optimizer, as are the options that only choose an implementation.
 """
+import inspect
+
 import torch
 
 IMPLEMENTATION_OPTIONS = ('fused', 'foreach', 'capturable', 'differentiable')
@@ -17,7 +19,8 @@ def _state_keys(optimizer):
     fresh one of its class on a 1-element parameter; None when it cannot be built that way."""
     param = torch.zeros(1, requires_grad=True)
     param.grad = torch.ones(1)
-    options = {k: v for k, v in optimizer.defaults.items() if k not in IMPLEMENTATION_OPTIONS}
+    accepted = inspect.signature(type(optimizer)).parameters
+    options = {k: v for k, v in optimizer.defaults.items() if k in accepted and k not in IMPLEMENTATION_OPTIONS}
     try:
         probe = type(optimizer)([param], **options)
         probe.step()

@@ -10,9 +10,18 @@ Each writer reproduces what the official save code puts in the file, checked aga
   a sparse run's masks are its weights' zeros.
 """
 import argparse
+import collections
+import copyreg
+import pickle
+import sys
+import types
+import typing
+from pathlib import Path
 
 import numpy as np
 import torch
+
+from util.safe_load import Foreign, foreign_names, safe_load
 
 TORCH1_ADAMW_OPTIONS = ('lr', 'betas', 'eps', 'weight_decay', 'amsgrad')  # torch 1.8-1.10 AdamW defaults
 # what torch added to the group options since; a torch 1.x state has none of them
@@ -58,3 +67,88 @@ def slak_checkpoint(path, model_state, optimizer_state, epoch, model_ema, **args
     torch.save({'model': model_state, 'epoch': epoch, 'scaler': dict(OFFICIAL_SCALER_STATE),
                 'optimizer': torch1_optimizer_state(optimizer_state, numpy_floats=('lr', 'weight_decay')),
                 'args': argparse.Namespace(**args), 'model_ema': model_ema}, path)
+
+
+# eztorch (Lightning) checkpoints. tests/fixtures/lightning_sce_tiny.ckpt was written by Lightning and omegaconf
+# themselves (tests/fixtures/lightning_sce_tiny_gen.py says how); its globals, as torch lists them:
+LIGHTNING_SCE_GLOBALS = ['builtins.dict', 'builtins.int', 'builtins.list', 'collections.defaultdict',
+                         'omegaconf.base.ContainerMetadata', 'omegaconf.base.Metadata', 'omegaconf.dictconfig.DictConfig',
+                         'omegaconf.listconfig.ListConfig', 'omegaconf.nodes.AnyNode', 'typing.Any']
+LIGHTNING_SCE_TINY = Path(__file__).parent / 'fixtures' / 'lightning_sce_tiny.ckpt'
+STDLIB = {'builtins.dict': dict, 'builtins.int': int, 'builtins.list': list, 'typing.Any': typing.Any,
+          'collections.defaultdict': collections.defaultdict}
+
+
+def _revive_stdlib(obj, done):
+    """The loaded fixture with its standard-library stand-ins turned back into the real objects (in place; `done`
+    maps id -> result, the structure has cycles)."""
+    if id(obj) in done:
+        return done[id(obj)]
+    if isinstance(obj, type) and issubclass(obj, Foreign) and obj.qualname in STDLIB:
+        return STDLIB[obj.qualname]
+    if isinstance(obj, Foreign) and obj.qualname == 'collections.defaultdict':
+        done[id(obj)] = collections.defaultdict(*[_revive_stdlib(a, done) for a in obj.args])
+        return done[id(obj)]
+    done[id(obj)] = obj
+    if isinstance(obj, Foreign):
+        obj.args = tuple(_revive_stdlib(a, done) for a in obj.args)
+        obj.state = _revive_stdlib(obj.state, done)
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            obj[k] = _revive_stdlib(v, done)
+    elif isinstance(obj, list):
+        obj[:] = [_revive_stdlib(v, done) for v in obj]
+    elif isinstance(obj, tuple):
+        done[id(obj)] = tuple(_revive_stdlib(v, done) for v in obj)
+    return done[id(obj)]
+
+
+class _StandInPickler(pickle.Pickler):
+    """Pickles the loaded stand-ins back as their original classes did (NEWOBJ, then BUILD with their state)."""
+
+    def reducer_override(self, obj):
+        if isinstance(obj, Foreign):
+            return copyreg.__newobj__, (type(obj), *obj.args), obj.state
+        return NotImplemented
+
+
+_STAND_IN_PICKLE = types.ModuleType('stand_in_pickle')
+_STAND_IN_PICKLE.Pickler = _StandInPickler
+
+
+def eztorch_checkpoint(path, state_dict):
+    """An eztorch SCE pretraining checkpoint holding `state_dict`: the real Lightning fixture with its state_dict
+    swapped, everything else (omegaconf hyper-parameters, callbacks, loops, LARS and scheduler states) as Lightning
+    wrote it. The omegaconf classes are pickled under their own names without omegaconf being installed."""
+    ckpt = _revive_stdlib(safe_load(str(LIGHTNING_SCE_TINY)), {})
+    ckpt['state_dict'] = collections.OrderedDict(state_dict)
+    classes = {cls.qualname: cls for cls in _foreign_classes(ckpt)}
+    saved = dict(sys.modules)
+    try:
+        for name, cls in classes.items():
+            module, _, attr = name.rpartition('.')
+            for depth in range(1, module.count('.') + 2):
+                sys.modules.setdefault('.'.join(module.split('.')[:depth]), types.ModuleType(module))
+            setattr(sys.modules[module], attr, cls)
+        torch.save(ckpt, path, pickle_module=_STAND_IN_PICKLE)
+    finally:
+        sys.modules.clear()
+        sys.modules.update(saved)
+    return path
+
+
+def _foreign_classes(obj):
+    found, seen, todo = set(), set(), [obj]
+    while todo:
+        item = todo.pop()
+        if id(item) in seen:
+            continue
+        seen.add(id(item))
+        if isinstance(item, Foreign):
+            found.add(type(item))
+            todo.extend([item.args, item.state])
+        elif isinstance(item, dict):
+            todo.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            todo.extend(item)
+    return found

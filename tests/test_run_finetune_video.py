@@ -3,6 +3,7 @@ and BN statistics, the protocol's lr schedule), fine-tuning resumed = uninterrup
 cache, --eval, one-line errors, and two gloo processes that count every test video once."""
 import json
 import os
+import pickle
 import shlex
 import subprocess
 import sys
@@ -13,7 +14,8 @@ import torch
 import run_finetune_video
 from helpers import REPO, log_entries, straight_and_resumed
 from models.r3d import r3d18_trunk
-from util.checkpoint import LAST
+from official_files import LIGHTNING_SCE_GLOBALS, LIGHTNING_SCE_TINY, eztorch_checkpoint
+from util.checkpoint import LAST, read_checkpoint
 from util.runtime import run_cli
 from util.sce_video_data import VideoDecoderUnavailable, require_torchcodec
 from util.sce_video_demo import make_demo_video_files, make_demo_videos
@@ -30,7 +32,7 @@ NUM_TEST = 7  # odd: two processes get 4 and 3
 @pytest.fixture(scope='module')
 def data(module_tmp):
     """UCF101-format split files (classInd in reverse alphabetical order) over the demo's train videos: two train
-    videos per class (12), one test video per class plus one (7); and an eztorch-layout checkpoint whose BN
+    videos per class (12), one test video per class plus one (7); and an eztorch (Lightning) checkpoint whose BN
     statistics are not the defaults. Returns the flags naming them."""
     root = make_demo_videos() / 'train'
     classes = sorted(p.name for p in root.iterdir())
@@ -49,8 +51,7 @@ def data(module_tmp):
             buffer.uniform_(0.8, 1.2)
     state = {f'trunk.model.{k}': v for k, v in trunk.model.state_dict().items()}
     state['momentum_trunk.model.blocks.0.conv.weight'] = torch.zeros(1)  # dropped, as the projector, queue, ...
-    ckpt = module_tmp / 'sce_r3d18.ckpt'
-    torch.save({'state_dict': state, 'epoch': 199}, ckpt)
+    ckpt = eztorch_checkpoint(module_tmp / 'sce_r3d18.ckpt', state)  # omegaconf hyper-parameters, callbacks, ...
     return f'--data_path {root} --split_dir {splits} --finetune {ckpt}'
 
 
@@ -68,8 +69,21 @@ def linear_run(data, module_tmp):
 
 def pretrained(data):
     path = shlex.split(data)[-1]
-    return {k[len('trunk.model.'):]: v for k, v in torch.load(path, weights_only=True)['state_dict'].items()
+    return {k[len('trunk.model.'):]: v for k, v in read_checkpoint(path)['state_dict'].items()
             if k.startswith('trunk.model.')}
+
+
+def test_eztorch_checkpoint_is_read_as_lightning_wrote_it(data):
+    """The checkpoint the protocols use names the classes of a file Lightning and omegaconf wrote (the committed
+    fixture), which torch.load(weights_only=True) refuses; its omegaconf parts are read as inert data."""
+    path = shlex.split(data)[-1]
+    assert sorted(torch.serialization.get_unsafe_globals_in_checkpoint(path)) == LIGHTNING_SCE_GLOBALS
+    assert sorted(torch.serialization.get_unsafe_globals_in_checkpoint(LIGHTNING_SCE_TINY)) == LIGHTNING_SCE_GLOBALS
+    with pytest.raises(pickle.UnpicklingError, match='omegaconf.dictconfig.DictConfig'):
+        torch.load(path, weights_only=True)
+    ckpt = read_checkpoint(path)
+    assert {'hyper_parameters', 'callbacks', 'loops', 'optimizer_states', 'lr_schedulers'} <= ckpt.keys()
+    assert ckpt['hyper_parameters']['optimizer'].qualname == 'omegaconf.dictconfig.DictConfig'
 
 
 def test_linear_protocol_keeps_trunk_and_bn_statistics(data, linear_run):

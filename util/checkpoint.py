@@ -207,6 +207,8 @@ def _why_unreadable(path, error):
         return f'neither a zip archive nor a pickle, it starts with {start!r}: damaged, or not a checkpoint'
     text = str(error).strip().split('. ')[0].splitlines()
     text = text[0] if text else ''
+    if 'Invalid magic number' in text:
+        return 'a pickle not written by torch.save (e.g. a detectron2 .pkl): not a checkpoint'
     if isinstance(error, pickle.UnpicklingError) and not text.startswith(('Unsupported operand', 'unpickling stack')):
         return f'it holds Python objects that cannot be rebuilt without running their code: {text}'
     return f'{type(error).__name__}: {text}: damaged'

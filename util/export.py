@@ -259,9 +259,10 @@ def _name_vit(backbone, state, path):
                          f'(known: {", ".join(VIT_NAMES.values())})')
     side = round((state['pos_embed'].shape[1] - 1) ** 0.5)
     backbone.img_size = side * patch
-    if backbone.img_size != 224:
-        backbone.notes.append(f'pos_embed: {side}x{side} patches ({backbone.img_size} px); timm resamples it to '
-                              f'the size you create the model at')
     kwargs = {'global_pool': 'avg'} if 'fc_norm.weight' in state else {}
+    if backbone.img_size != 224:  # built at the trained size, pos_embed loads as it is
+        kwargs['img_size'] = backbone.img_size
+        backbone.notes.append(f'pos_embed: {side}x{side} patches ({backbone.img_size} px), the model is built at that '
+                              f'size; at another img_size timm resamples it (bicubic, antialiased)')
     _match(state, [(name, dict(kwargs, img_size=backbone.img_size, num_classes=backbone.num_classes))], path)
     backbone.timm_name, backbone.timm_kwargs = name, kwargs

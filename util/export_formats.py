@@ -20,6 +20,7 @@ from util.checkpoint import atomic_save
 from util.export import read_backbone
 
 TORCHVISION_RESNETS = ('resnet18', 'resnet34', 'resnet50', 'resnet101', 'resnet152')
+DETECTRON2_RESNETS = TORCHVISION_RESNETS  # the depths of detectron2's build_resnet_backbone
 VITDET_PRETRAIN_SIZE = 224  # ViTDet's ViT(pretrain_img_size=224, pretrain_use_cls_token=True)
 SUFFIX = {'safetensors': '.safetensors', 'detectron2': '.pkl'}  # the names timm and detectron2 recognise
 
@@ -56,8 +57,13 @@ def _timm_lines(backbone, out):
     cfg = timm.get_pretrained_cfg(backbone.timm_name)
     if (tuple(cfg.mean), tuple(cfg.std)) != (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD):
         overlay += f', mean={IMAGENET_DEFAULT_MEAN}, std={IMAGENET_DEFAULT_STD}'  # what our models trained with
-    return ['import timm', f'model = timm.create_model({backbone.timm_name!r}, pretrained=True{kwargs}, '
-            f'num_classes={backbone.num_classes or 1000}, pretrained_cfg_overlay=dict({overlay}))']
+    lines = ['import timm', f'model = timm.create_model({backbone.timm_name!r}, pretrained=True{kwargs}, '
+             f'num_classes={backbone.num_classes or 1000}, pretrained_cfg_overlay=dict({overlay}))']
+    if backbone.img_size:
+        lines.append(f'# trained at img_size={backbone.img_size}. At another size timm resamples pos_embed bicubic with '
+                     f'antialiasing; run_finetune.py --finetune resamples it as MAE does, without: features then differ '
+                     f'by about 1e-2')
+    return lines
 
 
 def write_timm(backbone, out):
@@ -113,6 +119,10 @@ def _vitdet_state(backbone):
 
 
 def write_detectron2(backbone, out):
+    if backbone.family == 'resnet' and backbone.timm_name not in DETECTRON2_RESNETS:
+        raise ValueError(f'--format detectron2: detectron2 builds ResNets of depth '
+                         f'{", ".join(n.removeprefix("resnet") for n in DETECTRON2_RESNETS)}; this checkpoint holds a '
+                         f'{backbone.timm_name}: use --format timm')
     if backbone.family == 'resnet':
         state = {detectron2_resnet_name(k): v for k, v in backbone.state.items() if not k.startswith('fc.')}
     elif backbone.family == 'vit':

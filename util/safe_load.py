@@ -41,7 +41,8 @@ class Foreign:
 
 
 def _stand_in(qualname):
-    return type(qualname.rsplit('.', 1)[-1], (Foreign,), {'qualname': qualname})
+    module, _, name = qualname.rpartition('.')
+    return type(name, (Foreign,), {'qualname': qualname, '__module__': module, '__qualname__': name})
 
 
 class _DType(Foreign):
@@ -120,22 +121,24 @@ def safe_load(path, mmap=False):
     raise pickle.UnpicklingError(f'{path} names more than {len(names)} unknown classes')
 
 
-def foreign_names(obj, limit=10000):
-    """The qualified names of the stand-ins inside a loaded checkpoint (dicts, lists, tuples walked)."""
-    found, todo = set(), [obj]
-    while todo and limit:
-        limit -= 1
+def foreign_names(obj):
+    """The qualified names of the stand-ins inside a loaded checkpoint (dicts, lists, tuples and stand-ins walked)."""
+    found, seen, todo = set(), set(), [obj]
+    while todo:
         item = todo.pop()
+        if id(item) in seen:
+            continue
+        seen.add(id(item))
         if isinstance(item, Foreign):
             found.add(item.qualname)
-            todo.extend([item.args, item.state])
+            todo.extend([type(item), item.args, item.state])
         elif isinstance(item, type) and issubclass(item, Foreign):
             found.add(item.qualname)
         elif isinstance(item, dict):
             todo.extend(item.values())
         elif isinstance(item, (list, tuple)):
             todo.extend(item)
-    return sorted(found)
+    return sorted(found - {'?'})
 
 
 def describe(obj):

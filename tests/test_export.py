@@ -17,9 +17,11 @@ import models  # noqa: F401  (registers MIM_vit_*, vit_*_patch16, SLaK_*)
 from models.r3d import r3d18_trunk
 from models.sce import SCE
 from models.spark import build_spark
+from official_files import eztorch_checkpoint
 from util.checkpoint import CheckpointError, save_checkpoint
-from util.export import read_backbone
-from util.export_formats import export
+from util.export import Backbone, read_backbone
+from util.export_formats import export, write_detectron2
+from util.pretrained import load_pretrained
 from util.runtime import run_cli
 from util.spark_checkpoint import output_names, save_spark_outputs
 
@@ -91,11 +93,26 @@ def test_localmim_to_timm_vit_same_features_and_printed_line_loads(localmim, tmp
     with torch.no_grad():  # mask ratio 0 with increasing noise: every patch, in order
         latents, _, _ = model.forward_encoder(x, 0.0, noise=torch.arange(4.0).expand(2, 4))
         torch.testing.assert_close(vit.eval().forward_features(x), latents[-1], rtol=1e-5, atol=1e-5)
-    timm_model = run_lines(lines)['model']  # at 224 px, 1000 classes: pos_embed resampled, head new
+    assert "img_size=32" in lines[1] and 'antialiasing' in lines[-1] and lines[-1].startswith('#')
+    timm_model = run_lines(lines)['model']  # at the trained 32 px, 1000 classes: pos_embed as trained, head new
     assert timm_model.pretrained_cfg['mean'] == (0.485, 0.456, 0.406)
     torch.testing.assert_close(timm_model.blocks[11].mlp.fc2.weight, model.blocks[11].mlp.fc2.weight)
     torch.testing.assert_close(timm_model.norm.weight, model.norm[3].weight)
-    assert timm_model.pos_embed.shape == (1, 197, 192) and timm_model.head.out_features == 1000
+    torch.testing.assert_close(timm_model.pos_embed, model.pos_embed, rtol=0, atol=0)
+    assert timm_model.head.out_features == 1000
+
+
+def test_timm_and_our_fine_tuning_resample_pos_embed_differently(localmim, tmp):
+    """What the printed note says: at another size timm's antialiased bicubic and MAE's plain bicubic (our
+    --finetune) give pos_embeds that differ by about 1e-2."""
+    _, ckpt = localmim
+    exported(ckpt, 'timm', tmp / 'vit.pth')
+    theirs = timm.create_model('vit_tiny_patch16_224', pretrained=True, img_size=64, num_classes=0,
+                               pretrained_cfg_overlay=dict(file=str(tmp / 'vit.pth'))).pos_embed
+    ours = timm.create_model('vit_tiny_patch16', img_size=64, num_classes=0)
+    load_pretrained(ours, str(ckpt), verbose=False)
+    difference = (theirs - ours.pos_embed).abs().max().item()
+    assert 1e-3 < difference < 1e-1
 
 
 def test_freezeout_checkpoint_exports_like_localmim(localmim, module_tmp, tmp):
@@ -126,7 +143,7 @@ def test_finetuned_vit_keeps_its_classifier_and_logits(finetuned_vit, tmp):
     model, ckpt = finetuned_vit
     backbone, _ = exported(ckpt, 'timm', tmp / 'ft_timm.pth')
     assert (backbone.timm_name, backbone.timm_kwargs, backbone.num_classes) == \
-        ('vit_tiny_patch16_224', {'global_pool': 'avg'}, 6)
+        ('vit_tiny_patch16_224', {'global_pool': 'avg', 'img_size': 32}, 6)
     vit = timm.create_model('vit_tiny_patch16_224', global_pool='avg', img_size=32, num_classes=6)
     vit.load_state_dict(torch.load(tmp / 'ft_timm.pth'), strict=True)
     x = torch.randn(2, 3, 32, 32)
@@ -326,6 +343,22 @@ def test_slak_without_args_is_recognised_from_its_shapes(slak, tmp):
     torch.save({'model': model.state_dict()}, tmp / 'official.pth')
     backbone = read_backbone(str(tmp / 'official.pth'))
     assert backbone.timm_name == 'SLaK_tiny' and backbone.timm_kwargs == dict(kwargs, bn=True)
+
+
+def test_resnet_depth_detectron2_cannot_build_is_refused(tmp):
+    backbone = Backbone('ResNet encoder', 'resnet', {}, timm_name='resnet200')
+    with pytest.raises(ValueError, match=r'^--format detectron2: detectron2 builds ResNets of depth 18, 34, 50, 101, '
+                                         r'152; this checkpoint holds a resnet200: use --format timm$'):
+        write_detectron2(backbone, str(tmp / 'r200.pkl'))
+    assert not (tmp / 'r200.pkl').exists()
+
+
+def test_eztorch_lightning_checkpoint_exports_its_trunk(tmp):
+    trunk = randomize(r3d18_trunk())
+    path = eztorch_checkpoint(tmp / 'eztorch.ckpt', {f'trunk.model.{k}': v for k, v in trunk.model.state_dict().items()})
+    backbone, _ = exported(path, 'timm', tmp / 'r3d.pth')
+    assert backbone.family == 'r3d'
+    assert_same_tensors(torch.load(tmp / 'r3d.pth', weights_only=True), trunk.model.state_dict())
 
 
 def test_sce_trunk_in_r3d_layout(module_tmp, tmp):

@@ -2,6 +2,7 @@
 import json
 import math
 import shlex
+import shutil
 
 import pytest
 import timm
@@ -10,6 +11,7 @@ import torch
 import main_spark
 from helpers import straight_and_resumed, write_images
 from models.spark import build_spark
+from util.checkpoint import CheckpointError
 from util.runtime import per_process_batch
 from util.spark_sched import SparkSchedule, spark_lr, spark_param_groups, spark_wd
 from util.train_step import TrainStep
@@ -195,6 +197,24 @@ def test_resume_equals_uninterrupted_run(runs):
         assert all(torch.equal(state[k], b['optimizer']['state'][pid][k]) for k in state if torch.is_tensor(state[k]))
     log = (runs / 'resumed' / 'pretrain_log.txt').read_text().splitlines()
     assert [json.loads(x)['cur_ep'] for x in log[2:]] == ['1/2', '2/2']
+
+
+def test_damaged_resumable_file_stops_the_run_instead_of_starting_over(runs, tmp_path, capsys):
+    """A rerun in a folder whose resumable checkpoint is damaged (its official-name link points to the same file)
+    must not silently train from scratch over it: one line names the file and the flags that resume another file
+    or start over on purpose; --auto_resume false then starts over."""
+    out = shutil.copytree(runs / 'straight', tmp_path / 'out', symlinks=True)
+    resumable = out / 'resnet18_still_pretraining.pth'
+    resumable.write_bytes(resumable.read_bytes()[:5000])  # a copy cut short
+    args = run_args(runs / 'imgs' / 'train', out, '--ep=3')
+    with pytest.raises(CheckpointError) as error:
+        main_spark.main(args)
+    assert str(error.value) == (f'no checkpoint in {out} can be resumed ({resumable.name}: see above); resume another '
+                                f'file with --resume_from FILE, or start over on purpose with --auto_resume false (the '
+                                f'files there will be overwritten)')
+    assert f'{resumable} cannot be read: truncated at 5000 bytes' in capsys.readouterr().out
+    main_spark.main(run_args(runs / 'imgs' / 'train', out, '--ep=1', '--auto_resume=false'))
+    assert torch.load(resumable, weights_only=True)['epoch'] == 0
 
 
 def test_bad_model_and_input_size(tmp_path):

@@ -19,6 +19,7 @@ from util.checkpoint import LAST, read_checkpoint
 from util.runtime import run_cli
 from util.sce_video_data import VideoDecoderUnavailable, require_torchcodec
 from util.sce_video_demo import make_demo_video_files, make_demo_videos
+from util.video_checkpoint import r3d_trunk_state_dict
 from util.video_eval import retrieval_recall
 
 pytestmark = pytest.mark.usefixtures('one_thread')
@@ -73,7 +74,7 @@ def pretrained(data):
             if k.startswith('trunk.model.')}
 
 
-def test_eztorch_checkpoint_is_read_as_lightning_wrote_it(data):
+def test_eztorch_checkpoint_is_read_as_lightning_wrote_it(data, capsys):
     """The checkpoint the protocols use names the classes of a file Lightning and omegaconf wrote (the committed
     fixture), which torch.load(weights_only=True) refuses; its omegaconf parts are read as inert data."""
     path = shlex.split(data)[-1]
@@ -84,6 +85,8 @@ def test_eztorch_checkpoint_is_read_as_lightning_wrote_it(data):
     ckpt = read_checkpoint(path)
     assert {'hyper_parameters', 'callbacks', 'loops', 'optimizer_states', 'lr_schedulers'} <= ckpt.keys()
     assert ckpt['hyper_parameters']['optimizer'].qualname == 'omegaconf.dictconfig.DictConfig'
+    r3d_trunk_state_dict(path)
+    assert f'{path}: ignored hyper_parameters (pickled ' in capsys.readouterr().out
 
 
 def test_linear_protocol_keeps_trunk_and_bn_statistics(data, linear_run):

@@ -1,5 +1,6 @@
 """Checkpoint files from elsewhere are read without running their code (util/safe_load.py), and each unreadable
 file gets a message that says what is wrong with it."""
+import collections
 import io
 import os
 import pickle
@@ -151,6 +152,16 @@ def test_messages_say_what_is_wrong(tmp_path):
     with pytest.raises(CheckpointError, match=f'^{other_pickle} cannot be read: a pickle not written by torch.save '
                                               r'\(e.g. a detectron2 .pkl\): not a checkpoint$'):
         read_checkpoint(str(other_pickle))
+
+
+def test_a_dict_subclass_filled_item_by_item_is_refused_naming_it(tmp_path):
+    """torch's restricted unpickler fills only plain dicts; the file is refused, not loaded half-way."""
+    path = tmp_path / 'counts.pth'
+    torch.save({'model': {}, 'counts': collections.defaultdict(int, {'a': 1})}, path)
+    with pytest.raises(CheckpointError, match=f"^{path} cannot be read: it holds Python objects that cannot be rebuilt "
+                                              f"without running their code: Can only SETITEMS? for dict, .* but got "
+                                              f"<class 'collections.defaultdict'>$"):
+        read_checkpoint(str(path))
 
 
 def test_a_checkpoint_of_another_model_names_what_it_holds(tmp_path):

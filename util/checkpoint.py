@@ -194,6 +194,16 @@ def read_checkpoint(path, mmap=False):
     return ckpt
 
 
+def report_ignored(path, ckpt):
+    """One line naming the entries of a checkpoint that hold classes read as inert data (Lightning's omegaconf
+    hyper-parameters, say): nothing of them is used."""
+    entries = {k: v for k, v in ckpt.items() if foreign_names(v)}
+    if entries:
+        names = [name.rsplit('.', 1)[-1] for name in foreign_names(entries)]
+        print(f'{path}: ignored {", ".join(map(str, entries))} (pickled {", ".join(names[:5])}'
+              f'{", ..." if len(names) > 5 else ""}: read as inert data, not imported)')
+
+
 def _why_unreadable(path, error):
     """Why torch could not read the file: damage (said so), or what it holds that a safe reader cannot rebuild."""
     size = os.path.getsize(path)
@@ -205,8 +215,10 @@ def _why_unreadable(path, error):
         return f'truncated at {size} bytes, the end of its zip archive is missing: damaged'
     if not zipfile.is_zipfile(path) and not start.startswith(b'\x80'):
         return f'neither a zip archive nor a pickle, it starts with {start!r}: damaged, or not a checkpoint'
-    text = str(error).strip().split('. ')[0].splitlines()
-    text = text[0] if text else ''
+    text = str(error).strip()
+    if 'WeightsUnpickler error: ' in text:  # torch's long weights_only message: the line that says why
+        text = text.split('WeightsUnpickler error: ', 1)[1].strip()
+    text = (text.splitlines() or [''])[0].split('. ')[0]
     if 'Invalid magic number' in text:
         return 'a pickle not written by torch.save (e.g. a detectron2 .pkl): not a checkpoint'
     if isinstance(error, pickle.UnpicklingError) and not text.startswith(('Unsupported operand', 'unpickling stack')):
@@ -310,6 +322,7 @@ def load_checkpoint(path, model, optimizer=None, scaler=None, strict=True, befor
     if not os.path.isfile(path):
         raise FileNotFoundError(f'--resume {path}: no such checkpoint file')
     ckpt = read_checkpoint(path)
+    report_ignored(path, ckpt)
     state = ckpt.get('model', ckpt)
     try:
         model.load_state_dict(state, strict=strict)

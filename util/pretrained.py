@@ -20,7 +20,7 @@ from timm.layers import resample_abs_pos_embed, trunc_normal_
 from timm.models.vision_transformer import VisionTransformer
 
 from models.convnext_keys import convnext_official_to_timm, is_official_convnext
-from util.checkpoint import read_checkpoint
+from util.checkpoint import read_checkpoint, report_ignored
 
 # Keys that only the pretraining model has: MAE's decoder (`decoder_embed`, `decoder_blocks`, ...,
 # `mask_token`), LocalMIM's per-tap decoders and HOG layers and its tap norms `norm.0` .. `norm.3`.
@@ -40,6 +40,7 @@ def read_state_dict(path):
     if not os.path.isfile(path):
         raise FileNotFoundError(f'--finetune {path}: no such checkpoint file')
     ckpt = read_checkpoint(path)
+    report_ignored(path, ckpt)
     state = ckpt
     for key in ('model', 'state_dict', 'module'):
         if isinstance(ckpt.get(key), dict):

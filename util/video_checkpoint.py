@@ -14,7 +14,7 @@ import os
 import torch
 
 from models.r3d import resnet3d_basic
-from util.checkpoint import read_checkpoint
+from util.checkpoint import read_checkpoint, report_ignored
 
 TRUNK_PREFIX = 'trunk.model.'
 
@@ -46,6 +46,7 @@ def r3d_trunk_state_dict(path_or_state):
         if not os.path.isfile(path_or_state):
             raise FileNotFoundError(f'{name}: no such checkpoint file')
         path_or_state = read_checkpoint(path_or_state)
+        report_ignored(name, path_or_state)
     if not isinstance(path_or_state, dict):
         raise ValueError(f'{name} holds a {type(path_or_state).__name__}, not a checkpoint dict')
     state = {k.removeprefix('module.'): v for k, v in _state_of(path_or_state).items() if torch.is_tensor(v)}

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from util.safe_load import Foreign, foreign_names, safe_load
+from util.safe_load import Foreign, foreign_classes, safe_load
 
 TORCH1_ADAMW_OPTIONS = ('lr', 'betas', 'eps', 'weight_decay', 'amsgrad')  # torch 1.8-1.10 AdamW defaults
 # what torch added to the group options since; a torch 1.x state has none of them
@@ -72,8 +72,10 @@ def slak_checkpoint(path, model_state, optimizer_state, epoch, model_ema, **args
 # eztorch (Lightning) checkpoints. tests/fixtures/lightning_sce_tiny.ckpt was written by Lightning and omegaconf
 # themselves (tests/fixtures/lightning_sce_tiny_gen.py says how); its globals, as torch lists them:
 LIGHTNING_SCE_GLOBALS = ['builtins.dict', 'builtins.int', 'builtins.list', 'collections.defaultdict',
-                         'omegaconf.base.ContainerMetadata', 'omegaconf.base.Metadata', 'omegaconf.dictconfig.DictConfig',
-                         'omegaconf.listconfig.ListConfig', 'omegaconf.nodes.AnyNode', 'typing.Any']
+                         'omegaconf.base.ContainerMetadata', 'omegaconf.base.Metadata',
+                         'omegaconf.dictconfig.DictConfig', 'omegaconf.listconfig.ListConfig',
+                         'omegaconf.nodes.AnyNode',
+                         'typing.Any']
 LIGHTNING_SCE_TINY = Path(__file__).parent / 'fixtures' / 'lightning_sce_tiny.ckpt'
 STDLIB = {'builtins.dict': dict, 'builtins.int': int, 'builtins.list': list, 'typing.Any': typing.Any,
           'collections.defaultdict': collections.defaultdict}
@@ -122,7 +124,7 @@ def eztorch_checkpoint(path, state_dict):
     wrote it. The omegaconf classes are pickled under their own names without omegaconf being installed."""
     ckpt = _revive_stdlib(safe_load(str(LIGHTNING_SCE_TINY)), {})
     ckpt['state_dict'] = collections.OrderedDict(state_dict)
-    classes = {cls.qualname: cls for cls in _foreign_classes(ckpt)}
+    classes = {cls.qualname: cls for cls in foreign_classes(ckpt)}
     saved = dict(sys.modules)
     try:
         for name, cls in classes.items():
@@ -136,19 +138,3 @@ def eztorch_checkpoint(path, state_dict):
         sys.modules.update(saved)
     return path
 
-
-def _foreign_classes(obj):
-    found, seen, todo = set(), set(), [obj]
-    while todo:
-        item = todo.pop()
-        if id(item) in seen:
-            continue
-        seen.add(id(item))
-        if isinstance(item, Foreign):
-            found.add(type(item))
-            todo.extend([item.args, item.state])
-        elif isinstance(item, dict):
-            todo.extend(item.values())
-        elif isinstance(item, (list, tuple)):
-            todo.extend(item)
-    return found

@@ -355,7 +355,8 @@ def test_resnet_depth_detectron2_cannot_build_is_refused(tmp):
 
 def test_eztorch_lightning_checkpoint_exports_its_trunk(tmp):
     trunk = randomize(r3d18_trunk())
-    path = eztorch_checkpoint(tmp / 'eztorch.ckpt', {f'trunk.model.{k}': v for k, v in trunk.model.state_dict().items()})
+    state = {f'trunk.model.{k}': v for k, v in trunk.model.state_dict().items()}
+    path = eztorch_checkpoint(tmp / 'eztorch.ckpt', state)
     backbone, _ = exported(path, 'timm', tmp / 'r3d.pth')
     assert backbone.family == 'r3d'
     assert_same_tensors(torch.load(tmp / 'r3d.pth', weights_only=True), trunk.model.state_dict())

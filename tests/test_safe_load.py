@@ -89,19 +89,30 @@ def test_unknown_classes_become_inert_data_without_import_or_call(tmp_path, monk
             calls.append('setstate')
             self.__dict__.update(state)
 
-    Config.__module__, Config.__qualname__ = module.__name__, 'Config'
-    module.Config = Config
+    class Point:  # pickled as a call: Point(3, 4)
+        def __init__(self, x, y):
+            calls.append('init')
+            self.x, self.y = x, y
+
+        def __reduce__(self):
+            return Point, (self.x, self.y)
+
+    for cls in (Config, Point):
+        cls.__module__, cls.__qualname__ = module.__name__, cls.__name__
+        setattr(module, cls.__name__, cls)
     monkeypatch.setitem(sys.modules, 'someones_package', types.ModuleType('someones_package'))
     monkeypatch.setitem(sys.modules, module.__name__, module)
     path = tmp_path / 'with_config.pth'
     torch.save({'state_dict': {'w': torch.ones(3)}, 'hyper_parameters': {'cfg': Config(lr=0.1, depth=[1, 2])},
-                'hparams_type': Config}, path)
+                'hparams_type': Config, 'origin': Point(3, 4)}, path)
+    calls.clear()
     ckpt = read_checkpoint(str(path))
     assert calls == []
+    assert ckpt['origin'].qualname == 'someones_package.config.Point' and ckpt['origin'].args == (3, 4)
     cfg = ckpt['hyper_parameters']['cfg']
     assert isinstance(cfg, Foreign) and cfg.qualname == 'someones_package.config.Config'
     assert cfg.state == {'values': {'lr': 0.1, 'depth': [1, 2]}} and torch.equal(ckpt['state_dict']['w'], torch.ones(3))
-    assert foreign_names(ckpt) == ['someones_package.config.Config']
+    assert foreign_names(ckpt) == ['someones_package.config.Config', 'someones_package.config.Point']
     assert repr(cfg) == '<someones_package.config.Config: not imported>'
 
 

@@ -60,9 +60,9 @@ def _timm_lines(backbone, out):
     lines = ['import timm', f'model = timm.create_model({backbone.timm_name!r}, pretrained=True{kwargs}, '
              f'num_classes={backbone.num_classes or 1000}, pretrained_cfg_overlay=dict({overlay}))']
     if backbone.img_size:
-        lines.append(f'# trained at img_size={backbone.img_size}. At another size timm resamples pos_embed bicubic with '
-                     f'antialiasing; run_finetune.py --finetune resamples it as MAE does, without: features then differ '
-                     f'by about 1e-2')
+        lines.append(f'# trained at img_size={backbone.img_size}. At another size timm resamples pos_embed bicubic '
+                     f'with antialiasing; run_finetune.py --finetune resamples it as MAE does, without: features then '
+                     f'differ by about 1e-2')
     return lines
 
 

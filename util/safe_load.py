@@ -121,24 +121,28 @@ def safe_load(path, mmap=False):
     raise pickle.UnpicklingError(f'{path} names more than {len(names)} unknown classes')
 
 
-def foreign_names(obj):
-    """The qualified names of the stand-ins inside a loaded checkpoint (dicts, lists, tuples and stand-ins walked)."""
+def foreign_classes(obj):
+    """The stand-in classes inside a loaded checkpoint (dicts, lists, tuples and stand-ins walked; cycles allowed)."""
     found, seen, todo = set(), set(), [obj]
     while todo:
         item = todo.pop()
         if id(item) in seen:
             continue
         seen.add(id(item))
-        if isinstance(item, Foreign):
-            found.add(item.qualname)
+        if isinstance(item, type) and issubclass(item, Foreign) and item is not Foreign:
+            found.add(item)
+        elif isinstance(item, Foreign):
             todo.extend([type(item), item.args, item.state])
-        elif isinstance(item, type) and issubclass(item, Foreign):
-            found.add(item.qualname)
         elif isinstance(item, dict):
             todo.extend(item.values())
         elif isinstance(item, (list, tuple)):
             todo.extend(item)
-    return sorted(found - {'?'})
+    return found
+
+
+def foreign_names(obj):
+    """The qualified names of the stand-ins inside a loaded checkpoint, sorted."""
+    return sorted({cls.qualname for cls in foreign_classes(obj)})
 
 
 def describe(obj):

@@ -1,0 +1,31 @@
+"""Mutations of the reader of checkpoints from elsewhere (util/safe_load.py, util/optimizer_state.py) and of the
+no-silent-restart rule: each removes one behaviour; the named tests must fail."""
+S, C, F = 'tests/test_safe_load.py::', 'tests/test_checkpoint.py::', 'tests/test_checkpoint_faults.py::'
+MUTATIONS = [
+    dict(file='util/safe_load.py', find='        if dangerous:\n', replace='        if False:\n',
+         tests=[S + 'test_a_file_that_runs_a_command_is_refused_without_running_it'],
+         note='a pickle naming os.system is read (as an inert stand-in) instead of refused'),
+    dict(file='util/safe_load.py', find="'numpy._core.multiarray.scalar': _numpy_scalar,", replace='',
+         tests=[S + 'test_numpy_scalars_become_python_numbers',
+                'tests/test_main_slak.py::test_official_checkpoint_resumes_with_its_nonzeros_as_masks'],
+         note='numpy 2 scalars (SLaK lr / weight decay) stay opaque stand-ins'),
+    dict(file='util/safe_load.py', find="        obj.args, obj.state = args, None\n",
+         replace="        obj.args, obj.state = (), None\n",
+         tests=[S + 'test_unknown_classes_become_inert_data_without_import_or_call'],
+         note='stand-ins drop the data they were pickled with'),
+    dict(file='util/optimizer_state.py', find='    optimizer.load_state_dict(with_this_runs_options(saved, optimizer))',
+         replace='    optimizer.load_state_dict(saved)',
+         tests=[C + 'test_official_localmim_checkpoint_resumes_and_trains_an_epoch'],
+         note='torch 1.x optimizer groups load with fused=None: the first fused step fails'),
+    dict(file='util/optimizer_state.py', find='    if needed and needed - kept:', replace='    if False:',
+         tests=[C + 'test_optimizer_state_of_another_kind_or_size_is_one_clear_line'],
+         note='an SGD state loads into AdamW and fails at the first step'),
+    dict(file='util/checkpoint.py', find='        raise no_readable_checkpoint(output_dir,',
+         replace='        return None or (output_dir,',
+         tests=[F + 'test_damaged_files_are_skipped_newest_first'],
+         note='a folder of damaged checkpoints silently starts over'),
+    dict(file='util/spark_checkpoint.py',
+         find="        raise no_readable_checkpoint(exp_dir, unreadable, '--resume_from')", replace='        return None',
+         tests=['tests/test_main_spark.py::test_damaged_resumable_file_stops_the_run_instead_of_starting_over'],
+         note='SparK with a damaged resumable file trains from scratch over it'),
+]

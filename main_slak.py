@@ -29,7 +29,7 @@ from timm.optim import create_optimizer_v2
 import models  # noqa: F401  (registers SLaK_* with timm)
 from engine_finetune import evaluate, train_one_epoch
 from models.slak import CONV_IMPLS
-from util.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
+from util.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint, what_model
 from util.classification import add_augmentation_args, build_criterion, build_mixup, convnext_param_groups
 from util.bad_files import write_bad_file_list
 from util.datasets import (ImageFolderOrFlat, add_finetune_data_args, build_finetune_dataset, build_finetune_transform,
@@ -201,8 +201,9 @@ def load_finetune(model, args):
     result = model.load_state_dict({k: v for k, v in state.items() if k not in dropped}, strict=False)
     missing = sorted(set(result.missing_keys) - set(dropped))
     if missing or result.unexpected_keys:
-        raise ValueError(f'--finetune {args.finetune} does not fit {args.model} with these flags (--Decom, --bn, '
-                         f'--kernel_size, --width_factor?): missing {missing[:3]}, unexpected {result.unexpected_keys[:3]}')
+        raise ValueError(f'--finetune {args.finetune} holds {what_model(state)}, which does not fit {args.model} '
+                         f'with these flags (--Decom, --bn, --kernel_size, --width_factor?): missing {missing[:3]}, '
+                         f'unexpected {result.unexpected_keys[:3]}')
     print(f'finetuning from {args.finetune}' + (f' (new head: {args.nb_classes} classes)' if dropped else ''))
 
 

@@ -150,6 +150,10 @@ def test_other_architecture_does_not_fit(tmp_path):
     with pytest.raises(ValueError, match='does not fit.*missing blocks.0.attn.qkv.weight'):
         load_pretrained(vit(True, img_size=32), save(tmp_path, src))
 
+    resnet = timm.create_model('resnet18', num_classes=0).state_dict()  # another model family: it says so
+    with pytest.raises(ValueError, match=r'does not fit model FinetuneViT\(.*\): it holds a ResNet \('):
+        load_pretrained(vit(True, img_size=32), save(tmp_path, resnet))
+
 
 def test_spark_resnet_encoder_into_timm_resnet(tmp_path, capsys):
     torch.manual_seed(3)

@@ -20,7 +20,7 @@ from timm.layers import resample_abs_pos_embed, trunc_normal_
 from timm.models.vision_transformer import VisionTransformer
 
 from models.convnext_keys import convnext_official_to_timm, is_official_convnext
-from util.checkpoint import read_checkpoint, report_ignored
+from util.checkpoint import read_checkpoint, report_ignored, what_model
 
 # Keys that only the pretraining model has: MAE's decoder (`decoder_embed`, `decoder_blocks`, ...,
 # `mask_token`), LocalMIM's per-tap decoders and HOG layers and its tap norms `norm.0` .. `norm.3`.
@@ -142,7 +142,7 @@ def _resample_kept_pos_embed(kept, model_state, model):
     return how
 
 
-def _check_fit(kept, model_state, is_clf, model, path):
+def _check_fit(kept, model_state, is_clf, model, path, state):
     """One ValueError naming missing encoder keys, unexpected keys and shape mismatches, if any."""
     missing = [k for k in model_state if k not in kept and not is_clf(k) and not _is_final_norm(k)]
     unexpected = [k for k in kept if k not in model_state]
@@ -154,7 +154,8 @@ def _check_fit(kept, model_state, is_clf, model, path):
             more = ', ...' if len(keys) > 3 else ''
             parts.append(f'{what} {", ".join(keys[:3])}{more} ({len(keys)} keys)')
     if parts:
-        raise ValueError(f'checkpoint {path} does not fit model {_describe(model)}: {"; ".join(parts)}')
+        raise ValueError(f'checkpoint {path} does not fit model {_describe(model)}: it holds {what_model(state)}; '
+                         f'{"; ".join(parts)}')
 
 
 @torch.no_grad()
@@ -198,10 +199,11 @@ def load_pretrained(model, path, verbose=True):
         model = model.module
     model_state = model.state_dict()
     is_clf = _classifier_test(model, model_state)
-    kept, dropped, reasons = _filter_checkpoint(read_state_dict(path), model_state, is_clf)
+    state = read_state_dict(path)
+    kept, dropped, reasons = _filter_checkpoint(state, model_state, is_clf)
     how = _resample_kept_pos_embed(kept, model_state, model)
     notes = [f'pos_embed {how}'] if how else []
-    _check_fit(kept, model_state, is_clf, model, path)
+    _check_fit(kept, model_state, is_clf, model, path, state)
     result = model.load_state_dict(kept, strict=False)
     assert not result.unexpected_keys, result.unexpected_keys  # checked above
     initialised = list(result.missing_keys)

@@ -14,7 +14,7 @@ import os
 import torch
 
 from models.r3d import resnet3d_basic
-from util.checkpoint import read_checkpoint, report_ignored
+from util.checkpoint import read_checkpoint, report_ignored, what_model
 
 TRUNK_PREFIX = 'trunk.model.'
 
@@ -55,8 +55,8 @@ def r3d_trunk_state_dict(path_or_state):
         if any(k.startswith('blocks.') for k in trunk):
             break
     else:
-        raise ValueError(f'{name} holds no R3D trunk: no trunk.model.*, model.blocks.* or blocks.* keys '
-                         f'(first keys: {", ".join(list(state)[:5]) or "none"})')
+        raise ValueError(f'{name} holds no R3D trunk: no trunk.model.*, model.blocks.* or blocks.* keys; it holds '
+                         f'{what_model(state)}')
     expected = _template()
     missing = sorted(set(expected) - set(trunk))
     unexpected = sorted(set(trunk) - set(expected))

@@ -253,5 +253,5 @@ def test_demo_run_with_spark_resnet_recipe(tmp_path, monkeypatch):
     log = [json.loads(line) for line in open(out / 'log.txt')]
     assert len(log) == 1 and math.isfinite(log[0]['train_loss']) and log[0]['test_count'] == 36
     assert 0 <= log[0]['test_acc1'] <= 100 and 0 <= log[0]['test_ema_acc1'] <= 100
-    state = torch.load(out / 'checkpoint-last.pth', weights_only=False)['optimizer']['state']
+    state = torch.load(out / 'checkpoint-last.pth', weights_only=True)['optimizer']['state']
     assert state and all('exp_avg_sq' in s for s in state.values())  # Lamb's moments

@@ -14,8 +14,6 @@ optimizer state loads as it is (same parameter order), after a check of every te
 """
 import os
 
-import torch
-
 from models.spark import encoder_state_dict
 from util.checkpoint import (load_checkpoint, no_readable_checkpoint, on_main_process, read_checkpoint,
                               readable_checkpoint, save_checkpoint, write_file)

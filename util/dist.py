@@ -11,6 +11,7 @@ import subprocess
 import torch
 import torch.distributed as dist
 
+_groups_created_here = []  # the group init_distributed_mode made (tests may bring their own, which they close)
 _builtin_print = builtins.print  # kept so repeated setup (e.g. several runs in one test process) never nests
 
 def is_dist_avail_and_initialized():
@@ -96,7 +97,18 @@ def init_distributed_mode(args):
     dist.init_process_group(backend=backend, init_method=args.dist_url, world_size=args.world_size,
                             rank=args.rank, device_id=torch.device(args.device) if on_gpu else None)
     dist.barrier()
+    _groups_created_here.append(dist.group.WORLD)
     setup_for_distributed(args.rank == 0)
+
+
+def finish_distributed():
+    """After a run that ended normally on every rank: wait for the peers, then tear down the group this module
+    created. A process that exits with gloo's group still alive can abort in its destructor ('terminate called
+    without an active exception'), and one that leaves first can cut a peer's last collective."""
+    if _groups_created_here and is_dist_avail_and_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    _groups_created_here.clear()
 
 
 def all_reduce_sum(tensor):

@@ -15,8 +15,8 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
 from util.checkpoint import latest_checkpoint, load_checkpoint, remove_stale_temp_files
-from util.dist import (get_rank, get_world_size, init_distributed_mode, is_dist_avail_and_initialized, is_main_process,
-                       unwrap)
+from util.dist import (finish_distributed, get_rank, get_world_size, init_distributed_mode,
+                       is_dist_avail_and_initialized, is_main_process, unwrap)
 from util.preemption import ignore_stop_signals, install_signal_handlers, restore_signal_handlers
 from util.train_step import NonFiniteLossError
 
@@ -202,6 +202,7 @@ def run_cli(main, parser):
     _created_folders.clear()
     try:
         main(args)
+        finish_distributed()
     except (FileNotFoundError, ValueError, NonFiniteLossError) as error:
         origin = traceback.extract_tb(error.__traceback__)[-1]  # so a bug is not mistaken for a bad flag
         # sys.stderr, not print: under DDP print is silenced on all ranks but the first, which may not be the one

@@ -98,7 +98,7 @@ def exp_dir_of(args):
 
 
 def data_root(data_path):
-    if str(data_path) != 'demo':
+    if str(data_path) not in ('demo', 'fashion-mnist'):
         path = os.path.normpath(os.path.expanduser(str(data_path)))
         if os.path.basename(path) in ('train', 'val'):
             data_path = os.path.dirname(path)

@@ -1,7 +1,8 @@
 """Image data: where the images are, how they are read, how they are augmented (pretraining, fine-tuning,
 evaluation).
 
-`--data_path` may be `demo` (generated photographs, see util/demo_data.py), an ImageNet-style
+`--data_path` may be `demo` (generated photographs, see util/demo_data.py), `fashion-mnist` or a folder holding
+its four idx files (util/fashion_mnist.py), an ImageNet-style
 folder with `train/` inside (the official LocalMIM code appends `train`), a folder of class
 folders, or a flat folder of images (labels are not needed to pretrain). Images that cannot be
 decoded are skipped with one warning each and counted, so one bad file never stops a long run.
@@ -20,24 +21,33 @@ from torchvision.transforms import InterpolationMode
 
 from util.bad_files import BadFiles
 from util.demo_data import demo_imagefolder
+from util.fashion_mnist import NAME as FASHION_MNIST, fashion_mnist_imagefolder, holds_idx_files
 from util.runtime import check_flags
 from util.fast_image import FAST_DATA_MODES, EncodedCropReader, RandomResizedCropReader
 from util.user_data import (check_every_class_has_images, class_folder_samples, csv_classes, csv_samples,
                             describe_classes, read_label_csv, stratified_split)
 
-ACCEPTED_LAYOUTS = ("'demo', a folder with {split}/ inside, a folder of class folders, "
+ACCEPTED_LAYOUTS = ("'demo', 'fashion-mnist', a folder with {split}/ inside, a folder of class folders, "
                     "or a flat folder of images")
 
 
 def resolve_image_root(data_path, split='train') -> Path:
     """Map a `--data_path` value to the folder whose images form the `split` data set."""
-    if str(data_path) == 'demo':
-        return demo_imagefolder() / split
-    path = Path(data_path).expanduser()
+    path = named_data_folder(data_path)
     if not path.is_dir():
         raise FileNotFoundError(f'--data_path {path}: no such folder (accepted: '
                                 f'{ACCEPTED_LAYOUTS.format(split=split)})')
     return path / split if (path / split).is_dir() else path
+
+
+def named_data_folder(data_path) -> Path:
+    """The folder a `--data_path` names: the demo or Fashion-MNIST class folders (built once), else the path."""
+    if str(data_path) == 'demo':
+        return demo_imagefolder()
+    if str(data_path) == FASHION_MNIST:
+        return fashion_mnist_imagefolder()
+    path = Path(data_path).expanduser()
+    return fashion_mnist_imagefolder(path) if path.is_dir() and holds_idx_files(path) else path
 
 
 def _is_image_file(path: Path) -> bool:
@@ -245,7 +255,7 @@ def check_resumed_split(saved_args, args):
 
 
 def _data_folder(data_path):
-    folder = demo_imagefolder() if str(data_path) == 'demo' else Path(data_path).expanduser()
+    folder = named_data_folder(data_path)
     if not folder.is_dir():
         raise FileNotFoundError(f'--data_path {data_path}: no such folder')
     return folder
@@ -293,10 +303,11 @@ def _labelled_as_in_train(val, train_root):
     return LabeledImages(val.root, samples, train_classes, val.transform, val.drop_unreadable, val.loader)
 
 
-def build_finetune_dataset(is_train, args, eval_rule=None):
+def build_finetune_dataset(is_train, args, eval_rule=None, transform=None):
     """The training or validation set: `train/` or `val/` class folders of --data_path (`demo`: the demo data's
-    held-out split), or the sets util/user_data.py makes from --val_fraction or --train_csv / --val_csv."""
-    transform = build_finetune_transform(is_train, args, eval_rule)
+    held-out split), or the sets util/user_data.py makes from --val_fraction or --train_csv / --val_csv.
+    `transform`: instead of the split's fine-tuning transform."""
+    transform = transform or build_finetune_transform(is_train, args, eval_rule)
     selected = finetune_samples(is_train, args)
     if selected is not None:
         dataset = LabeledImages(*selected, transform, drop_unreadable=not is_train)

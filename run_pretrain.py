@@ -44,7 +44,7 @@ def get_args_parser():
                         help='name of the model to train (MIM_vit_{tiny,small,base,large}_patch16, '
                              'MIM_vit_huge_patch14)')
     parser.add_argument('--input_size', default=224, type=int, help='image input size')
-    parser.add_argument('--mask_ratio', default=0.75, type=float, help='masking ratio (% of removed patches)')
+    parser.add_argument('--mask_ratio', default=0.75, type=float, help='fraction of the patches that are masked')
     parser.add_argument('--hog_nbins', default=9, type=int, help='number of orientation bins of the HOG targets')
     parser.add_argument('--hog_bias', action='store_true', help='give the HOG gradient filters a (frozen) bias')
 

@@ -137,3 +137,13 @@ def test_command_line_is_one_line_and_exit_code_2(tmp_path, script, argv, flag):
     assert done.returncode == 2 and 'Traceback' not in done.stderr, done.stderr[-2000:]
     assert len(lines) == 1 and lines[0].startswith(f'{script}.py: error: {flag}'), lines
     assert not out.exists()
+
+
+@pytest.mark.parametrize('script', ['run_pretrain', 'run_finetune', 'main_spark', 'main_slak', 'main_sce',
+                                    'run_finetune_video', 'export', 'prepare_video', 'eval_knn'])
+def test_every_entry_script_prints_its_help(script):
+    """`-h` formats every help string (a lone '%' in one made `run_pretrain.py -h` crash)."""
+    parser = __import__(script).get_args_parser()
+    text = parser.format_help()
+    assert all(action.option_strings[-1] in text for action in parser._actions
+               if action.option_strings and action.help != argparse.SUPPRESS)

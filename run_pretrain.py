@@ -20,6 +20,7 @@ from util.checkpoint import read_checkpoint, save_checkpoint
 from util.bad_files import write_bad_file_list
 from util.datasets import ImageFolderOrFlat, build_pretrain_dataset
 from util.fast_image import FAST_DATA_MODES, DeviceInput
+from util.knn import KnnMonitor
 from util.dist import get_world_size, is_main_process
 from util.preemption import MidEpochCheckpoints
 from util.mim_vis import fixed_vis_batch, save_mim_pictures, vis_transform
@@ -115,6 +116,12 @@ def get_args_parser():
     parser.add_argument('--save_every_steps', default=0, type=int,
                         help='also write checkpoint-last.pth every N optimizer steps, resumable inside the epoch')
     parser.add_argument('--vis_freq', default=20, type=int, help='reconstruction pictures every N epochs (0: never)')
+    parser.add_argument('--knn_every', default=0, type=int, metavar='N',
+                        help='every N epochs and after the last, k-NN accuracy of the frozen features (mean patch '
+                             'token), neighbours from --data_path train/, scored on its val/ (0: never)')
+    parser.add_argument('--knn_k', default=20, type=int, help='neighbours of the k-NN monitor')
+    parser.add_argument('--knn_train_images', default=10000, type=int, metavar='N',
+                        help='training images the k-NN monitor draws (--seed) as neighbours (0: all)')
 
     parser.add_argument('--world_size', default=1, type=int, help='number of distributed processes')
     parser.add_argument('--local_rank', '--local-rank', default=-1, type=int)
@@ -158,13 +165,24 @@ def refreezer(path, trainer, schedule):
     return refreeze
 
 
+def monitor_knn(knn, model, device, epoch, log_writer):
+    model.eval()
+    top1 = knn(model.pooled_features, device)
+    model.train()
+    print(f'epoch {epoch}: {knn.k}-NN top-1 {top1:.2f}% (frozen features, val split)')
+    if log_writer is not None:
+        log_writer.add_scalar('knn/top1', top1, epoch)
+    return top1
+
+
 def check_args(args):
     check_flags(args, {'--batch_size': '>= 1', '--epochs': '>= 1', '--accum_iter': '>= 1', '--input_size': '>= 1',
                        '--mask_ratio': '(0, 1)', '--hog_nbins': '>= 1', '--weight_decay': '>= 0', '--lr': '> 0',
                        '--blr': '> 0', '--min_lr': '>= 0', '--warmup_epochs': '>= 0', '--clip_grad': '>= 0',
                        '--t_0': '(0, 1]', '--freeze_cache_gb': '> 0', '--max_nonfinite': '>= 0',
                        '--num_workers': '>= 0', '--print_freq': '>= 1', '--save_freq': '>= 1',
-                       '--save_every_steps': '>= 0', '--vis_freq': '>= 0'})
+                       '--save_every_steps': '>= 0', '--vis_freq': '>= 0',
+                       '--knn_every': '>= 0', '--knn_k': '>= 1', '--knn_train_images': '>= 0'})
     for flag in ('freeze_cache', 'feature_masking', 'decoder_prune'):
         if getattr(args, flag) and not args.how_scale:
             raise ValueError(f'--{flag} works on frozen FreezeOut units: give --how_scale too')
@@ -224,6 +242,8 @@ def main(args):
     if args.fast_data != 'none':  # the loader gives uint8 (or encoded) crops: normalise them on the device
         compute_loss = DeviceInput(args.input_size, device).wrap(compute_loss)
     log_writer = make_log_writer(args.log_dir)
+    knn = KnnMonitor(args.data_path, args.input_size, args.knn_every, args.knn_k, args.knn_train_images,
+                     num_workers=args.num_workers, seed=args.seed) if args.knn_every else None
     vis_imgs, vis_noise = fixed_vis_batch(ImageFolderOrFlat(dataset.root, vis_transform(args.input_size)),
                                           num_patches=model.grid_size ** 2)
 
@@ -240,6 +260,8 @@ def main(args):
         write_bad_file_list(args.output_dir, dataset)
         if is_main_process() and args.vis_freq and (epoch % args.vis_freq == 0 or last):
             save_mim_pictures(model, vis_imgs.to(device), vis_noise.to(device), args.output_dir, epoch, log_writer)
+        if knn and knn.due(epoch, last) and is_main_process():
+            stats['knn_top1'] = monitor_knn(knn, model, device, epoch, log_writer)
         epoch_time = stats.pop('epoch_time')
         append_log_line(args.output_dir, {**{f'train_{k}': v for k, v in stats.items()}, 'epoch': epoch,
                                           'epoch_time': epoch_time, 'skipped_steps': int(trainer.skipped),

@@ -235,6 +235,15 @@ class MaskedAutoencoderViT(nn.Module):
             x = blk(x)
         return x
 
+    @torch.no_grad()
+    def pooled_features(self, imgs):
+        """[B, D]: the mean patch token of the whole (unmasked) image after the last block and its tap norm, as
+        the exported timm ViT computes it (k-NN monitoring)."""
+        x = self._with_cls(self.patch_embed(imgs) + self.pos_embed[:, 1:])
+        for blk in self.blocks:
+            x = blk(x)
+        return self.norm[-1](x)[:, 1:].mean(1)
+
     def mask_features(self, features, mask_ratio, noise):
         """Feature masking: a `forward_prefix`-like (tokens, mask, ids_restore) from `frozen_features` output. The
         patches with the smallest `noise` stay visible, kept in their row-major order after the cls token."""

@@ -10,6 +10,7 @@ sorted order is the official label order; images stay grey and are read as 3 equ
 import gzip
 import hashlib
 import os
+import random
 import shutil
 import tempfile
 from pathlib import Path
@@ -88,3 +89,20 @@ def fashion_mnist_imagefolder(source=None, root=None):
     root = Path(root) if root is not None else default_root()
     tag = 'debian' if source.resolve() == DEBIAN_FOLDER.resolve() else hashlib.sha1(str(source.resolve()).encode()).hexdigest()[:12]
     return build_once(root / tag, lambda out: _write_class_folders(source, out), 'Fashion-MNIST class folders')
+
+
+def train_subset(per_class, seed=0, source=None, root=None):
+    """Class folders with `per_class` training images of each class, drawn with `seed` (symbolic links to the full
+    set's files), and the whole official `val/`: for runs sized to a small machine."""
+    full = fashion_mnist_imagefolder(source, root)
+    out = full.parent / f'{full.name}_train{per_class}_seed{seed}'
+
+    def link(folder):
+        rng = random.Random(seed)
+        for name in CLASS_FOLDERS:
+            (folder / 'train' / name).mkdir(parents=True)
+            files = sorted((full / 'train' / name).iterdir())
+            for path in sorted(rng.sample(files, min(per_class, len(files)))):
+                (folder / 'train' / name / path.name).symlink_to(path)
+        (folder / 'val').symlink_to(full / 'val', target_is_directory=True)
+    return build_once(out, link, f'Fashion-MNIST, {per_class} training images per class')

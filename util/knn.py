@@ -6,6 +6,10 @@ neighbour only; with the default T = 0.07 (DINO's) close neighbours count more t
 """
 import torch
 import torch.nn.functional as F
+from torch.utils.data import DataLoader, Subset
+
+from util.bad_files import collate_readable
+from util.datasets import ImageFolderOrFlat, build_eval_transform, resolve_image_root
 
 
 @torch.no_grad()
@@ -41,3 +45,34 @@ def knn_accuracy(train_features, train_labels, test_features, test_labels, k=20,
     num_classes = int(max(train_labels.max(), test_labels.max())) + 1
     predicted = knn_predict(train_features, train_labels, test_features, num_classes, k, temperature)
     return 100.0 * (predicted == test_labels).float().mean().item()
+
+
+class KnnMonitor:
+    """k-NN accuracy of a model's frozen features on a labelled data set, every `every` epochs of a pretraining run
+    (as solo-learn's online k-NN): the neighbours are `train_images` images of `data_path`'s train/ (drawn once with
+    `seed`; 0: all), scored on its val/. It runs on the main process only; the others wait at their next
+    collective."""
+
+    def __init__(self, data_path, input_size, every, k=20, train_images=10000, batch_size=256, num_workers=2,
+                 seed=0):
+        self.every, self.k, self.batch_size, self.num_workers = every, k, batch_size, num_workers
+        transform = build_eval_transform(input_size, crop_pct=1.0)
+        roots = [resolve_image_root(data_path, split) for split in ('train', 'val')]
+        if roots[1].name != 'val':
+            raise FileNotFoundError(f'--knn_every: --data_path {data_path} has no val/ class folders to score '
+                                    f'k-NN on (it needs train/ and val/)')
+        self.train, self.val = (ImageFolderOrFlat(root, transform, drop_unreadable=True) for root in roots)
+        if 0 < train_images < len(self.train):
+            chosen = torch.randperm(len(self.train), generator=torch.Generator().manual_seed(seed))[:train_images]
+            self.train = Subset(self.train, chosen.sort().values.tolist())
+
+    def due(self, epoch, last):
+        return self.every > 0 and ((epoch + 1) % self.every == 0 or last)
+
+    def __call__(self, encode, device):
+        """Top-1 k-NN accuracy (%) of `encode` (run in no_grad)."""
+        loaders = [DataLoader(data, self.batch_size, num_workers=self.num_workers,
+                                               collate_fn=collate_readable) for data in (self.train, self.val)]
+        (train_x, train_y), (val_x, val_y) = (extract_features(encode, (b for b in loader if b is not None), device)
+                                              for loader in loaders)
+        return knn_accuracy(train_x, train_y, val_x, val_y, self.k)

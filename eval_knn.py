@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, Subset
 from util.bad_files import collate_readable
 from util.datasets import add_finetune_data_args, build_eval_transform, build_finetune_dataset, \
     check_finetune_data_args
-from util.frozen_eval import build_frozen_encoder, linear_probe_accuracy
+from util.frozen_eval import build_frozen_encoder, choose_weight_decay, linear_probe_accuracy
 from util.knn import extract_features, knn_accuracy
 from util.runtime import check_flags, run_cli
 
@@ -33,7 +33,8 @@ def get_args_parser():
     p.add_argument('--nb_knn', default=[20], type=int, nargs='+', help='k values (DINO: 10 20 100 200)')
     p.add_argument('--temperature', default=0.07, type=float, help='weight of a neighbour: exp(similarity / T)')
     p.add_argument('--linear', action='store_true', help='also fit a linear probe on the frozen features')
-    p.add_argument('--linear_wd', default=1e-4, type=float, help='L2 weight of the linear probe')
+    p.add_argument('--linear_wd', default=[1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0], type=float, nargs='+',
+                   help='L2 weight of the linear probe; several: the best on 10%% of the training images held out')
     p.add_argument('--random_init', action='store_true', help="the checkpoint's architecture at timm's initial "
                                                               'weights (the random-weight baseline)')
     p.add_argument('--train_subset', default=0, type=int, metavar='N',
@@ -77,9 +78,14 @@ def main(args):
                                                  args.temperature)
         print(f'{k}-NN (T={args.temperature}): top-1 {results[f"knn_top1_k{k}"]:.2f}%')
     if args.linear:
-        results['linear_top1'] = linear_probe_accuracy(train_features, train_labels, test_features, test_labels,
-                                                       args.linear_wd)
-        print(f'linear probe (logistic regression, L2 {args.linear_wd:g}): top-1 {results["linear_top1"]:.2f}%')
+        wd = args.linear_wd[0]
+        if len(args.linear_wd) > 1:
+            wd, held_out = choose_weight_decay(train_features, train_labels, args.linear_wd, seed=args.seed)
+            print('linear probe L2 weight, held-out top-1: ' + ', '.join(f'{w:g}: {a:.2f}%' for w, a in
+                                                                         held_out.items()))
+        results['linear_top1'] = linear_probe_accuracy(train_features, train_labels, test_features, test_labels, wd)
+        results['linear_wd'] = wd
+        print(f'linear probe (logistic regression, L2 {wd:g}): top-1 {results["linear_top1"]:.2f}%')
     if args.json:
         with open(args.json, 'w') as f:
             json.dump(results, f, indent=1)

@@ -1,5 +1,6 @@
 """Scoring frozen features: the k-NN monitor of run_pretrain.py, eval_knn.py (k-NN, linear probe, random-weight and
 pixel baselines), and the learning check: a short LocalMIM run on Fashion-MNIST beats its own random weights."""
+import copy
 import json
 
 import numpy as np
@@ -13,7 +14,9 @@ import eval_knn
 import run_pretrain
 from helpers import log_entries, pretrain_args, write_images
 from test_fashion_mnist import needs_package
-from util.datasets import ImageFolderOrFlat, build_eval_transform, resolve_image_root
+from models.localmim import MaskedAutoencoderViT
+from util.datasets import ImageFolderOrFlat, build_eval_transform, build_pretrain_dataset, resolve_image_root
+from util.fashion_mnist import train_subset
 from util.frozen_eval import build_frozen_encoder, fit_linear_probe, linear_probe_accuracy
 from util.knn import KnnMonitor, extract_features, knn_accuracy
 
@@ -112,3 +115,33 @@ def test_bad_monitor_flags_and_a_folder_without_val_split(tmp_path):
         write_images(tmp_path / 'only_classes' / name, 2)
     with pytest.raises(FileNotFoundError, match='no val/ class folders'):
         KnnMonitor(tmp_path / 'only_classes', 32, every=1)
+
+
+@needs_package
+def test_learning_check_localmim_beats_its_own_random_weights_on_fashion_mnist():
+    """About a minute: a 4-block LocalMIM ViT (patch 4 at 32 px) pretrained for 6 epochs on 1,000 Fashion-MNIST
+    images gains more than 3 points of 20-NN accuracy over its own initial weights (measured: 47.3% -> 53.3%). A
+    loss, target, mask or augmentation that stops the encoder learning leaves it near the initial score."""
+    torch.manual_seed(0)
+    root = train_subset(100)
+    model = MaskedAutoencoderViT(img_size=32, patch_size=4, embed_dim=96, depth=4, num_heads=3, decoder_embed_dim=64,
+                                 decoder_num_heads=4)
+    initial = copy.deepcopy(model)
+    loader = DataLoader(build_pretrain_dataset(root, 32), batch_size=64, shuffle=True, drop_last=True)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, betas=(0.9, 0.95), weight_decay=0.05)
+    for _ in range(6):
+        for images, _ in loader:
+            loss, _ = model(images)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    transform = build_eval_transform(32, 1.0)
+    train = ImageFolderOrFlat(root / 'train', transform)
+    val = Subset(ImageFolderOrFlat(root / 'val', transform), range(0, 10000, 10))  # 100 per class
+    scores = {}
+    for name, encoder in (('pretrained', model), ('initial', initial)):
+        encoder.eval()
+        (train_x, train_y), (val_x, val_y) = (extract_features(encoder.pooled_features, DataLoader(d, 256), 'cpu')
+                                              for d in (train, val))
+        scores[name] = knn_accuracy(train_x, train_y, val_x, val_y, k=20)
+    assert scores['pretrained'] > scores['initial'] + 3, scores

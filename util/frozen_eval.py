@@ -94,3 +94,14 @@ def linear_probe_accuracy(train_features, train_labels, test_features, test_labe
     weight, bias, mean, std = fit_linear_probe(train_features, train_labels, num_classes, weight_decay, max_iter)
     logits = ((test_features.double() - mean) / std) @ weight.T + bias
     return 100.0 * (logits.argmax(1) == test_labels).double().mean().item()
+
+
+def choose_weight_decay(features, labels, candidates, held_out=0.1, seed=0):
+    """(the candidate L2 weight whose probe, fitted on the rest, scores best on a random `held_out` fraction of the
+    training features, {candidate: that held-out accuracy}). The test split is never looked at."""
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
+    cut = max(1, int(len(labels) * held_out))
+    val, fit = order[:cut], order[cut:]
+    scores = {wd: linear_probe_accuracy(features[fit], labels[fit], features[val], labels[val], wd)
+              for wd in candidates}
+    return max(scores, key=lambda wd: (scores[wd], wd)), scores

@@ -65,7 +65,7 @@ ROWS = {
 
 
 def python(script, *args):
-    return [sys.executable, str(REPO / script), *args]
+    return ['python', script, *args]  # run from the repository root with this interpreter (run_row)
 
 
 def commands(name, seed, work, data):
@@ -99,7 +99,7 @@ def run_row(name, seed, work, data):
             print('    already done', flush=True)
             continue
         done.parent.mkdir(parents=True, exist_ok=True)
-        subprocess.run(argv, cwd=REPO, check=True, stdout=subprocess.DEVNULL if what == 'pretrain' else None)
+        subprocess.run([sys.executable, *argv[1:]], cwd=REPO, check=True, stdout=subprocess.DEVNULL if what == 'pretrain' else None)
         if what == 'pretrain':
             done.write_text('')
 
@@ -198,10 +198,11 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--rows', nargs='+', default=[], choices=list(ROWS))
     parser.add_argument('--seeds', nargs='+', type=int, default=[0])
-    parser.add_argument('--work', default=str(REPO / '.cache' / 'learning'), help='where the runs go')
+    parser.add_argument('--work', default='.cache/learning', help='where the runs go (relative: to the repository)')
     parser.add_argument('--report', action='store_true', help='only rebuild the table and plot')
     args = parser.parse_args()
-    data, work = train_subset(PER_CLASS), Path(args.work)
+    os.chdir(REPO)
+    data, work = Path(os.path.relpath(train_subset(PER_CLASS), REPO)), Path(args.work)
     for name in [] if args.report else args.rows:
         for seed in args.seeds:
             run_row(name, seed, work, data)

@@ -1,10 +1,13 @@
 """Scoring frozen features: the k-NN monitor of run_pretrain.py, eval_knn.py (k-NN, linear probe, random-weight and
 pixel baselines), and the learning check: a short LocalMIM run on Fashion-MNIST beats its own random weights."""
+import argparse
 import copy
 import json
+import types
 
 import numpy as np
 import pytest
+import timm
 import torch
 import torch.nn.functional as F
 from scipy.optimize import minimize
@@ -15,10 +18,12 @@ import run_pretrain
 from helpers import log_entries, pretrain_args, write_images
 from test_fashion_mnist import needs_package
 from models.localmim import MaskedAutoencoderViT
+from models.spark import build_spark
 from util.datasets import ImageFolderOrFlat, build_eval_transform, build_pretrain_dataset, resolve_image_root
 from util.fashion_mnist import train_subset
 from util.frozen_eval import build_frozen_encoder, fit_linear_probe, linear_probe_accuracy
 from util.knn import KnnMonitor, extract_features, knn_accuracy
+from util.spark_checkpoint import output_names, save_spark_outputs
 
 
 @pytest.fixture(scope='module')
@@ -145,3 +150,21 @@ def test_learning_check_localmim_beats_its_own_random_weights_on_fashion_mnist()
                                               for d in (train, val))
         scores[name] = knn_accuracy(train_x, train_y, val_x, val_y, k=20)
     assert scores['pretrained'] > scores['initial'] + 3, scores
+
+
+def test_a_spark_cnn_is_scored_on_its_pooled_encoder_features(tmp_path):
+    spark = build_spark('resnet18', input_size=64)
+    with torch.no_grad():
+        for p in spark.parameters():
+            p.add_(0.05 * torch.randn_like(p))  # off its initial weights, so --random_init shows
+    args = argparse.Namespace(model='resnet18', exp_dir=str(tmp_path), input_size=64)
+    save_spark_outputs(args, 0, types.SimpleNamespace(num_updates=0, scaler=None), spark,
+                       torch.optim.SGD(spark.parameters(), lr=0.1), {'min_loss': 1.0, 'last_loss': 1.0})
+    encoder, what = build_frozen_encoder(str(tmp_path / output_names('resnet18')['resume']))
+    reference = timm.create_model('resnet18', num_classes=0).eval()
+    reference.load_state_dict({k.removeprefix('sparse_encoder.sp_cnn.'): v for k, v in spark.state_dict().items()
+                               if k.startswith('sparse_encoder.sp_cnn.')})
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(encoder(images), reference(images))  # timm's own global average pool
+    assert 'SparK pretraining' in what and not encoder.training

@@ -93,3 +93,31 @@ def test_a_folder_missing_one_idx_file_is_read_as_images(tmp_path):
         write_idx(tmp_path, stem, np.zeros((1, 28, 28) if 'images' in stem else (1,)))
     assert not holds_idx_files(tmp_path)
     assert resolve_image_root(tmp_path) == tmp_path  # an ordinary folder, not Fashion-MNIST
+
+
+def test_clips_show_one_image_moving_labelled_with_its_class(tmp_path):
+    """Each source image is one flat grey level (image i: 30 + 20 i), so a frame shows which image it came from."""
+    source = tmp_path / 'idx'
+    source.mkdir()
+    labels = {'train': np.array([3, 3, 7, 0, 7, 3]), 't10k': np.array([7, 0, 3])}
+    for split, split_labels in labels.items():
+        levels = 30 + 20 * np.arange(len(split_labels)) + (0 if split == 'train' else 120)
+        write_idx(source, f'{split}-images-idx3-ubyte', np.ones((len(split_labels), 28, 28)) * levels[:, None, None])
+        write_idx(source, f'{split}-labels-idx1-ubyte', split_labels)
+    root = fashion_mnist.fashion_mnist_clips(2, source=source, root=tmp_path / 'cache', num_frames=6)
+    rows = [line.split() for line in (root / 'train.csv').read_text().splitlines()]
+    assert len(rows) == 5  # 2 of class 3, 2 of class 7, the only one of class 0
+    for path, label, frames in rows:
+        index = int(path.rsplit('_', 1)[1])
+        assert int(label) == labels['train'][index] and path.startswith(CLASS_FOLDERS[int(label)])
+        assert int(frames) == 6 == len(list((root / 'train' / path).glob('*.jpg')))
+        boxes = []
+        for k in range(1, 7):
+            frame = np.asarray(Image.open(root / 'train' / path / f'{k:08d}.jpg').convert('L')).astype(int)
+            garment = frame > 15
+            assert garment.sum() >= 28 * 28 * 0.9  # at least the image's own size
+            assert abs(np.median(frame[garment]) - (30 + 20 * index)) <= 3  # and only that image
+            rows_, cols = np.flatnonzero(garment.any(1)), np.flatnonzero(garment.any(0))
+            boxes.append((rows_[0], cols[0], rows_[-1], cols[-1]))
+        assert boxes[0] != boxes[-1]  # it moves or zooms
+    assert [line.split()[1] for line in (root / 'val.csv').read_text().splitlines()] == ['0', '3', '7']

@@ -99,7 +99,12 @@ def run_row(name, seed, work, data):
             print('    already done', flush=True)
             continue
         done.parent.mkdir(parents=True, exist_ok=True)
-        subprocess.run([sys.executable, *argv[1:]], cwd=REPO, check=True, stdout=subprocess.DEVNULL if what == 'pretrain' else None)
+        if what == 'pretrain':  # its console goes to a file: follow it with tail -f
+            print(f'    console: {done.parent / "console.txt"}', flush=True)
+            with open(done.parent / 'console.txt', 'a') as console:
+                subprocess.run([sys.executable, *argv[1:]], check=True, stdout=console, stderr=subprocess.STDOUT)
+        else:
+            subprocess.run([sys.executable, *argv[1:]], check=True)
         if what == 'pretrain':
             done.write_text('')
 

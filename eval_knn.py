@@ -12,13 +12,13 @@ import json
 import time
 
 import torch
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader
 
 from util.bad_files import collate_readable
 from util.datasets import add_finetune_data_args, build_eval_transform, build_finetune_dataset, \
     check_finetune_data_args
 from util.frozen_eval import build_frozen_encoder, choose_weight_decay, linear_probe_accuracy
-from util.knn import extract_features, knn_accuracy
+from util.knn import extract_features, knn_accuracy, random_subset
 from util.runtime import check_flags, run_cli
 
 
@@ -49,9 +49,8 @@ def get_args_parser():
 
 def frozen_features(args, encoder, is_train):
     dataset = build_finetune_dataset(is_train, args, transform=build_eval_transform(args.input_size, args.crop_pct))
-    if is_train and 0 < args.train_subset < len(dataset):
-        chosen = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(args.seed))
-        dataset = Subset(dataset, chosen[:args.train_subset].sort().values.tolist())
+    if is_train:
+        dataset = random_subset(dataset, args.train_subset, args.seed)
     loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=args.num_workers,
                         collate_fn=None if is_train else collate_readable)
     return extract_features(encoder, (batch for batch in loader if batch is not None), args.device)

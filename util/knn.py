@@ -47,6 +47,15 @@ def knn_accuracy(train_features, train_labels, test_features, test_labels, k=20,
     return 100.0 * (predicted == test_labels).float().mean().item()
 
 
+def random_subset(dataset, size, seed):
+    """`size` samples of `dataset` drawn with `seed`, in their original order (the whole set for size 0 or for a
+    size not below its length)."""
+    if not 0 < size < len(dataset):
+        return dataset
+    chosen = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:size]
+    return Subset(dataset, chosen.sort().values.tolist())
+
+
 class KnnMonitor:
     """k-NN accuracy of a model's frozen features on a labelled data set, every `every` epochs of a pretraining run
     (as solo-learn's online k-NN): the neighbours are `train_images` images of `data_path`'s train/ (drawn once with
@@ -62,9 +71,7 @@ class KnnMonitor:
             raise FileNotFoundError(f'--knn_every: --data_path {data_path} has no val/ class folders to score '
                                     f'k-NN on (it needs train/ and val/)')
         self.train, self.val = (ImageFolderOrFlat(root, transform, drop_unreadable=True) for root in roots)
-        if 0 < train_images < len(self.train):
-            chosen = torch.randperm(len(self.train), generator=torch.Generator().manual_seed(seed))[:train_images]
-            self.train = Subset(self.train, chosen.sort().values.tolist())
+        self.train = random_subset(self.train, train_images, seed)
 
     def due(self, epoch, last):
         return self.every > 0 and ((epoch + 1) % self.every == 0 or last)

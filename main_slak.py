@@ -37,7 +37,7 @@ from util.datasets import (ImageFolderOrFlat, add_finetune_data_args, build_fine
 from util.dist import get_world_size, is_main_process
 from util.lr_sched import IterationSchedule, cosine_scheduler
 from util.preemption import MidEpochCheckpoints
-from util.runtime import (add_bool_arg, append_log_line, attach_ddp, build_train_loader, check_flags,
+from util.runtime import (add_bool_arg, append_log_line, attach_ddp, build_train_loader, check_flags, evaluates_epoch,
                           keeps_checkpoint, make_log_writer, resume_path, resume_training, run_cli, setup_run)
 from util.samplers import build_eval_loader
 from util.hooks import MaskedEmaHook, ModelEmaHook
@@ -118,6 +118,8 @@ def get_args_parser():
     boolean('--eval', False, 'only evaluate the --resume checkpoint')
     boolean('--dist_eval', True)
     boolean('--disable_eval', False, 'no evaluation during training')
+    p.add_argument('--eval_freq', default=1, type=int, metavar='N',
+                   help='evaluate every N epochs and after the last (as run_finetune.py)')
     p.add_argument('--num_workers', default=10, type=int)
     boolean('--pin_mem', True)
     p.add_argument('--world_size', default=1, type=int)
@@ -155,7 +157,7 @@ def check_args(args):
                        '--color_jitter': '>= 0', '--smoothing': '[0, 1)', '--reprob': '[0, 1]', '--recount': '>= 1',
                        '--mixup': '>= 0', '--cutmix': '>= 0', '--mixup_prob': '[0, 1]', '--mixup_switch_prob': '[0, 1]',
                        '--crop_pct': '(0, 1]', '--nb_classes': '>= 1', '--save_ckpt_freq': '>= 1',
-                       '--num_workers': '>= 0', '--print_freq': '>= 1', '--max_nonfinite': '>= 0',
+                       '--eval_freq': '>= 1', '--num_workers': '>= 0', '--print_freq': '>= 1', '--max_nonfinite': '>= 0',
                        '--save_every_steps': '>= 0', '--sparsity': '[0, 1)', '--prune_rate': '[0, 1]',
                        '--update-frequency': '>= 1'})
     if args.data_set == 'image_folder' and not args.eval_data_path:
@@ -368,7 +370,8 @@ def main(args):
         train_stats = train_one_epoch(train_loader, trainer, epoch, schedule, criterion, mixup_fn, hooks, log_writer,
                                       args.print_freq, checkpoints)
         log = {f'train_{k}': v for k, v in train_stats.items()}
-        improved = set() if args.disable_eval else evaluate_epoch(args, val_loader, model, ema, device, best, log)
+        evaluated = not args.disable_eval and evaluates_epoch(epoch, args.eval_freq, args.epochs)
+        improved = evaluate_epoch(args, val_loader, model, ema, device, best, log) if evaluated else set()
         if masking is not None:
             log.update({f'sparse_{k}': v for k, v in masking.densities().items()})
         save(args, epoch, trainer, model, masking, ema, best, improved)

@@ -36,8 +36,8 @@ from util.lars import LARS
 from util.pretrained import load_pretrained
 from util.lr_sched import WarmupCosine
 from util.preemption import MidEpochCheckpoints
-from util.runtime import (add_bool_arg, append_log_line, attach_ddp, build_train_loader, check_flags, keeps_checkpoint,
-                          make_log_writer, resume_path, resume_training, run_cli, setup_run)
+from util.runtime import (add_bool_arg, append_log_line, attach_ddp, build_train_loader, check_flags, evaluates_epoch,
+                          keeps_checkpoint, make_log_writer, resume_path, resume_training, run_cli, setup_run)
 from util.samplers import build_eval_loader, with_repeated_augmentation
 from util.train_step import AMP_DTYPES, TrainStep
 
@@ -143,6 +143,9 @@ def get_args_parser():
     parser.add_argument('--compile', action='store_true')
     parser.add_argument('--print_freq', default=50, type=int)
     parser.add_argument('--save_freq', default=20, type=int, help='keep checkpoint-<epoch>.pth every N epochs')
+    parser.add_argument('--eval_freq', default=1, type=int, metavar='N',
+                        help='evaluate on the validation set every N epochs and after the last (many short epochs '
+                             'of a small labelled set: evaluating each would cost more than training)')
     parser.add_argument('--max_nonfinite', type=int, default=5)
     parser.add_argument('--save_every_steps', default=0, type=int,
                         help='also write checkpoint-last.pth every N optimizer steps, resumable inside the epoch')
@@ -245,7 +248,7 @@ def check_args(args):
                        '--reprob': '[0, 1]', '--recount': '>= 1', '--mixup': '>= 0', '--cutmix': '>= 0',
                        '--mixup_prob': '[0, 1]', '--mixup_switch_prob': '[0, 1]', '--crop_pct': '(0, 1]',
                        '--repeated_aug': '>= 0', '--model_ema_decay': '[0, 1]', '--nb_classes': '>= 1',
-                       '--num_workers': '>= 0', '--print_freq': '>= 1', '--save_freq': '>= 1',
+                       '--num_workers': '>= 0', '--print_freq': '>= 1', '--save_freq': '>= 1', '--eval_freq': '>= 1',
                        '--max_nonfinite': '>= 0', '--save_every_steps': '>= 0'})
     check_finetune_data_args(args)
 
@@ -302,14 +305,17 @@ def main(args):
         train_stats = train_one_epoch(train_loader, trainer, epoch, schedule, criterion, mixup_fn,
                                       hooks=[ema] if ema else (), log_writer=log_writer, print_freq=args.print_freq,
                                       checkpoints=checkpoints)
-        test_stats = evaluate(val_loader, model, device, amp_dtype)
-        log = {**{f'train_{k}': v for k, v in train_stats.items()}, **{f'test_{k}': v for k, v in test_stats.items()}}
-        if ema is not None:
+        log = {f'train_{k}': v for k, v in train_stats.items()}
+        evaluated = evaluates_epoch(epoch, args.eval_freq, args.epochs)
+        test_stats = evaluate(val_loader, model, device, amp_dtype) if evaluated else {}
+        log.update({f'test_{k}': v for k, v in test_stats.items()})
+        if ema is not None and evaluated:
             log.update({f'test_ema_{k}': v for k, v in evaluate(val_loader, ema.module, device, amp_dtype).items()})
-        best = test_stats['acc1'] > max_accuracy
-        max_accuracy = max(max_accuracy, test_stats['acc1'])
-        print(f'accuracy of the network on {test_stats["count"]} test images: {test_stats["acc1"]:.1f}% '
-              f'(max {max_accuracy:.2f}%)')
+        best = evaluated and test_stats['acc1'] > max_accuracy
+        if evaluated:
+            max_accuracy = max(max_accuracy, test_stats['acc1'])
+            print(f'accuracy of the network on {test_stats["count"]} test images: {test_stats["acc1"]:.1f}% '
+                  f'(max {max_accuracy:.2f}%)')
         save(epoch, best=best)
         write_bad_file_list(args.output_dir, train_loader.dataset, dataset_val)
         if log_writer is not None:

@@ -33,8 +33,8 @@ from util.checkpoint import load_checkpoint, save_checkpoint
 from util.dist import get_world_size
 from util.lr_sched import IterationSchedule, cosine_scheduler
 from util.preemption import MidEpochCheckpoints
-from util.runtime import (add_bool_arg, append_log_line, attach_ddp, build_train_loader, check_flags, keeps_checkpoint,
-                          make_log_writer, resume_path, resume_training, run_cli, setup_run)
+from util.runtime import (add_bool_arg, append_log_line, attach_ddp, build_train_loader, check_flags, evaluates_epoch,
+                          keeps_checkpoint, make_log_writer, resume_path, resume_training, run_cli, setup_run)
 from util.samplers import build_eval_loader
 from util.sce_video_data import video_data_root
 from util.train_step import AMP_DTYPES, TrainStep
@@ -261,7 +261,7 @@ def classification(args, device, train_videos, test_videos):
                                 args.print_freq, checkpoints)
         log = {f'train_{k}': v for k, v in stats.items()}
         last, is_best = epoch + 1 == args.epochs, False
-        if (epoch + 1) % args.eval_freq == 0 or last:
+        if evaluates_epoch(epoch, args.eval_freq, args.epochs):
             broadcast_buffers(model)
             val = evaluate(val_loader, evaluator, device, amp_dtype, print_freq=args.print_freq)
             is_best, best_acc1 = val['acc1'] > best_acc1, max(best_acc1, val['acc1'])

@@ -22,7 +22,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from util.fashion_mnist import train_subset  # noqa: E402
+from util.fashion_mnist import fashion_mnist_clips, train_subset  # noqa: E402
 
 DOCS = REPO / 'docs' / 'learning'
 BEGIN, END = '<!-- learning:begin -->', '<!-- learning:end -->'  # docs/learning/README.md: the generated table
@@ -30,7 +30,36 @@ PER_CLASS = 1000        # training images per class: 10,000 in all (pretraining,
 INPUT_SIZE = 64         # 28 px upsampled: a 4x4 grid of 16 px patches for the ViT
 PRETRAIN = ('--model MIM_vit_tiny_patch16 --input_size {size} --batch_size 128 --epochs 5 --warmup_epochs 1 '
             '--blr 1.5e-3 --weight_decay 0.05 --num_workers 1 --device cpu --vis_freq 0')
+# FLOPs of the FreezeOut rows: bench/bench_freezeout.py counts one step's FLOPs at every frozen depth (the stored-path
+# variants too) and sums them over the schedule of these 5 epochs of 78 steps (the count does not depend on the batch).
+FLOPS = ('--model MIM_vit_tiny_patch16 --input_size {size} --batch_size 16 --epochs 5 --warmup_epochs 1 '
+         '--steps_per_epoch 78 --feature_masking --rounds 1 --steps 1 --warmup 1 --threads 1')
 EVAL = '--input_size {size} --nb_knn 20 --linear --num_workers 1 --device cpu'
+# Fine-tuning (run_finetune.py, MAE's recipe: AdamW, layer decay 0.75, drop path 0.1, RandAugment, label smoothing
+# 0.1, random erasing 0.25) of the localmim row's encoder, or of the same ViT from timm's initial weights without
+# layer decay (MAE's from-scratch recipe has none). Both label budgets take about 400 steps; evaluated once, at the end.
+FINETUNE = ('--model vit_tiny_patch16 --input_size {size} --nb_classes 10 --warmup_epochs 1 --num_workers 1 '
+            '--device cpu --print_freq 50')
+# SLaK trained with labels (main_slak.py, the official ConvNeXt recipe without Mixup/CutMix, which would hide the
+# difference on 1,000 images): a quarter-width SLaK-T at 32 px, whose stage maps are 8, 4, 2, 1: 7x7 kernels
+# (decomposed into 7x3 + 3x7 as the paper's 51x5 + 5x51) span the first maps as 51x51 spans ImageNet's 56x56.
+SLAK_PER_CLASS = 100
+SLAK = ('--model SLaK_tiny --width_factor 0.25 --kernel_size 7 7 7 3 3 --Decom True --input_size 32 --batch_size 64 '
+        '--nb_classes 10 --epochs 20 --warmup_epochs 2 --mixup 0 --cutmix 0 --num_workers 1 --device cpu '
+        '--eval_freq 1000 --print_freq 50')
+# SCE on Fashion-MNIST clips (util/fashion_mnist.fashion_mnist_clips: each clip one garment moving and zooming across
+# 32 frames, labelled with its class), 30 per class and split: main_sce.py pretrains the R3D-18 on 4-frame clips at
+# 32 px, run_finetune_video.py scores its trunk (or the same trunk at random weights) with the linear protocol
+# (Kinetics-style train/val lists) and with retrieval (val clips as queries, train clips as the bank).
+SCE_PER_CLASS = 30
+SCE_CLIPS = '--num_frames 4 --clip_duration 1.0 --device cpu --num_workers 1'
+SCE_PRETRAIN = ('--crop_size 32 --global_batch_size 32 --queue_size 256 --epochs 10 --warmup_epochs 1 --amp none '
+                '--print_freq 5 --vis_freq 0')
+SCE_EVAL = ('--dataset kinetics --train_crop_size 32 --train_short_side 32 40 --eval_crop_size 32 --num_clips 2 '
+            '--num_crops 1')
+SCE_PROTOCOLS = {'linear': '--protocol linear --epochs 10 --warmup_epochs 1 --batch_size 32 --eval_freq 1000',
+                 'retrieval': '--protocol retrieval'}
+LABELS = {100: ('--batch_size 128 --epochs 5', PER_CLASS), 1: ('--batch_size 20 --epochs 80', PER_CLASS // 100)}
 # Published on the data set's page (github.com/zalandoresearch/fashion-mnist, README "Benchmark" and its
 # scikit-learn benchmark site): supervised test accuracy with all 60,000 labelled training images.
 PUBLISHED = [('Logistic regression on pixels (scikit-learn benchmark)', 84.2),
@@ -43,6 +72,9 @@ class Row:
     title: str
     pretrain_flags: str = None      # run_pretrain.py flags added to PRETRAIN; None: no pretraining
     encoder: str = 'pretrained'     # 'pretrained', 'random' (the localmim row's network at random weights), 'pixels'
+    labels: int = None              # fine-tuning rows: percent of the training labels (None: frozen-feature scores)
+    slak_flags: str = None          # SLaK rows: main_slak.py flags added to SLAK
+    flops: tuple = None             # FreezeOut rows: (schedule, variant, feature target) in bench_freezeout's JSON
     group: str = 'LocalMIM'
     notes: list = field(default_factory=list)
 
@@ -51,16 +83,28 @@ ROWS = {
     'pixels': Row('raw pixels (28 px, no encoder)', encoder='pixels', group='baseline'),
     'vit_random': Row('ViT-Tiny/16, random weights', encoder='random', group='baseline'),
     'localmim': Row('LocalMIM ViT-Tiny/16', ''),
-    'freezeout_cubic': Row('FreezeOut cubic, t_0 0.8', '--how_scale cubic --t_0 0.8', group='FreezeOut'),
-    'freezeout_linear': Row('FreezeOut linear, t_0 0.5', '--how_scale linear --t_0 0.5', group='FreezeOut'),
+    'localmim_20ep': Row('LocalMIM ViT-Tiny/16, 20 epochs', '--epochs 20 --save_freq 5'),
+    'freezeout_cubic': Row('FreezeOut cubic, t_0 0.8', '--how_scale cubic --t_0 0.8', group='FreezeOut',
+                           flops=('cubic_t0_0.8', 'freezeout', 'hog')),
+    'freezeout_linear': Row('FreezeOut linear, t_0 0.5', '--how_scale linear --t_0 0.5', group='FreezeOut',
+                            flops=('linear_t0_0.5', 'freezeout', 'hog')),
     'freezeout_cubic_cache': Row('FreezeOut cubic + --freeze_cache', '--how_scale cubic --t_0 0.8 --freeze_cache',
-                                 group='FreezeOut'),
+                                 group='FreezeOut', flops=('cubic_t0_0.8', 'exact_cache', 'hog')),
     'feature_masking_hog': Row('FreezeOut cubic + --feature_masking (hog)',
                                '--how_scale cubic --t_0 0.8 --feature_masking --feature_target hog',
-                               group='FreezeOut'),
+                               group='FreezeOut', flops=('cubic_t0_0.8', 'feature_masking', 'hog')),
     'feature_masking_both': Row('FreezeOut cubic + --feature_masking (both)',
                                 '--how_scale cubic --t_0 0.8 --feature_masking --feature_target both',
-                                group='FreezeOut'),
+                                group='FreezeOut', flops=('cubic_t0_0.8', 'feature_masking', 'both')),
+    'slak_dense': Row('SLaK-T/4, dense', slak_flags='', group='SLaK'),
+    'slak_sparse': Row('SLaK-T/4, 40% sparse (dynamic sparse training)', slak_flags='--sparse --sparsity 0.4',
+                       group='SLaK'),
+    'sce': Row('SCE R3D-18', group='SCE'),
+    'sce_random': Row('R3D-18, random weights', encoder='random', group='SCE'),
+    'finetune_1': Row('LocalMIM ViT-Tiny/16, fine-tuned', labels=1),
+    'scratch_1': Row('ViT-Tiny/16 from scratch', encoder='random', labels=1),
+    'finetune_100': Row('LocalMIM ViT-Tiny/16, fine-tuned', labels=100),
+    'scratch_100': Row('ViT-Tiny/16 from scratch', encoder='random', labels=100),
 }
 
 
@@ -76,9 +120,22 @@ def commands(name, seed, work, data):
     if row.encoder == 'pixels':
         return [('eval', python('eval_knn.py', 'pixels', *data_flag, *shlex.split(EVAL.format(size=28)),
                                 '--json', str(evaluated)), evaluated)]
-    source = folder if row.encoder == 'pretrained' else work / 'localmim' / f'seed{seed}'
+    source = folder if row.encoder == 'pretrained' and row.labels is None else work / 'localmim' / f'seed{seed}'
     checkpoint = source / 'pretrain' / 'checkpoint-last.pth'
+    if row.labels is not None:
+        return [finetune_command(row, seed, folder, checkpoint)]
+    if row.group == 'SCE':
+        return sce_commands(row, seed, work / name / f'seed{seed}', work / 'sce' / f'seed{seed}')
+    if row.slak_flags is not None:
+        data = Path(os.path.relpath(train_subset(SLAK_PER_CLASS), REPO))
+        return [('train', python('main_slak.py', '--data_path', str(data), *shlex.split(SLAK + ' ' + row.slak_flags),
+                                 '--seed', str(seed), '--output_dir', str(folder), '--log_dir', str(folder)),
+                 folder / 'done')]
     steps = []
+    if row.flops:
+        flops = work / f'flops_{row.flops[2]}.json'
+        steps.append(('flops', python('bench/bench_freezeout.py', *shlex.split(FLOPS.format(size=INPUT_SIZE)),
+                                      '--feature_target', row.flops[2], '--json', str(flops)), flops))
     if row.encoder == 'pretrained':
         flags = shlex.split(PRETRAIN.format(size=INPUT_SIZE)) + shlex.split(row.pretrain_flags)
         steps.append(('pretrain', python('run_pretrain.py', *data_flag, *flags, '--seed', str(seed), '--output_dir',
@@ -92,6 +149,33 @@ def commands(name, seed, work, data):
     return steps
 
 
+def sce_commands(row, seed, folder, pretrained):
+    data = ['--data_path', os.path.relpath(fashion_mnist_clips(SCE_PER_CLASS), REPO)]
+    clips, seeded = shlex.split(SCE_CLIPS), ['--seed', str(seed)]
+    steps = []
+    if row.encoder == 'pretrained':
+        steps.append(('pretrain', python('main_sce.py', *data, *clips, *shlex.split(SCE_PRETRAIN), *seeded,
+                                         '--output_dir', str(folder / 'pretrain')), folder / 'pretrain' / 'done'))
+    trunk = str(pretrained / 'pretrain' / 'checkpoint-last.pth') if row.encoder == 'pretrained' else ''
+    for protocol, flags in SCE_PROTOCOLS.items():
+        steps.append((protocol, python('run_finetune_video.py', *data, *clips, *shlex.split(SCE_EVAL),
+                                       *shlex.split(flags), '--finetune', trunk, *seeded, '--output_dir',
+                                       str(folder / protocol)), folder / protocol / 'done'))
+    return steps
+
+
+def finetune_command(row, seed, folder, checkpoint):
+    batch_and_epochs, per_class = LABELS[row.labels]
+    if row.encoder == 'pretrained' and not checkpoint.is_file():
+        raise SystemExit(f'fine-tuning starts from row localmim: run that row (seed {seed}) first')
+    start = ['--finetune', str(checkpoint)] if row.encoder == 'pretrained' else ['--layer_decay', '1.0']
+    data = Path(os.path.relpath(train_subset(per_class), REPO))
+    flags = shlex.split(FINETUNE.format(size=INPUT_SIZE)) + shlex.split(batch_and_epochs)
+    argv = python('run_finetune.py', '--data_path', str(data), *flags, *start, '--eval_freq', '1000', '--seed',
+                  str(seed), '--output_dir', str(folder), '--log_dir', str(folder))
+    return 'finetune', argv, folder / 'done'
+
+
 def run_row(name, seed, work, data):
     for what, argv, done in commands(name, seed, work, data):
         print(f'[{time.strftime("%H:%M:%S")}] {name} seed {seed} {what}: {shlex.join(argv)}', flush=True)
@@ -99,13 +183,13 @@ def run_row(name, seed, work, data):
             print('    already done', flush=True)
             continue
         done.parent.mkdir(parents=True, exist_ok=True)
-        if what == 'pretrain':  # its console goes to a file: follow it with tail -f
+        if what not in ('eval', 'flops'):  # its console goes to a file: follow it with tail -f
             print(f'    console: {done.parent / "console.txt"}', flush=True)
             with open(done.parent / 'console.txt', 'a') as console:
                 subprocess.run([sys.executable, *argv[1:]], check=True, stdout=console, stderr=subprocess.STDOUT)
         else:
             subprocess.run([sys.executable, *argv[1:]], check=True)
-        if what == 'pretrain':
+        if what not in ('eval', 'flops'):
             done.write_text('')
 
 
@@ -119,14 +203,50 @@ def collect(work, data):
     results = {}
     for name in ROWS:
         for folder in sorted((work / name).glob('seed*')):
-            if not (folder / 'eval.json').exists():
-                continue
             seed = int(folder.name[4:])
-            entry = json.loads((folder / 'eval.json').read_text())
-            entry['pretrain_seconds'] = pretrain_seconds(folder)
+            if ROWS[name].group == 'SCE':
+                if not (folder / 'retrieval' / 'done').exists():
+                    continue
+                linear, retrieval = (json.loads((folder / p / 'log.txt').read_text().splitlines()[-1])
+                                     for p in SCE_PROTOCOLS)
+                entry = {'linear_top1': linear['test_acc1'], 'retrieval_r1': retrieval['R@1'],
+                         'retrieval_r5': retrieval['R@5'], 'queries': retrieval['queries']}
+            elif ROWS[name].labels is not None or ROWS[name].slak_flags is not None:
+                if not (folder / 'done').exists():
+                    continue
+                last = json.loads((folder / 'log.txt').read_text().splitlines()[-1])
+                entry = {'test_top1': last['test_acc1'], 'test_images': last['test_count'],
+                         'train_loss': last['train_loss']}
+                if ROWS[name].slak_flags is not None:
+                    entry.update(large_kernel_nonzeros(folder / 'checkpoint-last.pth'))
+            elif (folder / 'eval.json').exists():
+                entry = json.loads((folder / 'eval.json').read_text())
+                entry['pretrain_seconds'] = pretrain_seconds(folder)
+                entry['flops_saving'] = flops_saving(work, ROWS[name].flops)
+            else:
+                continue
             entry['commands'] = [shlex.join(argv) for _, argv, _ in commands(name, seed, work, data)]
             results.setdefault(name, {})[seed] = entry
     return results
+
+
+def flops_saving(work, flops):
+    """The fraction of LocalMIM's pretraining FLOPs a FreezeOut row saves (bench_freezeout.py's count), or None."""
+    path = work / f'flops_{flops[2]}.json' if flops else None
+    if path is None or not path.exists():
+        return None
+    schedule, variant, _ = flops
+    return json.loads(path.read_text().splitlines()[-1])['stored_path_savings']['flops'][schedule][variant]
+
+
+def large_kernel_nonzeros(checkpoint):
+    """{'kernel_weights', 'kernel_nonzeros'}: the weights of the depthwise large-kernel branches in `checkpoint`, and
+    how many of them are non-zero (what dynamic sparse training keeps)."""
+    import torch
+    state = torch.load(checkpoint, map_location='cpu', weights_only=True)['model']
+    kernels = [v for k, v in state.items() if '.large_kernel.' in k and k.endswith('conv.weight')]
+    return {'kernel_weights': sum(v.numel() for v in kernels),
+            'kernel_nonzeros': sum(int(v.count_nonzero()) for v in kernels)}
 
 
 def mean_std(values):
@@ -144,19 +264,42 @@ def cell(values, digits=1):
 
 
 def table(results):
-    lines = ['| row | seeds | 20-NN top-1 (%) | linear probe top-1 (%) | pretraining (min) | vs LocalMIM time |',
-             '|---|---|---|---|---|---|']
+    lines = ['| row | seeds | 20-NN top-1 (%) | linear probe top-1 (%) | pretraining (min) | vs LocalMIM time | '
+             'vs LocalMIM FLOPs |', '|---|---|---|---|---|---|---|']
     base_time = mean_std([r['pretrain_seconds'] for r in results.get('localmim', {}).values()])[0]
     for name, row in ROWS.items():
         runs = list(results.get(name, {}).values())
-        if not runs:
+        if not runs or row.labels is not None or row.slak_flags is not None or row.group == 'SCE':
             continue
         minutes = [r['pretrain_seconds'] / 60 if r['pretrain_seconds'] else None for r in runs]
         saving = '-'
         if base_time and row.group == 'FreezeOut':
             saving = f'{100 * (mean_std([r["pretrain_seconds"] for r in runs])[0] / base_time - 1):+.1f}%'
+        flops = runs[0].get('flops_saving')
         lines.append(f'| {row.title} | {len(runs)} | {cell([r["knn_top1_k20"] for r in runs])} | '
-                     f'{cell([r.get("linear_top1") for r in runs])} | {cell(minutes)} | {saving} |')
+                     f'{cell([r.get("linear_top1") for r in runs])} | {cell(minutes)} | {saving} | '
+                     f'{"-" if flops is None else f"{-100 * flops:+.1f}%"} |')
+    tuned = [(name, row) for name, row in ROWS.items() if row.labels is not None and results.get(name)]
+    if tuned:
+        lines += ['', '| fine-tuning | labelled images | seeds | test top-1 (%) |', '|---|---|---|---|']
+        lines += [f'| {row.title} | {PER_CLASS * 10 * row.labels // 100:,} ({row.labels}%) | {len(results[name])} | '
+                  f'{cell([r["test_top1"] for r in results[name].values()])} |' for name, row in tuned]
+    slak = [(name, row) for name, row in ROWS.items() if row.slak_flags is not None and results.get(name)]
+    if slak:
+        lines += ['', f'| supervised, {SLAK_PER_CLASS * 10:,} labelled images | seeds | test top-1 (%) | '
+                      'large-kernel weights non-zero |', '|---|---|---|---|']
+        for name, row in slak:
+            runs = list(results[name].values())
+            nonzero = statistics.mean(r['kernel_nonzeros'] / r['kernel_weights'] for r in runs)
+            lines.append(f'| {row.title} | {len(runs)} | {cell([r["test_top1"] for r in runs])} | '
+                         f'{runs[0]["kernel_nonzeros"]:,} of {runs[0]["kernel_weights"]:,} ({100 * nonzero:.0f}%) |')
+    sce = [(name, row) for name, row in ROWS.items() if row.group == 'SCE' and results.get(name)]
+    if sce:
+        lines += ['', f'| video, {SCE_PER_CLASS * 10} train / {SCE_PER_CLASS * 10} val clips | seeds | '
+                      'linear top-1 (%) | retrieval R@1 (%) | R@5 (%) |', '|---|---|---|---|---|']
+        lines += [f'| {row.title} | {len(results[name])} | ' + ' | '.join(
+            cell([r[key] for r in results[name].values()]) for key in ('linear_top1', 'retrieval_r1', 'retrieval_r5'))
+            + ' |' for name, row in sce]
     lines += ['', '| published, supervised, 60,000 labels | test top-1 (%) |', '|---|---|']
     lines += [f'| {title} | {accuracy} |' for title, accuracy in PUBLISHED]
     return '\n'.join(lines)
@@ -168,7 +311,7 @@ def plot(results, path):
     import matplotlib.pyplot as plt
     figure, axis = plt.subplots(figsize=(7, 4.5))
     for name, row in ROWS.items():
-        runs = [r for r in results.get(name, {}).values() if r['pretrain_seconds']]
+        runs = [r for r in results.get(name, {}).values() if r.get('pretrain_seconds')]
         if runs:
             axis.errorbar(statistics.mean(r['pretrain_seconds'] / 60 for r in runs),
                           statistics.mean(r['linear_top1'] for r in runs),

@@ -158,6 +158,12 @@ def test_sparse_demo_run_trains_and_evaluates_with_ema(runs):
     assert any((out / 'tb').iterdir())
 
 
+def test_eval_freq_skips_the_evaluation_of_other_epochs(tmp_path, monkeypatch):
+    monkeypatch.setenv('DEMO_DATA_ROOT', str(tmp_path / 'demo'))
+    main_slak.main(slak_args(tmp_path / 'out', '--eval_freq', '2', '--epochs', '3', '--warmup_epochs', '0'))
+    assert ['test_acc1' in e for e in log_entries(tmp_path / 'out')] == [False, True, True]
+
+
 def test_masked_weights_are_zero_in_saved_checkpoint(runs):
     ckpt = torch.load(runs / 'straight' / LAST, weights_only=True)
     masking = ckpt['extra']['masking']

@@ -104,6 +104,16 @@ def test_resume_equals_uninterrupted_with_ema(tmp_path, monkeypatch, demo_pretra
     assert not all(torch.equal(a['extra']['ema'][k], a['model'][k]) for k in a['model'])
 
 
+def test_eval_freq_evaluates_every_n_epochs_and_after_the_last(tmp_path, monkeypatch):
+    monkeypatch.setenv('DEMO_DATA_ROOT', str(tmp_path / 'demo'))
+    out = tmp_path / 'ft'
+    run_finetune.main(finetune_args(out, '--epochs', '3', '--eval_freq', '2', '--model', 'vit_tiny_patch16'))
+    entries = log_entries(out)
+    assert [e['epoch'] for e in entries] == [0, 1, 2]
+    assert ['test_acc1' in e for e in entries] == [False, True, True]
+    assert entries[2]['max_accuracy'] == max(entries[1]['test_acc1'], entries[2]['test_acc1'])
+
+
 @pytest.mark.parametrize('name,stages', [('resnet18', ['conv1', 'layer1', 'layer2', 'layer3', 'layer4', 'fc']),
                                          ('regnetx_002', ['stem', 's1', 's2', 's3', 's4', 'head'])])
 def test_cnn_layer_decay_is_stagewise(name, stages):

@@ -178,6 +178,11 @@ def keeps_checkpoint(epoch, every, epochs):
     return (every > 0 and epoch % every == 0) or epoch + 1 == epochs
 
 
+def evaluates_epoch(epoch, every, epochs):
+    """Whether epoch `epoch` is evaluated under --eval_freq `every`: after every `every` epochs and after the last."""
+    return (epoch + 1) % every == 0 or epoch + 1 == epochs
+
+
 def make_log_writer(log_dir):
     if not log_dir or not is_main_process():
         return None

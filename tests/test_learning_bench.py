@@ -1,0 +1,72 @@
+"""bench/learning.py: every row's command lines are accepted by the scripts they call (a renamed flag breaks the
+benchmark here, not hours into a run), and the tables read what those scripts write."""
+import importlib
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / 'bench'))
+import bench_freezeout  # noqa: E402
+import learning  # noqa: E402
+
+
+@pytest.fixture
+def work(tmp_path, monkeypatch):
+    """A work folder whose localmim row (seed 0) has pretrained; the data folders are only named."""
+    monkeypatch.setattr(learning, 'train_subset', lambda per_class: tmp_path / f'train{per_class}')
+    monkeypatch.setattr(learning, 'fashion_mnist_clips', lambda per_class: tmp_path / f'clips{per_class}')
+    checkpoint = tmp_path / 'work' / 'localmim' / 'seed0' / 'pretrain' / 'checkpoint-last.pth'
+    checkpoint.parent.mkdir(parents=True)
+    checkpoint.touch()
+    return tmp_path / 'work'
+
+
+@pytest.mark.parametrize('name', list(learning.ROWS))
+def test_every_command_parses(name, work, monkeypatch):
+    steps = learning.commands(name, 0, work, Path('data'))
+    assert steps
+    for _, argv, done in steps:
+        assert argv[0] == 'python' and done.is_relative_to(work)
+        if argv[1] == 'bench/bench_freezeout.py':
+            monkeypatch.setattr(sys, 'argv', argv[1:])
+            assert bench_freezeout.get_args().feature_masking
+        else:
+            args = importlib.import_module(argv[1][:-3]).get_args_parser().parse_args(argv[2:])
+            assert args.seed == 0
+
+
+def test_fine_tuning_starts_from_the_localmim_row_and_scratch_does_not(work):
+    (_, tuned, _), = learning.commands('finetune_1', 0, work, Path('data'))
+    (_, scratch, _), = learning.commands('scratch_1', 0, work, Path('data'))
+    assert tuned[tuned.index('--finetune') + 1] == str(work / 'localmim' / 'seed0' / 'pretrain' /
+                                                       'checkpoint-last.pth')
+    assert '--finetune' not in scratch and scratch[scratch.index('--layer_decay') + 1] == '1.0'
+    assert tuned[tuned.index('--data_path') + 1].endswith('train10')  # 1% of 1,000 per class
+
+
+def test_tables_read_the_fine_tuning_log_and_the_kernel_nonzeros(work):
+    for name, accuracy in (('finetune_1', 61.5), ('scratch_1', 40.25)):
+        folder = work / name / 'seed0'
+        folder.mkdir(parents=True)
+        (folder / 'log.txt').write_text(json.dumps({'train_loss': 2.0, 'epoch': 0}) + '\n' + json.dumps(
+            {'train_loss': 1.0, 'test_acc1': accuracy, 'test_count': 10000, 'epoch': 1}) + '\n')
+        (folder / 'done').touch()
+    folder = work / 'slak_sparse' / 'seed0'
+    folder.mkdir(parents=True)
+    (folder / 'log.txt').write_text(json.dumps({'train_loss': 1.0, 'test_acc1': 70.0, 'test_count': 10000}) + '\n')
+    (folder / 'done').touch()
+    kernel = torch.zeros(8, 1, 7, 3)
+    kernel.view(-1)[:50] = 1.0
+    state = {'stages.0.0.large_kernel.LoRA1.conv.weight': kernel, 'stages.0.0.large_kernel.LoRA1.bn.weight':
+             torch.ones(8), 'stages.0.0.pwconv1.weight': torch.ones(32, 8)}
+    torch.save({'model': state}, folder / 'checkpoint-last.pth')
+    results = learning.collect(work, Path('data'))
+    assert results['finetune_1'][0]['test_top1'] == 61.5 and results['scratch_1'][0]['test_top1'] == 40.25
+    assert (results['slak_sparse'][0]['kernel_nonzeros'], results['slak_sparse'][0]['kernel_weights']) == (50, 168)
+    text = learning.table(results)
+    assert '| LocalMIM ViT-Tiny/16, fine-tuned | 100 (1%) | 1 | 61.5 |' in text
+    assert '| 50 of 168 (30%) |' in text

@@ -28,8 +28,10 @@ def get_args_parser():
     add_finetune_data_args(p, default_data_path='demo')
     p.add_argument('--input_size', default=224, type=int)
     p.add_argument('--crop_pct', default=1.0, type=float, help='centre crop of the resized image (1: no crop)')
-    p.add_argument('--pool', default='avg', choices=['avg', 'token'],
-                   help='ViT features: mean of the patch tokens after the final norm, or the cls token')
+    p.add_argument('--pool', default='avg', choices=['avg', 'token', 'grid'],
+                   help='features: the mean patch token after the final norm (a CNN: the mean of its last map), a '
+                        "ViT's cls token, or the tokens (map) averaged over --grid x --grid cells, concatenated")
+    p.add_argument('--grid', default=2, type=int, metavar='N', help='--pool grid: cells per side')
     p.add_argument('--nb_knn', default=[20], type=int, nargs='+', help='k values (DINO: 10 20 100 200)')
     p.add_argument('--temperature', default=0.07, type=float, help='weight of a neighbour: exp(similarity / T)')
     p.add_argument('--linear', action='store_true', help='also fit a linear probe on the frozen features')
@@ -58,11 +60,11 @@ def frozen_features(args, encoder, is_train):
 
 def main(args):
     check_flags(args, {'--input_size': '>= 1', '--crop_pct': '(0, 1]', '--nb_knn': '>= 1', '--temperature': '> 0',
-                       '--linear_wd': '>= 0', '--train_subset': '>= 0', '--batch_size': '>= 1',
+                       '--linear_wd': '>= 0', '--grid': '>= 1', '--train_subset': '>= 0', '--batch_size': '>= 1',
                        '--num_workers': '>= 0'})
     check_finetune_data_args(args)
     args.nb_classes = float('inf')  # the class list comes from the data
-    encoder, what = build_frozen_encoder(args.checkpoint, args.pool, args.random_init, args.seed)
+    encoder, what = build_frozen_encoder(args.checkpoint, args.pool, args.random_init, args.seed, args.grid)
     print(f'encoder: {what}')
     encoder.to(args.device)
     start = time.time()

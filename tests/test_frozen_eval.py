@@ -21,7 +21,7 @@ from models.localmim import MaskedAutoencoderViT
 from models.spark import build_spark
 from util.datasets import ImageFolderOrFlat, build_eval_transform, build_pretrain_dataset, resolve_image_root
 from util.fashion_mnist import train_subset
-from util.frozen_eval import build_frozen_encoder, fit_linear_probe, linear_probe_accuracy
+from util.frozen_eval import PooledEncoder, build_frozen_encoder, fit_linear_probe, linear_probe_accuracy
 from util.knn import KnnMonitor, extract_features, knn_accuracy
 from util.spark_checkpoint import output_names, save_spark_outputs
 
@@ -57,6 +57,19 @@ def test_pooled_features_are_the_timm_vit_mean_patch_token(monitored_run):
     torch.testing.assert_close(model.eval().pooled_features(images), tokens[:, 1:].mean(1), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(encoder(images), tokens[:, 1:].mean(1))
     assert 'LocalMIM pretraining' in what and 'vit_tiny_patch16_224' in what
+
+
+def test_grid_pool_concatenates_the_mean_token_of_each_cell():
+    vit = timm.create_model('vit_tiny_patch16_224', img_size=64, num_classes=0).eval()
+    images = torch.randn(2, 3, 64, 64)
+    tokens = vit.forward_features(images)[:, 1:].unflatten(1, (4, 4))  # [B, row, column, D]
+    quadrants = torch.stack([tokens[:, 2 * i:2 * i + 2, 2 * j:2 * j + 2].mean((1, 2)) for i in (0, 1) for j in (0, 1)],
+                            dim=2)  # [B, D, cell]
+    torch.testing.assert_close(PooledEncoder(vit, 'vit', 'grid', 2)(images), quadrants.flatten(1))
+    torch.testing.assert_close(PooledEncoder(vit, 'vit', 'grid', 1)(images), PooledEncoder(vit, 'vit')(images))
+    cnn = timm.create_model('resnet18', num_classes=0).eval()
+    feature_map = cnn.forward_features(images)  # [B, 512, 2, 2]
+    torch.testing.assert_close(PooledEncoder(cnn, 'cnn', 'grid', 2)(images), feature_map.flatten(1))
 
 
 def test_random_init_is_the_same_network_at_other_weights(monitored_run):

@@ -19,17 +19,27 @@ PIXELS = 'pixels'
 
 
 class PooledEncoder(nn.Module):
-    """Images -> one feature vector per image."""
+    """Images -> one feature vector per image. pool 'avg': the mean patch token (the spatial mean of a CNN's map);
+    'token': a ViT's cls token; 'grid': the patch tokens (or the map) averaged over `grid` x `grid` cells and
+    concatenated, cell-major per channel (grid^2 x width features; Goyal et al. 2019 score frozen CNN maps pooled
+    so, keeping where a feature is, which a global mean discards)."""
 
-    def __init__(self, model, family, pool='avg'):
+    def __init__(self, model, family, pool='avg', grid=2):
         super().__init__()
-        self.model, self.family, self.pool = model, family, pool
+        self.model, self.family, self.pool, self.grid = model, family, pool, grid
 
     def forward(self, images):
-        tokens = self.model.forward_features(images)
+        features = self.model.forward_features(images)
         if self.family == 'vit':
-            return tokens[:, 0] if self.pool == 'token' else tokens[:, self.model.num_prefix_tokens:].mean(1)
-        return tokens.mean(dim=(2, 3))
+            if self.pool == 'token':
+                return features[:, 0]
+            tokens = features[:, self.model.num_prefix_tokens:]
+            if self.pool == 'avg':
+                return tokens.mean(1)
+            features = tokens.transpose(1, 2).unflatten(2, self.model.patch_embed.dynamic_feat_size(images.shape[2:]))
+        if self.pool == 'grid':
+            return F.adaptive_avg_pool2d(features, self.grid).flatten(1)
+        return features.mean(dim=(2, 3))
 
 
 class Pixels(nn.Module):
@@ -39,7 +49,7 @@ class Pixels(nn.Module):
         return images.flatten(1)
 
 
-def build_frozen_encoder(checkpoint, pool='avg', random_init=False, seed=0):
+def build_frozen_encoder(checkpoint, pool='avg', random_init=False, seed=0, grid=2):
     """(encoder in eval mode, a line saying what it is). `checkpoint`: a file export.py reads, or 'pixels';
     `random_init`: the same architecture with timm's initial weights (seeded), the random-weight baseline."""
     if checkpoint == PIXELS:
@@ -62,7 +72,7 @@ def build_frozen_encoder(checkpoint, pool='avg', random_init=False, seed=0):
         model.load_state_dict(state)
     what = f'{backbone.what} as timm {backbone.timm_name}' + (', RANDOM weights (seed %d)' % seed
                                                                if random_init else '')
-    return PooledEncoder(model, backbone.family, pool).eval(), what
+    return PooledEncoder(model, backbone.family, pool, grid).eval(), what
 
 
 def fit_linear_probe(features, labels, num_classes, weight_decay=1e-4, max_iter=300):

@@ -3,6 +3,7 @@
     python eval_knn.py output_dir/checkpoint-last.pth --data_path fashion-mnist --input_size 64
     python eval_knn.py output_dir/checkpoint-last.pth --random_init ...   # the same network at random weights
     python eval_knn.py pixels --data_path fashion-mnist --input_size 64    # the raw-pixel baseline
+    python eval_knn.py ... --linear --pool grid --grid 2    # tokens averaged over a 2x2 grid, not over the image
 
 The checkpoint is anything export.py reads (LocalMIM / FreezeOut / MAE, SparK, SLaK, fine-tuned or official).
 Both splits go through the evaluation transform (resize, centre crop at --crop_pct, normalisation).

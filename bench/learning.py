@@ -3,11 +3,13 @@
     python bench/learning.py --rows pixels localmim vit_random --seeds 0 1 2     # run (or finish) these rows
     python bench/learning.py --report                                            # table and plot only
 
-Every row is a list of commands (pretraining, then eval_knn.py) printed before they run, so any row can be rerun
-by hand. A command whose output exists is skipped and an interrupted pretraining resumes from its last checkpoint,
-so the benchmark can run over several sittings. Runs go to --work; the results (docs/learning/results.json), the
-table (between the markers of docs/learning/README.md) and the plot (docs/learning/accuracy_vs_time.png) are rewritten after
-every row. Needs Debian's dataset-fashion-mnist and matplotlib.
+Every row is a list of commands printed before they run, so any row can be rerun by hand: pretraining, then
+eval_knn.py (frozen features), run_finetune.py (fine-tuning rows), main_slak.py (SLaK, trained with labels) or
+main_sce.py then run_finetune_video.py (SCE on Fashion-MNIST clips). A command whose output exists is skipped and an
+interrupted pretraining resumes from its last checkpoint, so the benchmark can run over several sittings. Runs go to
+--work; the results (docs/learning/results.json), the table (between the markers of docs/learning/README.md) and the
+plot (docs/learning/accuracy_vs_time.png) are rewritten after every row. Needs Debian's dataset-fashion-mnist and
+matplotlib.
 """
 import argparse
 import json
@@ -129,7 +131,7 @@ def commands(name, seed, work, data):
     if row.labels is not None:
         return [finetune_command(row, seed, folder, checkpoint)]
     if row.group == 'SCE':
-        return sce_commands(row, seed, work / name / f'seed{seed}', work / 'sce' / f'seed{seed}')
+        return sce_commands(row, seed, folder, work / 'sce' / f'seed{seed}')
     if row.slak_flags is not None:
         data = Path(os.path.relpath(train_subset(SLAK_PER_CLASS), REPO))
         return [('train', python('main_slak.py', '--data_path', str(data), *shlex.split(SLAK + ' ' + row.slak_flags),

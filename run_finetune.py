@@ -306,13 +306,13 @@ def main(args):
                                       hooks=[ema] if ema else (), log_writer=log_writer, print_freq=args.print_freq,
                                       checkpoints=checkpoints)
         log = {f'train_{k}': v for k, v in train_stats.items()}
-        evaluated = evaluates_epoch(epoch, args.eval_freq, args.epochs)
-        test_stats = evaluate(val_loader, model, device, amp_dtype) if evaluated else {}
-        log.update({f'test_{k}': v for k, v in test_stats.items()})
-        if ema is not None and evaluated:
-            log.update({f'test_ema_{k}': v for k, v in evaluate(val_loader, ema.module, device, amp_dtype).items()})
-        best = evaluated and test_stats['acc1'] > max_accuracy
-        if evaluated:
+        test_stats, best = {}, False
+        if evaluates_epoch(epoch, args.eval_freq, args.epochs):
+            test_stats = evaluate(val_loader, model, device, amp_dtype)
+            log.update({f'test_{k}': v for k, v in test_stats.items()})
+            if ema is not None:
+                log.update({f'test_ema_{k}': v for k, v in evaluate(val_loader, ema.module, device, amp_dtype).items()})
+            best = test_stats['acc1'] > max_accuracy
             max_accuracy = max(max_accuracy, test_stats['acc1'])
             print(f'accuracy of the network on {test_stats["count"]} test images: {test_stats["acc1"]:.1f}% '
                   f'(max {max_accuracy:.2f}%)')

@@ -56,6 +56,8 @@ def get_args_parser():
     p.add_argument('--mask', default=0.6, type=float, help='mask ratio')
     p.add_argument('--model', default='resnet50', type=str)
     p.add_argument('--input_size', default=224, type=int)
+    p.add_argument('--dec_width', default=768, type=int,
+                   help='decoder width (the official 768; channels halve per upsampling block, e.g. 64 for a small CNN)')
     add_bool_arg(p, '--sbn', True, 'SyncBatchNorm (forced False when not distributed)')
     # data
     p.add_argument('--bs', default=4096, type=int, help='GLOBAL batch size')
@@ -199,7 +201,8 @@ def main(args):
     args.cmd = ' '.join(sys.argv)
     device = setup_run(args)
     resolve_args(args, device)
-    model = build_spark(args.model, args.input_size, args.mask, args.sbn, args.dp).to(device)  # bad model: ValueError
+    # a bad --model or --input_size: ValueError
+    model = build_spark(args.model, args.input_size, args.mask, args.sbn, args.dp, args.dec_width).to(device)
     model.set_grad_checkpointing(args.grad_ckpt)
     dataset = ImageFolderOrFlat(data_root(args.data_path), transform=spark_transform(args.input_size))
     loader = build_train_loader(dataset, args.batch_size, args.num_workers, args.pin_mem, args.seed, '--bs')

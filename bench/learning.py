@@ -40,8 +40,16 @@ EVAL = '--input_size {size} --nb_knn 20 --linear --num_workers 1 --device cpu'
 # Fine-tuning (run_finetune.py, MAE's recipe: AdamW, layer decay 0.75, drop path 0.1, RandAugment, label smoothing
 # 0.1, random erasing 0.25) of the localmim row's encoder, or of the same ViT from timm's initial weights without
 # layer decay (MAE's from-scratch recipe has none). Both label budgets take about 400 steps; evaluated once, at the end.
-FINETUNE = ('--model vit_tiny_patch16 --input_size {size} --nb_classes 10 --warmup_epochs 1 --num_workers 1 '
-            '--device cpu --print_freq 50')
+FINETUNE = ('--model {model} --input_size {size} --nb_classes 10 --warmup_epochs 1 --num_workers 1 --device cpu '
+            '--print_freq 50')
+# SparK (main_spark.py) on the same 10,000 images at 32 px: models/custom.py's your_convnet_32px (widths 16-128, total
+# stride 8, so the mask covers 60% of a 4x4 grid of 8-px patches) with a 64-wide decoder (the official 768 would cost
+# ten times the encoder). LAMB's steps are relative to each weight's norm, so the official lr rule (base_lr 2e-4 x
+# batch / 256) would give 1e-4 and hardly move the weights in 1,170 steps: the rows use the official ResNet lr at
+# batch 4096, 3.2e-3 (base_lr 6.4e-3 at batch 128). Its encoder is fine-tuned and scored as the LocalMIM ViT's.
+SPARK_MODEL, SPARK_SIZE = 'your_convnet_32px', 32
+SPARK = (f'--model {SPARK_MODEL} --input_size {SPARK_SIZE} --dec_width 64 --bs 128 --ep 15 --wp_ep 1 --base_lr 6.4e-3 '
+         '--num_workers 1 --device cpu --vis_freq 0 --print_freq 20')
 # SLaK trained with labels (main_slak.py, the official ConvNeXt recipe without Mixup/CutMix, which would hide the
 # difference on 1,000 images): a quarter-width SLaK-T at 32 px, whose stage maps are 8, 4, 2, 1: 7x7 kernels
 # (decomposed into 7x3 + 3x7 as the paper's 51x5 + 5x51) span the first maps as 51x51 spans ImageNet's 56x56.
@@ -99,6 +107,9 @@ ROWS = {
     'feature_masking_hog': Row('FreezeOut cubic + --feature_masking (hog)',
                                '--how_scale cubic --t_0 0.8 --feature_masking --feature_target hog',
                                group='FreezeOut', flops=('cubic_t0_0.8', 'feature_masking', 'hog')),
+    'feature_masking_features': Row('FreezeOut cubic + --feature_masking (features)',
+                                    '--how_scale cubic --t_0 0.8 --feature_masking --feature_target features',
+                                    group='FreezeOut', flops=('cubic_t0_0.8', 'feature_masking', 'features')),
     'feature_masking_both': Row('FreezeOut cubic + --feature_masking (both)',
                                 '--how_scale cubic --t_0 0.8 --feature_masking --feature_target both',
                                 group='FreezeOut', flops=('cubic_t0_0.8', 'feature_masking', 'both')),
@@ -107,10 +118,16 @@ ROWS = {
                        group='SLaK'),
     'sce': Row('SCE R3D-18', group='SCE'),
     'sce_random': Row('R3D-18, random weights', encoder='random', group='SCE'),
+    'spark': Row(f'SparK {SPARK_MODEL}', group='SparK'),
+    'spark_random': Row(f'{SPARK_MODEL}, random weights', encoder='random', group='SparK'),
     'finetune_1': Row('LocalMIM ViT-Tiny/16, fine-tuned', labels=1),
     'scratch_1': Row('ViT-Tiny/16 from scratch', encoder='random', labels=1),
     'finetune_100': Row('LocalMIM ViT-Tiny/16, fine-tuned', labels=100),
     'scratch_100': Row('ViT-Tiny/16 from scratch', encoder='random', labels=100),
+    'spark_finetune_1': Row(f'SparK {SPARK_MODEL}, fine-tuned', labels=1, group='SparK'),
+    'spark_scratch_1': Row(f'{SPARK_MODEL} from scratch', encoder='random', labels=1, group='SparK'),
+    'spark_finetune_100': Row(f'SparK {SPARK_MODEL}, fine-tuned', labels=100, group='SparK'),
+    'spark_scratch_100': Row(f'{SPARK_MODEL} from scratch', encoder='random', labels=100, group='SparK'),
 }
 
 
@@ -126,8 +143,11 @@ def commands(name, seed, work, data):
     if row.encoder == 'pixels':
         return [('eval', python('eval_knn.py', 'pixels', *data_flag, *shlex.split(EVAL.format(size=28)),
                                 '--json', str(evaluated)), evaluated)]
-    source = folder if row.encoder == 'pretrained' and row.labels is None else work / 'localmim' / f'seed{seed}'
-    checkpoint = source / 'pretrain' / 'checkpoint-last.pth'
+    spark = row.group == 'SparK'
+    source = folder if row.encoder == 'pretrained' and row.labels is None else \
+        work / ('spark' if spark else 'localmim') / f'seed{seed}'
+    checkpoint = source / 'pretrain' / (f'{SPARK_MODEL}_still_pretraining.pth' if spark else 'checkpoint-last.pth')
+    size = SPARK_SIZE if spark else INPUT_SIZE
     if row.labels is not None:
         return [finetune_command(row, seed, folder, checkpoint)]
     if row.group == 'SCE':
@@ -142,17 +162,22 @@ def commands(name, seed, work, data):
         flops = work / f'flops_{row.flops[2]}.json'
         steps.append(('flops', python('bench/bench_freezeout.py', *shlex.split(FLOPS.format(size=INPUT_SIZE)),
                                       '--feature_target', row.flops[2], '--json', str(flops)), flops))
-    if row.encoder == 'pretrained':
+    if row.encoder == 'pretrained' and spark:
+        steps.append(('pretrain', python('main_spark.py', *data_flag, *shlex.split(SPARK), '--seed', str(seed),
+                                         '--exp_name', name, '--exp_dir', str(folder / 'pretrain')),
+                      folder / 'pretrain' / 'done'))
+    elif row.encoder == 'pretrained':
         flags = shlex.split(PRETRAIN.format(size=INPUT_SIZE)) + shlex.split(row.pretrain_flags)
         steps.append(('pretrain', python('run_pretrain.py', *data_flag, *flags, '--seed', str(seed), '--output_dir',
                                          str(folder / 'pretrain'), '--log_dir', str(folder / 'pretrain')),
                       folder / 'pretrain' / 'done'))
     elif not checkpoint.is_file():
-        raise SystemExit(f'row {name} uses the architecture of row localmim: run that row (seed {seed}) first')
+        raise SystemExit(f'row {name} uses the architecture of row {source.parent.name}: run that row (seed {seed}) '
+                         f'first')
     random = ['--random_init', '--seed', str(seed)] if row.encoder == 'random' else []
     for pool, done in (([], evaluated), (['--pool', 'grid', '--grid', '2'], folder / 'eval_grid.json')):
         steps.append(('eval', python('eval_knn.py', str(checkpoint), *data_flag, *shlex.split(EVAL.format(
-            size=INPUT_SIZE)), *pool, *random, '--json', str(done)), done))
+            size=size)), *pool, *random, '--json', str(done)), done))
     return steps
 
 
@@ -173,11 +198,14 @@ def sce_commands(row, seed, folder, pretrained):
 
 def finetune_command(row, seed, folder, checkpoint):
     batch_and_epochs, per_class = LABELS[row.labels]
+    spark = row.group == 'SparK'
     if row.encoder == 'pretrained' and not checkpoint.is_file():
-        raise SystemExit(f'fine-tuning starts from row localmim: run that row (seed {seed}) first')
+        raise SystemExit(f'fine-tuning starts from row {"spark" if spark else "localmim"}: run that row (seed {seed}) '
+                         f'first')
     start = ['--finetune', str(checkpoint)] if row.encoder == 'pretrained' else ['--layer_decay', '1.0']
     data = Path(os.path.relpath(train_subset(per_class), REPO))
-    flags = shlex.split(FINETUNE.format(size=INPUT_SIZE)) + shlex.split(batch_and_epochs)
+    model, size = (SPARK_MODEL, SPARK_SIZE) if spark else ('vit_tiny_patch16', INPUT_SIZE)
+    flags = shlex.split(FINETUNE.format(model=model, size=size)) + shlex.split(batch_and_epochs)
     argv = python('run_finetune.py', '--data_path', str(data), *flags, *start, '--eval_freq', '1000', '--seed',
                   str(seed), '--output_dir', str(folder), '--log_dir', str(folder))
     return 'finetune', argv, folder / 'done'

@@ -20,23 +20,31 @@ def conv_bn_act(cin, cout, stride):
 
 
 class YourConvNet(nn.Module):
-    """A small plain ConvNet: a stride-4 stem and four stages (strides 1, 2, 2, 2) -> downsample ratio 32."""
+    """A small plain ConvNet: a stem, then one stage per width, each two conv-BN-ReLU. The stem has stride 4 (conv +
+    max pool; the stages then have strides 1, 2, 2, 2: downsample ratio 32) or 1 (stages of stride 2 throughout).
+    SparK's decoder has one block per halving of the resolution, and each feature map must reach one, so the
+    stride-1 stem's full-resolution output is not a feature map."""
 
-    def __init__(self, num_classes=1000, widths=(32, 64, 128, 256), in_chans=3, **kwargs):
+    def __init__(self, num_classes=1000, widths=(32, 64, 128, 256), in_chans=3, stem_stride=4, **kwargs):
         # kwargs: what timm.create_model and SparK pass along (global_pool, drop_path_rate, pretrained_cfg,
         # ...); this example has no use for them
         super().__init__()
+        if stem_stride not in (1, 4):
+            raise ValueError(f'stem_stride must be 4 (conv + max pool) or 1 (conv), got {stem_stride}')
         self.widths = list(widths)
-        self.stem = nn.Sequential(conv_bn_act(in_chans, widths[0], 2), nn.MaxPool2d(3, 2, 1))
+        self.stem = nn.Sequential(conv_bn_act(in_chans, widths[0], 2), nn.MaxPool2d(3, 2, 1)) if stem_stride == 4 \
+            else conv_bn_act(in_chans, widths[0], 1)
+        strides = [1 if stem_stride == 4 else 2] + [2] * (len(widths) - 1)
+        self.downsample_ratio = stem_stride * 2 ** sum(s == 2 for s in strides)
         cins = [widths[0]] + self.widths[:-1]
         self.stages = nn.ModuleList(
-            nn.Sequential(conv_bn_act(cin, cout, 1 if i == 0 else 2), conv_bn_act(cout, cout, 1))
-            for i, (cin, cout) in enumerate(zip(cins, self.widths)))
+            nn.Sequential(conv_bn_act(cin, cout, stride), conv_bn_act(cout, cout, 1))
+            for cin, cout, stride in zip(cins, self.widths, strides))
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(widths[-1], num_classes) if num_classes > 0 else nn.Identity()
 
     def get_downsample_ratio(self) -> int:
-        return 32
+        return self.downsample_ratio
 
     def get_feature_map_channels(self) -> list:
         return list(self.widths)
@@ -49,9 +57,30 @@ class YourConvNet(nn.Module):
             features.append(x)
         if hierarchical:
             return features
-        return self.fc(self.pool(x).flatten(1))
+        return self.forward_head(x)
+
+    # what run_finetune.py and eval_knn.py use of a timm classifier
+    def forward_features(self, x):
+        return self(x, hierarchical=True)[-1]
+
+    def forward_head(self, x, pre_logits=False):
+        x = self.pool(x).flatten(1)
+        return x if pre_logits else self.fc(x)
+
+    def get_classifier(self):
+        return self.fc
+
+    def group_matcher(self, coarse=False):
+        return {'stem': r'^stem', 'blocks': r'^stages\.(\d+)'}
 
 
 @register_model
 def your_convnet(pretrained=False, **kwargs):
     return YourConvNet(**kwargs)
+
+
+@register_model
+def your_convnet_32px(pretrained=False, **kwargs):
+    """For 32-px images (CIFAR, Fashion-MNIST): a stride-1 stem and three stages (downsample ratio 8), so SparK masks
+    a 4x4 grid of 8-px patches (a stride-32 network would see one patch)."""
+    return YourConvNet(**{'widths': (32, 64, 128), 'stem_stride': 1, **kwargs})

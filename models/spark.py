@@ -24,11 +24,11 @@ from models.spark_sparse import ActiveMask, SparseBatchNorm2d, SparseEncoder, Sp
 
 # ready and tested; any other timm convnext_* works too
 SPARK_MODELS = ('resnet18', 'resnet34', 'resnet50', 'resnet101', 'resnet152', 'resnet200', 'convnext_atto',
-                'convnext_tiny', 'convnext_small', 'convnext_base', 'convnext_large', 'your_convnet')
+                'convnext_tiny', 'convnext_small', 'convnext_base', 'convnext_large', 'your_convnet', 'your_convnet_32px')
 ENCODER_PREFIX = 'sparse_encoder.sp_cnn.'
 # Official pretraining kwargs per model (SparK pretrain/models/__init__.py); add your model's here.
 SPARK_DEFAULT_KWARGS = {
-    'your_convnet': {},
+    'your_convnet': {}, 'your_convnet_32px': {},
     'resnet50': {'drop_path_rate': 0.05}, 'resnet101': {'drop_path_rate': 0.08},
     'resnet152': {'drop_path_rate': 0.10}, 'resnet200': {'drop_path_rate': 0.15},
     'convnext_small': {'drop_path_rate': 0.2}, 'convnext_base': {'drop_path_rate': 0.3},
@@ -299,10 +299,11 @@ def densify_norm_of(model_name):
     return 'ln' if 'convnext' in model_name or 'cnx' in model_name else ''
 
 
-def build_spark(model_name, input_size=224, mask_ratio=0.6, sbn=False, dp=0.0):
+def build_spark(model_name, input_size=224, mask_ratio=0.6, sbn=False, dp=0.0, decoder_width=768):
     """SparK around the timm model `model_name` (any SparK-ready one: a timm ResNet/ConvNeXt, or a model
     with the three methods of models/custom.py). `dp` is the encoder's drop path rate, used as given
-    (main_spark.py's --dp defaults to the official per-model rate, spark_default_drop_path)."""
+    (main_spark.py's --dp defaults to the official per-model rate, spark_default_drop_path). The official decoder
+    is always 768 wide; a small CNN's features need far less (its channels halve per upsampling block)."""
     if model_name not in timm.list_models(model_name):
         raise ValueError(f'unknown SparK model {model_name!r}; ready: {", ".join(SPARK_MODELS)}, '
                          f'or register your own (models/custom.py)')
@@ -314,7 +315,7 @@ def build_spark(model_name, input_size=224, mask_ratio=0.6, sbn=False, dp=0.0):
         encoder = SparseEncoder(cnn, input_size, sbn=sbn)
     except TypeError as e:
         raise ValueError(f'--model={model_name}: {e}. SparK-ready: {", ".join(SPARK_MODELS)}') from None
-    decoder = LightDecoder(encoder.get_downsample_ratio(), width=768, sbn=sbn)
+    decoder = LightDecoder(encoder.get_downsample_ratio(), width=decoder_width, sbn=sbn)
     return SparK(encoder, decoder, mask_ratio=mask_ratio, densify_norm=densify_norm_of(model_name), sbn=sbn)
 
 

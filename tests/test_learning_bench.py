@@ -16,12 +16,13 @@ import learning  # noqa: E402
 
 @pytest.fixture
 def work(tmp_path, monkeypatch):
-    """A work folder whose localmim row (seed 0) has pretrained; the data folders are only named."""
+    """A work folder whose localmim and spark rows (seed 0) have pretrained; the data folders are only named."""
     monkeypatch.setattr(learning, 'train_subset', lambda per_class: tmp_path / f'train{per_class}')
     monkeypatch.setattr(learning, 'fashion_mnist_clips', lambda per_class: tmp_path / f'clips{per_class}')
-    checkpoint = tmp_path / 'work' / 'localmim' / 'seed0' / 'pretrain' / 'checkpoint-last.pth'
-    checkpoint.parent.mkdir(parents=True)
-    checkpoint.touch()
+    for row, name in (('localmim', 'checkpoint-last.pth'), ('spark', 'your_convnet_32px_still_pretraining.pth')):
+        checkpoint = tmp_path / 'work' / row / 'seed0' / 'pretrain' / name
+        checkpoint.parent.mkdir(parents=True)
+        checkpoint.touch()
     return tmp_path / 'work'
 
 
@@ -46,6 +47,18 @@ def test_fine_tuning_starts_from_the_localmim_row_and_scratch_does_not(work):
                                                        'checkpoint-last.pth')
     assert '--finetune' not in scratch and scratch[scratch.index('--layer_decay') + 1] == '1.0'
     assert tuned[tuned.index('--data_path') + 1].endswith('train10')  # 1% of 1,000 per class
+
+
+def test_spark_rows_score_and_fine_tune_the_spark_rows_encoder(work):
+    spark = str(work / 'spark' / 'seed0' / 'pretrain' / 'your_convnet_32px_still_pretraining.pth')
+    (_, tuned, _), = learning.commands('spark_finetune_1', 0, work, Path('data'))
+    (_, scratch, _), = learning.commands('spark_scratch_100', 0, work, Path('data'))
+    random_eval = learning.commands('spark_random', 0, work, Path('data'))[0][1]
+    assert tuned[tuned.index('--finetune') + 1] == spark and random_eval[2] == spark and '--random_init' in random_eval
+    assert tuned[tuned.index('--model') + 1] == scratch[scratch.index('--model') + 1] == 'your_convnet_32px'
+    assert '--finetune' not in scratch and scratch[scratch.index('--data_path') + 1].endswith('train1000')
+    (what, pretrain, _), *evals = learning.commands('spark', 0, work, Path('data'))
+    assert pretrain[1] == 'main_spark.py' and all(argv[2] == spark for _, argv, _ in evals)
 
 
 def test_tables_read_the_fine_tuning_log_and_the_kernel_nonzeros(work):

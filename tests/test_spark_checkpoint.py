@@ -19,6 +19,8 @@ from helpers import REPO
 from models.convnext_keys import convnext_official_to_timm
 from models.spark import build_spark, spark_default_drop_path
 from util.datasets import ImageFolderOrFlat
+from util.export import read_backbone
+from util.frozen_eval import build_frozen_encoder
 from util.mim_vis import vis_transform
 from util.pretrained import load_pretrained
 from util.spark_checkpoint import resume_spark, save_spark_outputs
@@ -69,6 +71,40 @@ def test_custom_model_pretrains_on_demo_data(custom_run, monkeypatch):
     result = timm.create_model('your_convnet', num_classes=6).load_state_dict(encoder, strict=False)
     assert sorted(result.missing_keys) == ['fc.bias', 'fc.weight'] and not result.unexpected_keys
     assert sorted(p.name for p in (custom_run / 'vis').iterdir()) == ['epoch0000.png', 'epoch0001.png']
+
+
+def test_a_custom_model_checkpoint_is_scored_and_exported_as_its_registered_model(custom_run):
+    """eval_knn.py and export.py find a models/custom.py model by the name the SparK checkpoint stores (`arch`)."""
+    backbone = read_backbone(str(custom_run / 'your_convnet_still_pretraining.pth'))
+    encoder = torch.load(custom_run / 'your_convnet_1kpretrained.pth', weights_only=True)
+    assert backbone.family == 'custom' and backbone.timm_name == 'your_convnet' and backbone.num_classes == 0
+    assert backbone.state.keys() == encoder.keys() and all(torch.equal(backbone.state[k], v) for k, v in encoder.items())
+    frozen, what = build_frozen_encoder(str(custom_run / 'your_convnet_still_pretraining.pth'))
+    model = timm.create_model('your_convnet', num_classes=0).eval()
+    model.load_state_dict(encoder)
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(frozen(images), model(images))  # the template's pooled features
+    assert 'your_convnet' in what
+
+
+def test_32px_custom_model_masks_a_4x4_grid_with_a_narrow_decoder():
+    """your_convnet_32px: total stride 8, so SparK at 32 px masks a 4x4 grid; --dec_width sets the decoder width
+    (the official 768 is the default) and the densify projections follow it."""
+    torch.manual_seed(0)
+    model = build_spark('your_convnet_32px', 32, decoder_width=64)
+    assert (model.fmap_h, model.fmap_w) == (4, 4) and model.dense_decoder.width == 64
+    assert len(model.dense_decoder.dec) == 3 and model.dense_decoder.proj.in_channels == 64 // 8
+    maps = model.sparse_encoder.sp_cnn(torch.randn(2, 3, 32, 32), hierarchical=True)
+    assert [tuple(m.shape[1:]) for m in maps] == [(32, 16, 16), (64, 8, 8), (128, 4, 4)]
+    model(torch.randn(2, 3, 32, 32)).backward()
+    assert [n for n, p in model.named_parameters() if p.grad is None] == []
+    args = main_spark.get_args_parser().parse_args([])
+    assert args.dec_width == 768 and build_spark('resnet18', 64).dense_decoder.width == 768
+    classifier = timm.create_model('your_convnet_32px', num_classes=10)
+    assert classifier(torch.randn(2, 3, 32, 32)).shape == (2, 10) and classifier.get_classifier() is classifier.fc
+    with pytest.raises(ValueError, match='stem_stride must be 4'):
+        timm.create_model('your_convnet', stem_stride=2)
 
 
 def test_official_file_names_and_keys(custom_run):

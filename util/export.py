@@ -31,14 +31,15 @@ CONVNEXTS = ('convnext_atto', 'convnext_femto', 'convnext_pico', 'convnext_nano'
 SLAKS = {'SLaK_tiny': (9, 96), 'SLaK_small': (27, 96), 'SLaK_base': (27, 128), 'SLaK_large': (27, 192)}  # (blocks
 # in stage 3, stem width at --width_factor 1): the width factor is tried as the stem ratio, then 1.3 and 1 (official)
 SLAK_WIDTHS = (1.3, 1.0)
-CLASSIFIER = {'vit': 'head.', 'resnet': 'fc.', 'convnext': 'head.fc.', 'slak': 'head.'}
+# 'custom': a model registered in models/ (models/custom.py) that the checkpoint names, classifier `fc` like the template
+CLASSIFIER = {'vit': 'head.', 'resnet': 'fc.', 'convnext': 'head.fc.', 'slak': 'head.', 'custom': 'fc.'}
 LINPROBE_EPS = 1e-6  # run_finetune.py --linprobe: BatchNorm1d(affine=False, eps=1e-6) in front of the classifier
 
 
 @dataclass
 class Backbone:
     what: str                   # what the checkpoint holds, in words
-    family: str                 # 'vit', 'resnet', 'convnext', 'slak' or 'r3d'
+    family: str                 # 'vit', 'resnet', 'convnext', 'slak', 'r3d' or 'custom'
     state: dict                 # timm layout (R3D-18: the models/r3d.py trunk layout)
     timm_name: str = None
     timm_kwargs: dict = field(default_factory=dict)  # create_model arguments besides num_classes
@@ -203,7 +204,15 @@ def _describe(family, raw, ckpt, state, num_classes):
         whole = ckpt and any(k.startswith(SPARK_ENCODER) for k in (ckpt.get('model') or ckpt.get('module') or {}))
         return f'{"ResNet" if family == "resnet" else "ConvNeXt"} ' + \
             ('SparK pretraining (encoder kept)' if whole else 'encoder' if not num_classes else head[2:])
+    if family == 'custom':
+        return f'{_custom_name(ckpt)} (registered in models/)' + (head or ' encoder')
     return {'slak': f'SLaK{head}', 'r3d': 'SCE R3D-18 trunk (video)'}[family]
+
+
+def _custom_name(ckpt):
+    """The registered model a checkpoint of one names (SparK's `arch`, our runs' `args.model`), or None."""
+    names = [ckpt.get('arch'), _run_args(ckpt).get('model')] if ckpt else []
+    return next((n for n in names if isinstance(n, str) and n.startswith('your_') and timm.is_model(n)), None)
 
 
 def read_backbone(path, ema=False):
@@ -211,7 +220,7 @@ def read_backbone(path, ema=False):
     ckpt, state = _load(path)
     if ema:
         state = _ema_state(ckpt, path)
-    family = _family(state)
+    family = _family(state) or ('custom' if _custom_name(ckpt) else None)
     if family is None:
         raise ValueError(f'{path} holds no model export knows (a ViT, ResNet, ConvNeXt, SLaK or R3D-18; first keys: '
                          f'{", ".join(list(state)[:5])}): pass a checkpoint written by this repository or an '
@@ -238,6 +247,8 @@ def read_backbone(path, ema=False):
     backbone = Backbone(what, family, state, num_classes=num_classes, dropped=dropped, notes=notes)
     if family == 'vit':
         _name_vit(backbone, state, path)
+    elif family == 'custom':
+        backbone.timm_name = _match(state, [(_custom_name(ckpt), dict(num_classes=num_classes))], path)[0]
     elif family == 'slak':
         candidates = _slak_candidates(state, args, num_classes)
         backbone.timm_name, backbone.timm_kwargs = _match(state, candidates, path)

@@ -48,8 +48,8 @@ def _timm_lines(backbone, out):
         return [imports, 'from models.r3d import r3d18_trunk  # from this repository', 'trunk = r3d18_trunk()',
                 f'trunk.model.load_state_dict({load})']
     kwargs = ''.join(f', {k}={v!r}' for k, v in backbone.timm_kwargs.items())
-    if backbone.family == 'slak':  # our factories build the model only; the weights load as a state dict
-        return [imports + ', models  # from this repository: importing models registers SLaK_*',
+    if backbone.family in ('slak', 'custom'):  # our factories build the model only; the weights load as a state dict
+        return [imports + ', models  # from this repository: importing models registers SLaK_* and your_convnet*',
                 f'model = timm.create_model({backbone.timm_name!r}, num_classes={backbone.num_classes or 1000}'
                 f'{kwargs})', f'model.load_state_dict({load}, strict={bool(backbone.num_classes)})']
     # num_classes in the overlay: timm keeps the file's classifier when yours has as many classes, else starts one

@@ -3,9 +3,10 @@
     python bench/learning.py --rows pixels localmim vit_random --seeds 0 1 2     # run (or finish) these rows
     python bench/learning.py --report                                            # table and plot only
 
-Every row is a list of commands printed before they run, so any row can be rerun by hand: pretraining, then
-eval_knn.py (frozen features), run_finetune.py (fine-tuning rows), main_slak.py (SLaK, trained with labels) or
-main_sce.py then run_finetune_video.py (SCE on Fashion-MNIST clips). A command whose output exists is skipped and an
+Every row is a list of commands printed before they run, so any row can be rerun by hand: pretraining
+(run_pretrain.py, or main_spark.py for the SparK rows), then eval_knn.py (frozen features), run_finetune.py
+(fine-tuning rows), main_slak.py (SLaK, trained with labels) or main_sce.py then run_finetune_video.py (SCE on
+Fashion-MNIST clips). A command whose output exists is skipped and an
 interrupted pretraining resumes from its last checkpoint, so the benchmark can run over several sittings. Runs go to
 --work; the results (docs/learning/results.json), the table (between the markers of docs/learning/README.md) and the
 plot (docs/learning/accuracy_vs_time.png) are rewritten after every row. Needs Debian's dataset-fashion-mnist and

@@ -6,9 +6,8 @@
 Every row is a list of commands printed before they run, so any row can be rerun by hand: pretraining
 (run_pretrain.py, or main_spark.py for the SparK rows), then eval_knn.py (frozen features), run_finetune.py
 (fine-tuning rows), main_slak.py (SLaK, trained with labels) or main_sce.py then run_finetune_video.py (SCE on
-Fashion-MNIST clips). A command whose output exists is skipped and an
-interrupted pretraining resumes from its last checkpoint, so the benchmark can run over several sittings. Runs go to
---work; the results (docs/learning/results.json), the table (between the markers of docs/learning/README.md) and the
+Fashion-MNIST clips). A command whose output exists is skipped and an interrupted pretraining resumes from its last
+checkpoint, so the benchmark can run over several sittings. Runs go to --work; the results (docs/learning/results.json), the table (between the markers of docs/learning/README.md) and the
 plot (docs/learning/accuracy_vs_time.png) are rewritten after every row. Needs Debian's dataset-fashion-mnist and
 matplotlib.
 """
@@ -43,7 +42,7 @@ EVAL = '--input_size {size} --nb_knn 20 --linear --num_workers 1 --device cpu'
 # layer decay (MAE's from-scratch recipe has none). Both label budgets take about 400 steps; evaluated once, at the end.
 FINETUNE = ('--model {model} --input_size {size} --nb_classes 10 --warmup_epochs 1 --num_workers 1 --device cpu '
             '--print_freq 50')
-# SparK (main_spark.py) on the same 10,000 images at 32 px: models/custom.py's your_convnet_32px (widths 16-128, total
+# SparK (main_spark.py) on the same 10,000 images at 32 px: models/custom.py's your_convnet_32px (widths 32-128, total
 # stride 8, so the mask covers 60% of a 4x4 grid of 8-px patches) with a 64-wide decoder (the official 768 would cost
 # ten times the encoder). LAMB's steps are relative to each weight's norm, so the official lr rule (base_lr 2e-4 x
 # batch / 256) would give 1e-4 and hardly move the weights in 1,170 steps: the rows use the official ResNet lr at
@@ -79,6 +78,19 @@ LABELS = {100: ('--batch_size 128 --epochs 5', PER_CLASS),
 PUBLISHED = [('Logistic regression on pixels (scikit-learn benchmark)', 84.2),
              ('MLP 256-128-100', 88.3), ('2 Conv + pooling (TensorFlow tutorial)', 91.6),
              ('ResNet-18 (with augmentation)', 94.9), ('WRN-28-10 (with augmentation)', 95.9)]
+
+
+@dataclass
+class Encoder:
+    row: str            # the row that pretrains it
+    checkpoint: str     # the file of that row's pretrain/ folder the other rows read
+    model: str          # its timm name for run_finetune.py
+    size: int           # input size
+
+
+# The pretrained encoders of the SparK rows and of every other image row.
+ENCODERS = {'LocalMIM': Encoder('localmim', 'checkpoint-last.pth', 'vit_tiny_patch16', INPUT_SIZE),
+            'SparK': Encoder('spark', f'{SPARK_MODEL}_still_pretraining.pth', SPARK_MODEL, SPARK_SIZE)}
 
 
 @dataclass
@@ -144,13 +156,11 @@ def commands(name, seed, work, data):
     if row.encoder == 'pixels':
         return [('eval', python('eval_knn.py', 'pixels', *data_flag, *shlex.split(EVAL.format(size=28)),
                                 '--json', str(evaluated)), evaluated)]
-    spark = row.group == 'SparK'
-    source = folder if row.encoder == 'pretrained' and row.labels is None else \
-        work / ('spark' if spark else 'localmim') / f'seed{seed}'
-    checkpoint = source / 'pretrain' / (f'{SPARK_MODEL}_still_pretraining.pth' if spark else 'checkpoint-last.pth')
-    size = SPARK_SIZE if spark else INPUT_SIZE
+    encoder = ENCODERS['SparK' if row.group == 'SparK' else 'LocalMIM']
+    source = folder if row.encoder == 'pretrained' and row.labels is None else work / encoder.row / f'seed{seed}'
+    checkpoint = source / 'pretrain' / encoder.checkpoint
     if row.labels is not None:
-        return [finetune_command(row, seed, folder, checkpoint)]
+        return [finetune_command(row, seed, folder, checkpoint, encoder)]
     if row.group == 'SCE':
         return sce_commands(row, seed, folder, work / 'sce' / f'seed{seed}')
     if row.slak_flags is not None:
@@ -163,7 +173,7 @@ def commands(name, seed, work, data):
         flops = work / f'flops_{row.flops[2]}.json'
         steps.append(('flops', python('bench/bench_freezeout.py', *shlex.split(FLOPS.format(size=INPUT_SIZE)),
                                       '--feature_target', row.flops[2], '--json', str(flops)), flops))
-    if row.encoder == 'pretrained' and spark:
+    if row.encoder == 'pretrained' and row.group == 'SparK':
         steps.append(('pretrain', python('main_spark.py', *data_flag, *shlex.split(SPARK), '--seed', str(seed),
                                          '--exp_name', name, '--exp_dir', str(folder / 'pretrain')),
                       folder / 'pretrain' / 'done'))
@@ -178,7 +188,7 @@ def commands(name, seed, work, data):
     random = ['--random_init', '--seed', str(seed)] if row.encoder == 'random' else []
     for pool, done in (([], evaluated), (['--pool', 'grid', '--grid', '2'], folder / 'eval_grid.json')):
         steps.append(('eval', python('eval_knn.py', str(checkpoint), *data_flag, *shlex.split(EVAL.format(
-            size=size)), *pool, *random, '--json', str(done)), done))
+            size=encoder.size)), *pool, *random, '--json', str(done)), done))
     return steps
 
 
@@ -197,16 +207,13 @@ def sce_commands(row, seed, folder, pretrained):
     return steps
 
 
-def finetune_command(row, seed, folder, checkpoint):
+def finetune_command(row, seed, folder, checkpoint, encoder):
     batch_and_epochs, per_class = LABELS[row.labels]
-    spark = row.group == 'SparK'
     if row.encoder == 'pretrained' and not checkpoint.is_file():
-        raise SystemExit(f'fine-tuning starts from row {"spark" if spark else "localmim"}: run that row (seed {seed}) '
-                         f'first')
+        raise SystemExit(f'fine-tuning starts from row {encoder.row}: run that row (seed {seed}) first')
     start = ['--finetune', str(checkpoint)] if row.encoder == 'pretrained' else ['--layer_decay', '1.0']
     data = Path(os.path.relpath(train_subset(per_class), REPO))
-    model, size = (SPARK_MODEL, SPARK_SIZE) if spark else ('vit_tiny_patch16', INPUT_SIZE)
-    flags = shlex.split(FINETUNE.format(model=model, size=size)) + shlex.split(batch_and_epochs)
+    flags = shlex.split(FINETUNE.format(model=encoder.model, size=encoder.size)) + shlex.split(batch_and_epochs)
     argv = python('run_finetune.py', '--data_path', str(data), *flags, *start, '--eval_freq', '1000', '--seed',
                   str(seed), '--output_dir', str(folder), '--log_dir', str(folder))
     return 'finetune', argv, folder / 'done'

@@ -31,7 +31,7 @@ CONVNEXTS = ('convnext_atto', 'convnext_femto', 'convnext_pico', 'convnext_nano'
 SLAKS = {'SLaK_tiny': (9, 96), 'SLaK_small': (27, 96), 'SLaK_base': (27, 128), 'SLaK_large': (27, 192)}  # (blocks
 # in stage 3, stem width at --width_factor 1): the width factor is tried as the stem ratio, then 1.3 and 1 (official)
 SLAK_WIDTHS = (1.3, 1.0)
-# 'custom': a model registered in models/ (models/custom.py) that the checkpoint names, classifier `fc` like the template
+# 'custom': a model registered in models/custom.py that the checkpoint names, its classifier `fc` as in the template
 CLASSIFIER = {'vit': 'head.', 'resnet': 'fc.', 'convnext': 'head.fc.', 'slak': 'head.', 'custom': 'fc.'}
 LINPROBE_EPS = 1e-6  # run_finetune.py --linprobe: BatchNorm1d(affine=False, eps=1e-6) in front of the classifier
 
@@ -205,14 +205,14 @@ def _describe(family, raw, ckpt, state, num_classes):
         return f'{"ResNet" if family == "resnet" else "ConvNeXt"} ' + \
             ('SparK pretraining (encoder kept)' if whole else 'encoder' if not num_classes else head[2:])
     if family == 'custom':
-        return f'{_custom_name(ckpt)} (registered in models/)' + (head or ' encoder')
+        return f'{_custom_name(ckpt)} (models/custom.py)' + (head or ' encoder')
     return {'slak': f'SLaK{head}', 'r3d': 'SCE R3D-18 trunk (video)'}[family]
 
 
 def _custom_name(ckpt):
-    """The registered model a checkpoint of one names (SparK's `arch`, our runs' `args.model`), or None."""
+    """The models/custom.py model a checkpoint names (SparK's `arch`, our runs' `args.model`), or None."""
     names = [ckpt.get('arch'), _run_args(ckpt).get('model')] if ckpt else []
-    return next((n for n in names if isinstance(n, str) and n.startswith('your_') and timm.is_model(n)), None)
+    return next((n for n in names if isinstance(n, str) and n in timm.list_models(module='custom')), None)
 
 
 def read_backbone(path, ema=False):

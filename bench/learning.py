@@ -96,12 +96,13 @@ ENCODERS = {'LocalMIM': Encoder('localmim', 'checkpoint-last.pth', 'vit_tiny_pat
 @dataclass
 class Row:
     title: str
-    pretrain_flags: str = None      # run_pretrain.py flags added to PRETRAIN; None: no pretraining
+    pretrain_flags: str = None      # flags added to its pretraining command (PRETRAIN, or SPARK for the SparK group)
     encoder: str = 'pretrained'     # 'pretrained', 'random' (the localmim row's network at random weights), 'pixels'
     labels: int = None              # fine-tuning rows: percent of the training labels (None: frozen-feature scores)
     slak_flags: str = None          # SLaK rows: main_slak.py flags added to SLAK
     flops: tuple = None             # FreezeOut rows: (schedule, variant, feature target) in bench_freezeout's JSON
     timed: bool = True              # False: its pretraining shared the cores, its wall-clock is not reported
+    source: str = None              # the row whose pretrained encoder it reads (None: its group's encoder row)
     group: str = 'LocalMIM'
     notes: list = field(default_factory=list)
 
@@ -129,9 +130,13 @@ ROWS = {
     'slak_dense': Row('SLaK-T/4, dense', slak_flags='', group='SLaK'),
     'slak_sparse': Row('SLaK-T/4, 40% sparse (dynamic sparse training)', slak_flags='--sparse --sparsity 0.4',
                        group='SLaK'),
+    # the paper spends the saved weights on width: SLaK-T 1.3x wide at 40% sparsity (1.3 x the quarter width)
+    'slak_sparse_wide': Row('SLaK-T/4 1.3x wide, 40% sparse (dynamic sparse training)',
+                            slak_flags='--sparse --sparsity 0.4 --width_factor 0.325', group='SLaK'),
     'sce': Row('SCE R3D-18', group='SCE'),
     'sce_random': Row('R3D-18, random weights', encoder='random', group='SCE'),
     'spark': Row(f'SparK {SPARK_MODEL}', group='SparK'),
+    'spark_45ep': Row(f'SparK {SPARK_MODEL}, 45 epochs', '--ep 45', group='SparK', timed=False),
     'spark_random': Row(f'{SPARK_MODEL}, random weights', encoder='random', group='SparK'),
     'finetune_1': Row('LocalMIM ViT-Tiny/16, fine-tuned', labels=1),
     'scratch_1': Row('ViT-Tiny/16 from scratch', encoder='random', labels=1),
@@ -141,6 +146,8 @@ ROWS = {
     'spark_scratch_1': Row(f'{SPARK_MODEL} from scratch', encoder='random', labels=1, group='SparK'),
     'spark_finetune_100': Row(f'SparK {SPARK_MODEL}, fine-tuned', labels=100, group='SparK'),
     'spark_scratch_100': Row(f'{SPARK_MODEL} from scratch', encoder='random', labels=100, group='SparK'),
+    'spark_45ep_finetune_1': Row(f'SparK {SPARK_MODEL} (45 epochs), fine-tuned', labels=1, group='SparK',
+                                 source='spark_45ep'),
 }
 
 
@@ -157,7 +164,8 @@ def commands(name, seed, work, data):
         return [('eval', python('eval_knn.py', 'pixels', *data_flag, *shlex.split(EVAL.format(size=28)),
                                 '--json', str(evaluated)), evaluated)]
     encoder = ENCODERS['SparK' if row.group == 'SparK' else 'LocalMIM']
-    source = folder if row.encoder == 'pretrained' and row.labels is None else work / encoder.row / f'seed{seed}'
+    source = folder if row.encoder == 'pretrained' and row.labels is None else \
+        work / (row.source or encoder.row) / f'seed{seed}'
     checkpoint = source / 'pretrain' / encoder.checkpoint
     if row.labels is not None:
         return [finetune_command(row, seed, folder, checkpoint, encoder)]
@@ -174,7 +182,8 @@ def commands(name, seed, work, data):
         steps.append(('flops', python('bench/bench_freezeout.py', *shlex.split(FLOPS.format(size=INPUT_SIZE)),
                                       '--feature_target', row.flops[2], '--json', str(flops)), flops))
     if row.encoder == 'pretrained' and row.group == 'SparK':
-        steps.append(('pretrain', python('main_spark.py', *data_flag, *shlex.split(SPARK), '--seed', str(seed),
+        flags = shlex.split(SPARK) + shlex.split(row.pretrain_flags or '')
+        steps.append(('pretrain', python('main_spark.py', *data_flag, *flags, '--seed', str(seed),
                                          '--exp_name', name, '--exp_dir', str(folder / 'pretrain')),
                       folder / 'pretrain' / 'done'))
     elif row.encoder == 'pretrained':
@@ -210,7 +219,7 @@ def sce_commands(row, seed, folder, pretrained):
 def finetune_command(row, seed, folder, checkpoint, encoder):
     batch_and_epochs, per_class = LABELS[row.labels]
     if row.encoder == 'pretrained' and not checkpoint.is_file():
-        raise SystemExit(f'fine-tuning starts from row {encoder.row}: run that row (seed {seed}) first')
+        raise SystemExit(f'fine-tuning starts from row {row.source or encoder.row}: run that row (seed {seed}) first')
     start = ['--finetune', str(checkpoint)] if row.encoder == 'pretrained' else ['--layer_decay', '1.0']
     data = Path(os.path.relpath(train_subset(per_class), REPO))
     flags = shlex.split(FINETUNE.format(model=encoder.model, size=encoder.size)) + shlex.split(batch_and_epochs)

@@ -16,10 +16,11 @@ import learning  # noqa: E402
 
 @pytest.fixture
 def work(tmp_path, monkeypatch):
-    """A work folder whose localmim and spark rows (seed 0) have pretrained; the data folders are only named."""
+    """A work folder whose localmim and SparK rows (seed 0) have pretrained; the data folders are only named."""
     monkeypatch.setattr(learning, 'train_subset', lambda per_class: tmp_path / f'train{per_class}')
     monkeypatch.setattr(learning, 'fashion_mnist_clips', lambda per_class: tmp_path / f'clips{per_class}')
-    for row, name in (('localmim', 'checkpoint-last.pth'), ('spark', 'your_convnet_32px_still_pretraining.pth')):
+    spark = 'your_convnet_32px_still_pretraining.pth'
+    for row, name in (('localmim', 'checkpoint-last.pth'), ('spark', spark), ('spark_45ep', spark)):
         checkpoint = tmp_path / 'work' / row / 'seed0' / 'pretrain' / name
         checkpoint.parent.mkdir(parents=True)
         checkpoint.touch()
@@ -59,6 +60,15 @@ def test_spark_rows_score_and_fine_tune_the_spark_rows_encoder(work):
     assert '--finetune' not in scratch and scratch[scratch.index('--data_path') + 1].endswith('train1000')
     (what, pretrain, _), *evals = learning.commands('spark', 0, work, Path('data'))
     assert pretrain[1] == 'main_spark.py' and all(argv[2] == spark for _, argv, _ in evals)
+
+
+def test_a_longer_spark_row_pretrains_longer_and_its_fine_tuning_reads_it(work):
+    (_, pretrain, _), *_ = learning.commands('spark_45ep', 0, work, Path('data'))
+    args = importlib.import_module('main_spark').get_args_parser().parse_args(pretrain[2:])
+    assert args.ep == 45 and args.exp_dir == str(work / 'spark_45ep' / 'seed0' / 'pretrain')
+    (_, tuned, _), = learning.commands('spark_45ep_finetune_1', 0, work, Path('data'))
+    assert tuned[tuned.index('--finetune') + 1] == str(work / 'spark_45ep' / 'seed0' / 'pretrain' /
+                                                       'your_convnet_32px_still_pretraining.pth')
 
 
 def test_tables_read_the_fine_tuning_log_and_the_kernel_nonzeros(work):

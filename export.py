@@ -1,5 +1,5 @@
 """Pretrained weights out of any checkpoint of this repository (or an official release), for timm, torchvision,
-detectron2 or as safetensors; see README "Using the weights elsewhere".
+detectron2 or as safetensors; see docs/EXPORT.md.
 
     python export.py output_demo/checkpoint-last.pth --format timm --out vit_tiny_demo.pth
 """

@@ -1,6 +1,6 @@
 """SLaK (Sparse Large Kernel ConvNeXt, ICLR 2023): ImageNet training and evaluation with the official flags.
 
-    python main_slak.py --data_path demo --model SLaK_tiny ...        # CPU demo: see README.md
+    python main_slak.py --data_path demo --model SLaK_tiny ...        # CPU demo: see docs/SLAK.md
     torchrun --nproc_per_node=8 main_slak.py --Decom True --sparse --width_factor 1.3 -u 100 --sparsity 0.4 \\
         --sparse_init snip --prune_rate 0.3 --growth random --epochs 300 --model SLaK_small --drop_path 0.4 \\
         --batch_size 64 --lr 4e-3 --update_freq 8 --model_ema true --model_ema_eval true \\

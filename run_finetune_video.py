@@ -12,7 +12,7 @@ the official repository (https://github.com/juliendenize/eztorch, configs/run/{e
 
 Every protocol evaluates 10 temporal clips x 3 spatial crops per video (`--num_clips`, `--num_crops`), softmax
 probabilities (features for retrieval) averaged over a video's views. Flags whose default depends on the protocol
-are listed in PROTOCOL_DEFAULTS; a flag given on the command line wins. README.md lists what differs from the
+are listed in PROTOCOL_DEFAULTS; a flag given on the command line wins. docs/SCE.md lists what differs from the
 official code.
 """
 import argparse

@@ -80,7 +80,7 @@ def get_args_parser():
     parser.add_argument('--freeze_cache_dir', default=None, help='keep the cache in this folder (default: memory)')
     parser.add_argument('--freeze_cache_gb', type=float, default=8.0, help='size limit of the cache')
     parser.add_argument('--feature_masking', action='store_true',
-                        help='FreezeOut experiment (README): store the frozen prefix\'s features of the UNMASKED '
+                        help='FreezeOut experiment (docs/FREEZEOUT.md): store the frozen prefix\'s features of the UNMASKED '
                              'image once per sample and depth (storage as --freeze_cache), mask them afresh each step; '
                              'masked content leaks into the visible features')
     parser.add_argument('--feature_target', default='hog', choices=['hog', 'features', 'both'],
@@ -94,7 +94,7 @@ def get_args_parser():
     parser.add_argument('--data_path', default='./dataset/ImageNet/train/', type=str,
                         help="'demo', a folder with train/ inside, a folder of class folders, or of images")
     parser.add_argument('--fast_data', default='none', nargs='?', const='cpu', choices=FAST_DATA_MODES,
-                        help='faster loading, same augmentation (README: "Faster data loading"): cpu = uint8 crops cut '
+                        help='faster loading, same augmentation (docs/PERFORMANCE.md): cpu = uint8 crops cut '
                              'while decoding, normalised on the device; cpu_draft = also decode large JPEGs at '
                              'reduced scale (other pixels); device = decode and crop on the GPU (nvJPEG)')
     parser.add_argument('--output_dir', default='./output/MAE_ViT_B', help='where to save checkpoints and log.txt')

@@ -6,7 +6,7 @@ AdamW over `FreezeOut.param_groups`) and optimizer steps (`TrainStep`, synthetic
 are timed: median over --steps, lowest over --rounds. FLOP cost model: time_k = time_0 * flops_k /
 flops_0 (FLOPs of one forward + backward); the affine variant adds a constant per-step term fitted
 on the first and last depth. The schedule gives the fraction of the run at each depth, hence the saving,
-and the epochs of an equal-cost baseline (how to compare with it: README, "FreezeOut on LocalMIM").
+and the epochs of an equal-cost baseline (how to compare with it: docs/FREEZEOUT.md).
 
     python bench/bench_freezeout.py --model MIM_vit_tiny_patch16 --input_size 64 --batch_size 16   # CPU
     python bench/bench_freezeout.py --batch_size 128 --amp bf16 --json results.jsonl            # GPU
@@ -16,7 +16,7 @@ and the epochs of an equal-cost baseline (how to compare with it: README, "Freez
 a step of feature masking served from its store, and the extra work of a store miss (the frozen prefix on
 all tokens), and predicts the whole-run saving of plain FreezeOut, the exact cache and feature masking
 for cubic t_0 0.8 and linear t_0 0.5 (the first epoch at each depth counted as misses, the rest as hits:
-the store must hold the data set, see the README).
+the store must hold the data set, see docs/FREEZEOUT.md).
 """
 import contextlib
 import json

@@ -5,7 +5,7 @@ dense (F.conv2d, full kernel), crop (kernel cropped to the reachable (2H-1) x (2
 one transform of x for the three branches; in eval the branches are folded into one kernel), merged
 (`reparameterize()`, then crop; inference only) and auto (the model default). Median over --steps, after
 --warmup untimed ones; CUDA synchronised around each. ConvNeXt-T (timm convnext_tiny) is timed with the same
-code for reference. The CPU numbers that set `auto_impl` are in the README ("Results and throughput").
+code for reference. The CPU numbers that set `auto_impl` are in docs/RESULTS.md.
 
     python bench/bench_slak.py --threads 2 --batch_size 4              # CPU
     python bench/bench_slak.py --device cuda --batch_size 64 --json slak.jsonl

@@ -4,7 +4,7 @@
     python bench/gpu_suite.py --out /tmp/q.json --quick                  # tiny sizes: about 2 minutes on a GPU
     python bench/gpu_suite.py --out /tmp/cpu.json --device cpu --quick   # on CPU (CUDA-only steps skipped)
     python bench/gpu_suite.py --out r.json --only scripts/localmim,fp16_inf
-    python bench/results_table.py bench/results/H100.json --readme README.md   # the README's GPU tables
+    python bench/results_table.py bench/results/H100.json --page docs/RESULTS.md   # the GPU tables of the docs
 
 Every step runs in its own subprocess under its own time cap, so a failure or a hang costs that step only. A step
 ends ok, failed (with the last lines of its output), timeout or skipped (with the reason). The correctness steps

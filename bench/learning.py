@@ -73,6 +73,8 @@ SCE_PROTOCOLS = {'linear': '--protocol linear --epochs 10 --warmup_epochs 1 --ba
 # so the 1% rows set lr 1e-3 (blr 1.28e-2; MAE fine-tunes ViT-B at 2e-3), for both encoders.
 LABELS = {100: ('--batch_size 128 --epochs 5', PER_CLASS),
           1: ('--batch_size 20 --epochs 80 --blr 1.28e-2', PER_CLASS // 100)}
+# MAE's linear probe (main_linprobe.py defaults but batch 64, 10 epochs) on the mean patch token, as eval_knn.py's
+LINPROBE = '--linprobe --global_pool --batch_size 64 --epochs 10 --weight_decay 0'
 # Published on the data set's page (github.com/zalandoresearch/fashion-mnist, README "Benchmark" and its
 # scikit-learn benchmark site): supervised test accuracy with all 60,000 labelled training images.
 PUBLISHED = [('Logistic regression on pixels (scikit-learn benchmark)', 84.2),
@@ -103,6 +105,7 @@ class Row:
     flops: tuple = None             # FreezeOut rows: (schedule, variant, feature target) in bench_freezeout's JSON
     timed: bool = True              # False: its pretraining shared the cores, its wall-clock is not reported
     source: str = None              # the row whose pretrained encoder it reads (None: its group's encoder row)
+    finetune_flags: str = None      # fine-tuning rows: run_finetune.py flags instead of LABELS' batch and epochs
     group: str = 'LocalMIM'
     notes: list = field(default_factory=list)
 
@@ -142,6 +145,11 @@ ROWS = {
     'scratch_1': Row('ViT-Tiny/16 from scratch', encoder='random', labels=1),
     'finetune_100': Row('LocalMIM ViT-Tiny/16, fine-tuned', labels=100),
     'scratch_100': Row('ViT-Tiny/16 from scratch', encoder='random', labels=100),
+    # run_finetune.py --linprobe at a batch a single GPU holds: MAE's LARS recipe, and AdamW at lr 1e-3 (blr 4e-3)
+    'linprobe_lars': Row('LocalMIM ViT-Tiny/16, run_finetune.py --linprobe (LARS, blr 0.1, batch 64)', labels=100,
+                         finetune_flags=LINPROBE + ' --blr 0.1'),
+    'linprobe_adamw': Row('LocalMIM ViT-Tiny/16, run_finetune.py --linprobe --opt adamw (lr 1e-3, batch 64)',
+                          labels=100, finetune_flags=LINPROBE + ' --opt adamw --blr 4e-3'),
     'spark_finetune_1': Row(f'SparK {SPARK_MODEL}, fine-tuned', labels=1, group='SparK'),
     'spark_scratch_1': Row(f'{SPARK_MODEL} from scratch', encoder='random', labels=1, group='SparK'),
     'spark_finetune_100': Row(f'SparK {SPARK_MODEL}, fine-tuned', labels=100, group='SparK'),
@@ -222,7 +230,8 @@ def finetune_command(row, seed, folder, checkpoint, encoder):
         raise SystemExit(f'fine-tuning starts from row {row.source or encoder.row}: run that row (seed {seed}) first')
     start = ['--finetune', str(checkpoint)] if row.encoder == 'pretrained' else ['--layer_decay', '1.0']
     data = Path(os.path.relpath(train_subset(per_class), REPO))
-    flags = shlex.split(FINETUNE.format(model=encoder.model, size=encoder.size)) + shlex.split(batch_and_epochs)
+    flags = shlex.split(FINETUNE.format(model=encoder.model, size=encoder.size)) + \
+        shlex.split(row.finetune_flags or batch_and_epochs)
     argv = python('run_finetune.py', '--data_path', str(data), *flags, *start, '--eval_freq', '1000', '--seed',
                   str(seed), '--output_dir', str(folder), '--log_dir', str(folder))
     return 'finetune', argv, folder / 'done'

@@ -1,9 +1,9 @@
-"""Markdown tables from bench/gpu_suite.py results, in the README's format; with --readme, written into the README.
+"""Markdown tables from bench/gpu_suite.py results; with --page, written into the results page.
 
-    python bench/results_table.py bench/results/H100.json                    # print the tables
-    python bench/results_table.py bench/results/*.json --readme README.md    # replace the text between the markers
+    python bench/results_table.py bench/results/H100.json                        # print the tables
+    python bench/results_table.py bench/results/*.json --page docs/RESULTS.md    # replace the text between the markers
 
-The README's GPU rows are generated here, never typed: --readme replaces everything between
+The GPU rows of docs/RESULTS.md are generated here, never typed: --page replaces everything between
 `<!-- gpu-suite:begin -->` and `<!-- gpu-suite:end -->`.
 """
 import argparse
@@ -108,7 +108,7 @@ def render(report):
 
 def replace_between_markers(text, body):
     if BEGIN not in text or END not in text or text.index(BEGIN) > text.index(END):
-        raise ValueError(f'the README has no {BEGIN} ... {END} block')
+        raise ValueError(f'the page has no {BEGIN} ... {END} block')
     start, end = text.index(BEGIN) + len(BEGIN), text.index(END)
     return text[:start] + '\n' + body + text[end:]
 
@@ -116,15 +116,16 @@ def replace_between_markers(text, body):
 def main():
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     p.add_argument('results', nargs='+', help='JSON files written by bench/gpu_suite.py')
-    p.add_argument('--readme', default=None, help='write the tables between the gpu-suite markers of this file')
+    p.add_argument('--page', '--readme', dest='page', default=None,
+                   help='write the tables between the gpu-suite markers of this Markdown file (docs/RESULTS.md)')
     args = p.parse_args()
     body = '\n'.join(render(json.loads(Path(f).read_text())) for f in args.results)
-    if args.readme:
-        path = Path(args.readme)
+    if args.page:
+        path = Path(args.page)
         try:
             path.write_text(replace_between_markers(path.read_text(), body))
         except ValueError as error:
-            sys.exit(f'results_table.py: error: {args.readme}: {error}')
+            sys.exit(f'results_table.py: error: {args.page}: {error}')
     else:
         sys.stdout.write(body)
 

@@ -229,7 +229,7 @@ class MaskedAutoencoderViT(nn.Module):
     @torch.no_grad()
     def frozen_features(self, imgs):
         """Feature masking: the frozen prefix on the UNMASKED image, [B, 1 + L, D] (cls token, then every patch in
-        row-major order). Past one frozen block the patch tokens have attended to each other: see the README."""
+        row-major order). Past one frozen block the patch tokens have attended to each other: see docs/FREEZEOUT.md."""
         x = self._with_cls(self.patch_embed(imgs) + self.pos_embed[:, 1:])
         for blk in self.blocks[:max(self.frozen_units - 1, 0)]:
             x = blk(x)

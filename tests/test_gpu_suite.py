@@ -1,6 +1,6 @@
 """bench/gpu_suite.py runs every step to the end on CPU (CUDA-only steps skipped with a reason), its entry-script
 checks hold (resumed == uninterrupted, bitwise on CPU; the injected inf step skipped), and bench/results_table.py
-renders its JSON into the README's tables."""
+renders its JSON into the tables of docs/RESULTS.md."""
 import json
 import subprocess
 import sys
@@ -66,7 +66,7 @@ def test_results_table_replaces_only_the_marked_block(tmp_path):
     (tmp_path / 'r.json').write_text(json.dumps(REPORT))
     readme = tmp_path / 'README.md'
     readme.write_text(f'# T\n\nbefore\n{results_table.BEGIN}\nold rows\n{results_table.END}\nafter\n')
-    subprocess.run([sys.executable, str(REPO / 'bench' / 'results_table.py'), str(tmp_path / 'r.json'), '--readme',
+    subprocess.run([sys.executable, str(REPO / 'bench' / 'results_table.py'), str(tmp_path / 'r.json'), '--page',
                     str(readme)], check=True)
     assert readme.read_text() == (f'# T\n\nbefore\n{results_table.BEGIN}\n{EXPECTED}{results_table.END}\nafter\n')
 

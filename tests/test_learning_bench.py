@@ -71,6 +71,18 @@ def test_a_longer_spark_row_pretrains_longer_and_its_fine_tuning_reads_it(work):
                                                        'your_convnet_32px_still_pretraining.pth')
 
 
+def test_the_linear_probe_rows_run_mae_s_probe_at_batch_64_with_lars_and_with_adamw(work):
+    run_finetune = importlib.import_module('run_finetune')
+    chosen = {}
+    for name in ('linprobe_lars', 'linprobe_adamw'):
+        (_, argv, _), = learning.commands(name, 0, work, Path('data'))
+        args = run_finetune.resolve_defaults(run_finetune.get_args_parser().parse_args(argv[2:]))
+        assert args.linprobe and args.global_pool and args.batch_size == 64 and args.finetune.endswith(
+            'checkpoint-last.pth')
+        chosen[name] = (args.opt, args.blr)
+    assert chosen == {'linprobe_lars': ('lars', 0.1), 'linprobe_adamw': ('adamw', 4e-3)}
+
+
 def test_tables_read_the_fine_tuning_log_and_the_kernel_nonzeros(work):
     for name, accuracy in (('finetune_1', 61.5), ('scratch_1', 40.25)):
         folder = work / name / 'seed0'

@@ -8,17 +8,17 @@ with the images when enabled, and the criterion (util.classification.build_crite
 soft-target under mixup, or binary cross-entropy) compares them with the model's logits.
 
 `evaluate` counts every validation sample exactly once: per-rank sums stay on the device and are
-all-reduced once at the end when the ranks hold disjoint shards (see util/samplers.py).
+all-reduced once at the end when the ranks hold disjoint shards (see util/data/samplers.py).
 """
 import torch
 import torch.nn.functional as F
 from timm.utils import accuracy
 
 import engine_pretrain
-from util.bad_files import bad_files_of
+from util.data.bad_files import bad_files_of
 from util.dist import all_reduce_sum, get_world_size, unwrap
 from util.metric_logger import MetricLogger
-from util.samplers import is_sharded
+from util.data.samplers import is_sharded
 
 
 def classification_loss(criterion, device, mixup_fn=None):
@@ -46,12 +46,12 @@ def evaluate(data_loader, model, device, amp_dtype=None, sharded=None, print_fre
     """Cross-entropy loss and top-1 / top-5 accuracy (percent) over the loader's dataset.
 
     `sharded`: whether the ranks evaluate disjoint parts of the set, whose sums are then all-reduced.
-    None reads it from the loader (util.samplers.build_eval_loader: `--dist_eval` under DDP), so a loader
-    that gives every rank the whole set is never summed W times. Use util.samplers for sharding: torch's
+    None reads it from the loader (util.data.samplers.build_eval_loader: `--dist_eval` under DDP), so a loader
+    that gives every rank the whole set is never summed W times. Use util.data.samplers for sharding: torch's
     DistributedSampler pads with duplicates, which would be counted. Top-5 is capped at the number of
     classes (timm.utils.accuracy), so it is 100 with 5 classes or fewer.
     Returns {'loss', 'acc1', 'acc5', 'count'}; `count` is the number of samples evaluated in all. Samples that
-    could not be read are left out (util.bad_files.collate_readable); then 'skipped_files' counts them.
+    could not be read are left out (util.data.bad_files.collate_readable); then 'skipped_files' counts them.
     """
     device = torch.device(device)
     # Evaluation needs no gradient sync, and a DDP forward may wait for peers (buffer broadcast), while

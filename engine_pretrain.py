@@ -12,9 +12,9 @@ The contract (all a method needs to plug in; the loop itself never changes):
 - `checkpoints` (optional): a util.preemption.MidEpochCheckpoints, for saves inside the epoch (a stop signal,
   --save_every_steps) and for resuming at the step where the last run stopped.
 Metrics stay on the device until a print step (no host sync per step). Files the loader could not read are
-counted over workers and ranks (util/bad_files.py): `skipped_files` in the progress line, TensorBoard and stats.
+counted over workers and ranks (util/data/bad_files.py): `skipped_files` in the progress line, TensorBoard and stats.
 """
-from util.bad_files import bad_files_of
+from util.data.bad_files import bad_files_of
 from util.dist import get_world_size
 from util.metric_logger import MetricLogger
 

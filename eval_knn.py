@@ -15,10 +15,10 @@ import time
 import torch
 from torch.utils.data import DataLoader
 
-from util.bad_files import collate_readable
-from util.datasets import add_finetune_data_args, build_eval_transform, build_finetune_dataset, \
+from util.data.bad_files import collate_readable
+from util.data.datasets import add_finetune_data_args, build_eval_transform, build_finetune_dataset, \
     check_finetune_data_args
-from util.frozen_eval import build_frozen_encoder, choose_weight_decay, linear_probe_accuracy
+from util.export.frozen_eval import build_frozen_encoder, choose_weight_decay, linear_probe_accuracy
 from util.knn import extract_features, knn_accuracy, random_subset
 from util.runtime import check_flags, run_cli
 

@@ -5,7 +5,7 @@ detectron2 or as safetensors; see docs/EXPORT.md.
 """
 import argparse
 
-from util.export_formats import FORMATS, export
+from util.export.formats import FORMATS, export
 from util.runtime import run_cli
 
 

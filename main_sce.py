@@ -37,12 +37,12 @@ from util.runtime import (add_bool_arg, append_log_line, attach_ddp, build_train
                           keeps_checkpoint, make_log_writer, per_process_batch, resume_path, resume_training, run_cli,
                           setup_run)
 from util.hooks import SCEHook
-from util.bad_files import write_bad_file_list
-from util.samplers import build_eval_loader
-from util.sce_optim import build_lars, scale_learning_rate, sce_schedule
+from util.data.bad_files import write_bad_file_list
+from util.data.samplers import build_eval_loader
+from util.sce.optim import build_lars, scale_learning_rate, sce_schedule
 from util.train_step import TrainStep
-from util.sce_video_augment import build_sce_augmentations, clip_pair_grid
-from util.sce_video_data import build_video_dataset, video_data_root
+from util.sce.augment import build_sce_augmentations, clip_pair_grid
+from util.video.io import build_video_dataset, video_data_root
 
 # Colour jitter of the two configs: the reference run's "strength 1" and the baseline's.
 JITTER = {'strong': dict(brightness=0.8, contrast=0.8, saturation=0.4, hue=0.2),

@@ -8,7 +8,7 @@
     python main_slak.py --model SLaK_tiny --eval true --Decom True --width_factor 1.3 --resume ckpt.pth ...
 
 Flags and defaults are those of the official main.py (https://github.com/VITA-Group/SLaK/blob/main/main.py);
-booleans take true/false (a bare `--model_ema` means true). With --sparse, the masks (util/slak_sparse_training.py)
+booleans take true/false (a bare `--model_ema` means true). With --sparse, the masks (util/slak/sparse_training.py)
 are built after the model, DDP wrapper, optimizer and loader, and an engine hook applies, prunes and regrows them
 after every optimizer step, before the masked EMA update. README.md lists the outputs, the official bugs fixed
 here and what is not supported.
@@ -31,20 +31,20 @@ from engine_finetune import evaluate, train_one_epoch
 from models.slak import CONV_IMPLS
 from util.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint, what_model
 from util.classification import add_augmentation_args, build_criterion, build_mixup, convnext_param_groups
-from util.bad_files import write_bad_file_list
-from util.datasets import (ImageFolderOrFlat, add_finetune_data_args, build_finetune_dataset, build_finetune_transform,
+from util.data.bad_files import write_bad_file_list
+from util.data.datasets import (ImageFolderOrFlat, add_finetune_data_args, build_finetune_dataset, build_finetune_transform,
                            check_finetune_data_args, check_resumed_split)
 from util.dist import get_world_size, is_main_process
 from util.lr_sched import IterationSchedule, cosine_scheduler
 from util.preemption import MidEpochCheckpoints
 from util.runtime import (add_bool_arg, append_log_line, attach_ddp, build_train_loader, check_flags, evaluates_epoch,
                           keeps_checkpoint, make_log_writer, resume_path, resume_training, run_cli, setup_run)
-from util.samplers import build_eval_loader
+from util.data.samplers import build_eval_loader
 from util.hooks import MaskedEmaHook, ModelEmaHook
-from util.slak_sparse_training import Masking, add_sparse_args, density_from_sparsity
+from util.slak.sparse_training import Masking, add_sparse_args, density_from_sparsity
 from util.train_step import AMP_DTYPES, TrainStep
 
-EVAL_RESIZE = 'convnext'  # util.datasets.build_eval_transform's rule: as ConvNeXt's and SLaK's datasets.py
+EVAL_RESIZE = 'convnext'  # util.data.datasets.build_eval_transform's rule: as ConvNeXt's and SLaK's datasets.py
 UNSUPPORTED = {'enable_wandb': False, 'train_interpolation': 'bicubic',
                'imagenet_default_mean_and_std': True, 'model_prefix': ''}
 

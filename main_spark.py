@@ -7,7 +7,7 @@
 
 `--bs` is the GLOBAL batch (per process and micro-step: bs // (world size * accum_iter)); lr = base_lr * bs
 / 256. Booleans take `--sbn=False` like the official Tap parser. Outputs go to `--exp_dir` (default
-`output_<exp_name>/`) under the official file names (util/spark_checkpoint.py); README.md lists them and what
+`output_<exp_name>/`) under the official file names (util/spark/checkpoint.py); README.md lists them and what
 differs from the official code.
 """
 import argparse
@@ -26,17 +26,17 @@ from torchvision.transforms import InterpolationMode
 
 from engine_pretrain import train_one_epoch
 from models.spark import build_spark, spark_default_drop_path
-from util.bad_files import write_bad_file_list
+from util.data.bad_files import write_bad_file_list
 from util.checkpoint import read_checkpoint
-from util.datasets import ImageFolderOrFlat, resolve_image_root
+from util.data.datasets import ImageFolderOrFlat, resolve_image_root
 from util.dist import get_world_size, is_main_process
-from util.mim_vis import fixed_vis_batch, vis_transform
+from util.localmim.vis import fixed_vis_batch, vis_transform
 from util.preemption import MidEpochCheckpoints
 from util.runtime import (add_bool_arg, attach_ddp, build_train_loader, check_flags, make_log_writer, per_process_batch,
                           resume_path, run_cli, setup_run, tee_console)
-from util.spark_checkpoint import latest_spark_checkpoint, resume_spark, save_spark_outputs
-from util.spark_sched import SparkSchedule, spark_param_groups
-from util.spark_vis import save_spark_pictures
+from util.spark.checkpoint import latest_spark_checkpoint, resume_spark, save_spark_outputs
+from util.spark.schedule import SparkSchedule, spark_param_groups
+from util.spark.vis import save_spark_pictures
 from util.train_step import TrainStep
 
 REPO = os.path.dirname(os.path.abspath(__file__))

@@ -5,17 +5,17 @@
     # UCF101 (25 fps) and HMDB51 (30 fps): <videos>/<Class>/<name>.avi -> <out>/<Class>/<name>/, native size
     python prepare_video.py --source /data/UCF-101 --out /data/ucf101 --fps 25 --short_side 0
     python prepare_video.py --source /data/hmdb51_videos --out /data/hmdb51 --fps 30 --short_side 0
-    # demo: mp4/avi files encoded from the demo frame folders (util/sce_video_demo.py), back to frames
+    # demo: mp4/avi files encoded from the demo frame folders (util/video/demo.py), back to frames
     python prepare_video.py --source demo --out output/demo_video_frames --short_side 0 --workers 2
 
 Rerunning the same command finishes an interrupted run (finished videos are skipped). Details in
-util/video_prepare.py.
+util/video/prepare.py.
 """
 import argparse
 import sys
 
-from util.sce_video_demo import make_demo_video_files
-from util.video_prepare import REPORT_NAME, prepare_videos
+from util.video.demo import make_demo_video_files
+from util.video.prepare import REPORT_NAME, prepare_videos
 
 
 def get_args_parser():

@@ -27,8 +27,8 @@ from engine_finetune import evaluate, train_one_epoch
 from util.checkpoint import load_checkpoint, save_checkpoint
 from util.classification import (SPARK_RESNET_BLOCKS_PER_DEPTH, add_augmentation_args, build_criterion, build_mixup,
                                   layer_decay_param_groups, spark_resnet_layer_id, timm_convnext_layer_id)
-from util.bad_files import write_bad_file_list
-from util.datasets import (add_finetune_data_args, build_finetune_dataset, check_finetune_data_args,
+from util.data.bad_files import write_bad_file_list
+from util.data.datasets import (add_finetune_data_args, build_finetune_dataset, check_finetune_data_args,
                            check_resumed_split)
 from util.dist import get_world_size
 from util.hooks import ModelEmaHook
@@ -38,7 +38,7 @@ from util.lr_sched import WarmupCosine
 from util.preemption import MidEpochCheckpoints
 from util.runtime import (add_bool_arg, append_log_line, attach_ddp, build_train_loader, check_flags, evaluates_epoch,
                           keeps_checkpoint, make_log_writer, resume_path, resume_training, run_cli, setup_run)
-from util.samplers import build_eval_loader, with_repeated_augmentation
+from util.data.samplers import build_eval_loader, with_repeated_augmentation
 from util.train_step import AMP_DTYPES, TrainStep
 
 

@@ -28,21 +28,21 @@ from engine_finetune import classification_loss, evaluate
 from engine_pretrain import train_one_epoch
 from models.r3d import VideoClassifier, r3d18_trunk
 from models.sce import convert_sync_batchnorm
-from util.bad_files import write_bad_file_list
+from util.data.bad_files import write_bad_file_list
 from util.checkpoint import load_checkpoint, save_checkpoint
 from util.dist import get_world_size
 from util.lr_sched import IterationSchedule, cosine_scheduler
 from util.preemption import MidEpochCheckpoints
 from util.runtime import (add_bool_arg, append_log_line, attach_ddp, build_train_loader, check_flags, evaluates_epoch,
                           keeps_checkpoint, make_log_writer, resume_path, resume_training, run_cli, setup_run)
-from util.samplers import build_eval_loader
-from util.sce_video_data import video_data_root
+from util.data.samplers import build_eval_loader
+from util.video.io import video_data_root
 from util.train_step import AMP_DTYPES, TrainStep
-from util.video_checkpoint import load_r3d_trunk
-from util.video_eval import (RECALL_KS, ViewAveragedClassifier, broadcast_buffers, cached_features, extract_features,
+from util.video.checkpoint import load_r3d_trunk
+from util.video.eval import (RECALL_KS, ViewAveragedClassifier, broadcast_buffers, cached_features, extract_features,
                              file_identity, list_digest, retrieval_recall, train_augmentation)
-from util.video_splits import DATASETS, NOMINAL_FPS, video_list
-from util.video_views import MultiViewDataset, TrainClipDataset
+from util.video.splits import DATASETS, NOMINAL_FPS, video_list
+from util.video.views import MultiViewDataset, TrainClipDataset
 
 # The official configs per protocol (batch per GPU: 8 GPUs give the official global batches 512 and 64).
 PROTOCOL_DEFAULTS = {

@@ -17,18 +17,18 @@ from timm.optim import param_groups_weight_decay
 import models  # noqa: F401  (registers the models with timm)
 from engine_pretrain import masked_modeling_loss, train_one_epoch
 from util.checkpoint import read_checkpoint, save_checkpoint
-from util.bad_files import write_bad_file_list
-from util.datasets import ImageFolderOrFlat, build_pretrain_dataset
-from util.fast_image import FAST_DATA_MODES, DeviceInput
+from util.data.bad_files import write_bad_file_list
+from util.data.datasets import ImageFolderOrFlat, build_pretrain_dataset
+from util.data.fast_image import FAST_DATA_MODES, DeviceInput
 from util.knn import KnnMonitor
 from util.dist import get_world_size, is_main_process
 from util.preemption import MidEpochCheckpoints
-from util.mim_vis import fixed_vis_batch, save_mim_pictures, vis_transform
+from util.localmim.vis import fixed_vis_batch, save_mim_pictures, vis_transform
 from util.runtime import (add_bool_arg, append_log_line, attach_ddp, build_train_loader, check_flags, keeps_checkpoint,
                           make_log_writer, resume_path, resume_training, run_cli, setup_run)
-from util.freezeout_cache import FixedViews, FrozenPrefixCache
-from util.feature_masking import FeatureMasking, SwitchableViews
-from util.freezeout import FreezeOut, FreezeOutSchedule, prune_decoders, pruned_stages
+from util.freezeout.cache import FixedViews, FrozenPrefixCache
+from util.freezeout.feature_masking import FeatureMasking, SwitchableViews
+from util.freezeout.schedule import FreezeOut, FreezeOutSchedule, prune_decoders, pruned_stages
 from util.lr_sched import WarmupCosine
 from util.train_step import TrainStep
 

@@ -2,7 +2,7 @@
 
 Pipelines (224 px RandomResizedCrop scale 0.2-1, bicubic, flip, ImageNet normalisation):
   official    torchvision ImageFolder + PIL decode + the torchvision transform (float32 from the workers)
-  ours        util.datasets.ImageFolderOrFlat + build_pretrain_transform (the run_pretrain.py default)
+  ours        util.data.datasets.ImageFolderOrFlat + build_pretrain_transform (the run_pretrain.py default)
   cpu         --fast_data cpu: box from the header, uint8 crop (torch's bicubic kernel), normalised on the device
   cpu_draft   --fast_data cpu_draft: also reduced-scale JPEG decoding of crops >= 2x the output size
   device      --fast_data device: workers read bytes and draw the box; the device (nvJPEG) decodes and crops
@@ -35,9 +35,9 @@ from torch.utils.data import DataLoader, RandomSampler, default_collate  # noqa:
 from torchvision import datasets, transforms  # noqa: E402
 from torchvision.transforms import InterpolationMode  # noqa: E402
 
-from util.datasets import build_pretrain_dataset  # noqa: E402
-from util.demo_data import REPOSITORY_ROOT, build_once  # noqa: E402
-from util.fast_image import DeviceInput  # noqa: E402
+from util.data.datasets import build_pretrain_dataset  # noqa: E402
+from util.data.demo_data import REPOSITORY_ROOT, build_once  # noqa: E402
+from util.data.fast_image import DeviceInput  # noqa: E402
 
 PHOTOGRAPHS = ('astronaut', 'chelsea', 'coffee', 'rocket', 'hubble_deep_field', 'immunohistochemistry', 'retina',
                'stereo_motorcycle')

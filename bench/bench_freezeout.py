@@ -34,8 +34,8 @@ import models  # noqa: E402,F401  (registers MIM_vit_*)
 from torch.utils import flop_counter  # noqa: E402
 
 from bench.bench_pretrain import CPU_SDPA_FLOPS, count_step_flops, finish_args, step_parser, training_step  # noqa
-from util.feature_masking import FeatureMasking  # noqa: E402
-from util.freezeout import SCALE_FNS, FreezeOut, FreezeOutSchedule  # noqa: E402
+from util.freezeout.feature_masking import FeatureMasking  # noqa: E402
+from util.freezeout.schedule import SCALE_FNS, FreezeOut, FreezeOutSchedule  # noqa: E402
 
 
 def get_args():

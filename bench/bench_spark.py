@@ -39,7 +39,7 @@ from torch.utils import flop_counter  # noqa: E402
 
 from models.spark import build_spark, spark_default_drop_path  # noqa: E402
 from models.spark_sparse import hierarchical_forward  # noqa: E402
-from util.spark_sched import spark_param_groups  # noqa: E402
+from util.spark.schedule import spark_param_groups  # noqa: E402
 from util.train_step import TrainStep  # noqa: E402
 
 

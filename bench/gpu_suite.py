@@ -198,8 +198,8 @@ def main():
     if args.device == 'cpu' and jobs > 1:
         env['OMP_NUM_THREADS'] = str(max(1, (os.cpu_count() or 1) // jobs))
     # build the demo data once, before parallel steps would all build it
-    subprocess.run([sys.executable, '-c', 'from util.demo_data import demo_imagefolder as a; from '
-                    'util.sce_video_demo import make_demo_videos as b; a(); b()'], cwd=REPO, env=env, check=True)
+    subprocess.run([sys.executable, '-c', 'from util.data.demo_data import demo_imagefolder as a; from '
+                    'util.video.demo import make_demo_videos as b; a(); b()'], cwd=REPO, env=env, check=True)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     report = {'suite': 'quick' if args.quick else 'full', **environment(args.device),

@@ -24,7 +24,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from util.fashion_mnist import fashion_mnist_clips, train_subset  # noqa: E402
+from util.data.fashion_mnist import fashion_mnist_clips, train_subset  # noqa: E402
 
 DOCS = REPO / 'docs' / 'learning'
 BEGIN, END = '<!-- learning:begin -->', '<!-- learning:end -->'  # docs/learning/README.md: the generated table
@@ -42,7 +42,7 @@ EVAL = '--input_size {size} --nb_knn 20 --linear --num_workers 1 --device cpu'
 # layer decay (MAE's from-scratch recipe has none). Both label budgets take about 400 steps; evaluated once, at the end.
 FINETUNE = ('--model {model} --input_size {size} --nb_classes 10 --warmup_epochs 1 --num_workers 1 --device cpu '
             '--print_freq 50')
-# SparK (main_spark.py) on the same 10,000 images at 32 px: models/custom.py's your_convnet_32px (widths 32-128, total
+# SparK (main_spark.py) on the same 10,000 images at 32 px: models/spark_custom_cnn.py's your_convnet_32px (widths 32-128, total
 # stride 8, so the mask covers 60% of a 4x4 grid of 8-px patches) with a 64-wide decoder (the official 768 would cost
 # ten times the encoder). LAMB's steps are relative to each weight's norm, so the official lr rule (base_lr 2e-4 x
 # batch / 256) would give 1e-4 and hardly move the weights in 1,170 steps: the rows use the official ResNet lr at

@@ -21,7 +21,7 @@ from models.factory import model_kwargs
 from models.grad_ckpt import checkpointed
 from models.layers import LayerNorm2d
 from models.hog import HOGLayer
-from util.pos_embed import get_2d_sincos_pos_embed
+from models.pos_embed import get_2d_sincos_pos_embed
 
 SCALES = (4.0, 2.0, 1.0, 0.5)  # decoder output grid relative to the patch grid, per tap
 
@@ -191,7 +191,7 @@ class MaskedAutoencoderViT(nn.Module):
     # block it reads, unit ID[k] + 1, is frozen: it could no longer teach the encoder anything.
     frozen_units = 0
 
-    # --feature_target features|both (util/feature_masking.py): the active stages also predict the stored
+    # --feature_target features|both (util/freezeout/feature_masking.py): the active stages also predict the stored
     # frozen-depth features of the masked tokens, through each decoder's `feature_pred`.
     feature_target = 'hog'
 

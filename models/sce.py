@@ -21,7 +21,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.r3d import r3d18_trunk
-from util.dist import unwrap
 
 LARGE_NUM = 1e9
 
@@ -161,7 +160,7 @@ class OnlineEvalClassifier(nn.Module):
 
     def __init__(self, sce, mean=0.45, std=0.225):
         super().__init__()
-        sce = unwrap(sce)
+        sce = sce.module if isinstance(sce, nn.parallel.DistributedDataParallel) else sce  # DDP-wrapped or not
         if sce.online_evaluator is None:
             raise ValueError('this SCE model has no online evaluator (built with num_classes 0)')
         self.trunk, self.head = sce.trunk, sce.online_evaluator.linear

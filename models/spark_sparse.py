@@ -250,7 +250,7 @@ def run_checkpointed(module, x, holder=None):
                         else contextlib.nullcontext)
 
 
-# ---------------------------------------------------------------- backbone contract (models/custom.py)
+# ---------------------------------------------------------------- backbone contract (models/spark_custom_cnn.py)
 
 def get_downsample_ratio(cnn):
     if hasattr(cnn, 'get_downsample_ratio'):
@@ -259,7 +259,7 @@ def get_downsample_ratio(cnn):
         return 32
     raise TypeError(f'{type(cnn).__name__} is not a supported SparK backbone: use a timm resnet*/'
                     'convnext_* or give it get_downsample_ratio/get_feature_map_channels/'
-                    'forward(x, hierarchical=True) as models/custom.py shows')
+                    'forward(x, hierarchical=True) as models/spark_custom_cnn.py shows')
 
 
 def get_feature_map_channels(cnn):
@@ -313,7 +313,7 @@ def hierarchical_forward(cnn, x, run_block=None):
                     x = run_block(block, x)
             feats.append(x)
         return feats
-    if hasattr(cnn, 'get_downsample_ratio'):                   # custom-model route (models/custom.py)
+    if hasattr(cnn, 'get_downsample_ratio'):                   # custom-model route (models/spark_custom_cnn.py)
         return list(cnn(x, hierarchical=True))
     get_downsample_ratio(cnn)
     raise AssertionError('unreachable')

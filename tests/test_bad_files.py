@@ -10,9 +10,9 @@ import run_finetune
 import run_pretrain
 from engine_finetune import evaluate
 from helpers import free_port, gloo_group, log_entries, pretrain_args, write_images
-from util.bad_files import LIST_NAME, BadFiles, write_bad_file_list
-from util.datasets import ImageFolderOrFlat
-from util.samplers import build_eval_loader
+from util.data.bad_files import LIST_NAME, BadFiles, write_bad_file_list
+from util.data.datasets import ImageFolderOrFlat
+from util.data.samplers import build_eval_loader
 
 
 def spoil(folder, names):

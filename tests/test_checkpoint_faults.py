@@ -109,7 +109,7 @@ def spark_file(path, epoch):
 
 
 def test_spark_skips_a_damaged_checkpoint(tmp_path, capsys):
-    from util.spark_checkpoint import latest_spark_checkpoint, output_names, resume_spark
+    from util.spark.checkpoint import latest_spark_checkpoint, output_names, resume_spark
     names = output_names('resnet18')
     ours, official = tmp_path / names['resume'], tmp_path / names['resume_new']
     spark_file(ours, 3)
@@ -161,7 +161,7 @@ class TinySpark(torch.nn.Module):
 
 
 def spark_save(folder, model, epoch):
-    from util.spark_checkpoint import save_spark_outputs  # imported here: the spawned workers skip the models
+    from util.spark.checkpoint import save_spark_outputs  # imported here: the spawned workers skip the models
     args = argparse.Namespace(model='resnet18', exp_dir=str(folder), input_size=32)
     trainer = types.SimpleNamespace(num_updates=epoch, scaler=None)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -169,7 +169,7 @@ def spark_save(folder, model, epoch):
 
 
 def test_spark_saves_nothing_for_a_non_finite_model(tmp_path):
-    from util.spark_checkpoint import output_names
+    from util.spark.checkpoint import output_names
     model = TinySpark()
     spark_save(tmp_path, model, 0)
     before = files(tmp_path)
@@ -216,7 +216,7 @@ def test_full_disk_is_one_line_and_keeps_the_previous_checkpoint(tmp_path, monke
 
 
 def test_full_disk_while_writing_spark_encoder_files(tmp_path, monkeypatch):
-    from util.spark_checkpoint import output_names
+    from util.spark.checkpoint import output_names
     model = TinySpark()
     spark_save(tmp_path, model, 0)
     before = files(tmp_path)

@@ -1,4 +1,4 @@
-"""The fast pretraining input pipeline (util/fast_image.py, `run_pretrain.py --fast_data`) against the official
+"""The fast pretraining input pipeline (util/data/fast_image.py, `run_pretrain.py --fast_data`) against the official
 transform: the same random boxes and flips, the same normalised pixels, and training runs that match."""
 import numpy as np
 import pytest
@@ -9,8 +9,8 @@ from torchvision.transforms import RandomResizedCrop
 
 import run_pretrain
 from helpers import log_entries, pretrain_args
-from util.datasets import ImageFolderOrFlat, build_pretrain_dataset, build_pretrain_transform
-from util.fast_image import (DeviceInput, EncodedCropReader, EncodedCrops, RandomResizedCropReader, crop_and_flip,
+from util.data.datasets import ImageFolderOrFlat, build_pretrain_dataset, build_pretrain_transform
+from util.data.fast_image import (DeviceInput, EncodedCropReader, EncodedCrops, RandomResizedCropReader, crop_and_flip,
                              decode_crops, draft_for_crop)
 
 pytestmark = pytest.mark.usefixtures('one_thread')  # conftest.py

@@ -1,4 +1,4 @@
-"""Tests for util/datasets.py and util/demo_data.py: layouts, corrupt files, demo data."""
+"""Tests for util/data/datasets.py and util/data/demo_data.py: layouts, corrupt files, demo data."""
 import os
 import warnings
 
@@ -7,9 +7,9 @@ import pytest
 import torch
 from PIL import Image
 
-from util import demo_data
-from util.datasets import (ImageFolderOrFlat, build_pretrain_dataset, resolve_image_root)
-from util.demo_data import demo_imagefolder
+from util.data import demo_data
+from util.data.datasets import (ImageFolderOrFlat, build_pretrain_dataset, resolve_image_root)
+from util.data.demo_data import demo_imagefolder
 
 
 def write_image(path, seed=0, size=(12, 10)):
@@ -149,7 +149,7 @@ def test_demo_build_losing_the_race_returns_the_winner(tmp_path, monkeypatch):
 
 
 def test_randaugment_posterize_at_top_magnitude_does_not_crash():
-    import util.datasets  # noqa: F401  (patches timm's posterize)
+    import util.data.datasets  # noqa: F401  (patches timm's posterize)
     from timm.data import auto_augment
     img = Image.new('RGB', (8, 8), (200, 100, 50))
     out = auto_augment.NAME_TO_OP['PosterizeIncreasing'](img, 0)
@@ -158,7 +158,7 @@ def test_randaugment_posterize_at_top_magnitude_does_not_crash():
 
 
 def test_eval_transform_rejects_bad_crop_pct_and_rule():
-    from util import datasets
+    from util.data import datasets
     with pytest.raises(ValueError, match='--crop_pct'):
         datasets.build_eval_transform(224, crop_pct=1.5)
     with pytest.raises(ValueError, match='rule'):

@@ -19,11 +19,11 @@ from models.sce import SCE
 from models.spark import build_spark
 from official_files import eztorch_checkpoint
 from util.checkpoint import CheckpointError, save_checkpoint
-from util.export import Backbone, read_backbone
-from util.export_formats import export, write_detectron2
+from util.export.read import Backbone, read_backbone
+from util.export.formats import export, write_detectron2
 from util.pretrained import load_pretrained
 from util.runtime import run_cli
-from util.spark_checkpoint import output_names, save_spark_outputs
+from util.spark.checkpoint import output_names, save_spark_outputs
 
 pytestmark = pytest.mark.usefixtures('one_thread')
 

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from util import fashion_mnist
-from util.datasets import resolve_image_root
-from util.fashion_mnist import CLASS_FOLDERS, DEBIAN_FOLDER, fashion_mnist_imagefolder, holds_idx_files, read_split
+from util.data import fashion_mnist
+from util.data.datasets import resolve_image_root
+from util.data.fashion_mnist import CLASS_FOLDERS, DEBIAN_FOLDER, fashion_mnist_imagefolder, holds_idx_files, read_split
 
 needs_package = pytest.mark.skipif(not holds_idx_files(DEBIAN_FOLDER),
                                    reason='Debian package dataset-fashion-mnist not installed (.ci/run installs it)')

@@ -1,4 +1,4 @@
-"""FreezeOut feature masking (util/feature_masking.py): depth 0 is LocalMIM, stored features are the frozen prefix
+"""FreezeOut feature masking (util/freezeout/feature_masking.py): depth 0 is LocalMIM, stored features are the frozen prefix
 on the fixed view, fresh masks pick the visible stored tokens in order, the feature target's loss, decoder
 pruning, resume and DDP."""
 import pytest
@@ -13,9 +13,9 @@ from helpers import (GradRecorder, assert_same_grads, free_port, gloo_group, log
                      straight_and_resumed, write_images)
 from engine_pretrain import train_one_epoch
 from util.checkpoint import LAST
-from util.datasets import ImageFolderOrFlat, build_pretrain_transform
-from util.feature_masking import NOT_STORED, FeatureMasking, SwitchableViews
-from util.freezeout import FreezeOut, FreezeOutSchedule
+from util.data.datasets import ImageFolderOrFlat, build_pretrain_transform
+from util.freezeout.feature_masking import NOT_STORED, FeatureMasking, SwitchableViews
+from util.freezeout.schedule import FreezeOut, FreezeOutSchedule
 from util.runtime import attach_ddp
 from util.train_step import TrainStep
 

@@ -13,7 +13,7 @@ from engine_pretrain import masked_modeling_loss, train_one_epoch
 from helpers import (GradRecorder, MIMWithPerSampleMask, assert_same_grads, free_port, gloo_group, image_data,
                      log_entries, pretrain_args, straight_and_resumed, write_images)
 from util.checkpoint import LAST
-from util.freezeout import FreezeOut, FreezeOutSchedule, unit_parameters
+from util.freezeout.schedule import FreezeOut, FreezeOutSchedule, unit_parameters
 from util.lr_sched import cosine_lr
 from util.runtime import attach_ddp
 from util.train_step import TrainStep

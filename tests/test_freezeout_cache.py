@@ -1,4 +1,4 @@
-"""FreezeOut's frozen-prefix cache (util/freezeout_cache.py): exact under fixed views, rebuilt when the depth
+"""FreezeOut's frozen-prefix cache (util/freezeout/cache.py): exact under fixed views, rebuilt when the depth
 grows, bounded."""
 import pytest
 import timm
@@ -8,9 +8,9 @@ import models  # noqa: F401
 from models.localmim import MaskedAutoencoderViT
 import run_pretrain
 from helpers import log_entries, pretrain_args, write_images
-from util.datasets import ImageFolderOrFlat, build_pretrain_transform
-from util.freezeout_cache import FixedViews, FrozenPrefixCache
-from util.freezeout import FreezeOut, FreezeOutSchedule
+from util.data.datasets import ImageFolderOrFlat, build_pretrain_transform
+from util.freezeout.cache import FixedViews, FrozenPrefixCache
+from util.freezeout.schedule import FreezeOut, FreezeOutSchedule
 
 
 def frozen_tiny(units):

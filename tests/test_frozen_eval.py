@@ -19,11 +19,11 @@ from helpers import log_entries, pretrain_args, write_images
 from test_fashion_mnist import needs_package
 from models.localmim import MaskedAutoencoderViT
 from models.spark import build_spark
-from util.datasets import ImageFolderOrFlat, build_eval_transform, build_pretrain_dataset, resolve_image_root
-from util.fashion_mnist import train_subset
-from util.frozen_eval import PooledEncoder, build_frozen_encoder, fit_linear_probe, linear_probe_accuracy
+from util.data.datasets import ImageFolderOrFlat, build_eval_transform, build_pretrain_dataset, resolve_image_root
+from util.data.fashion_mnist import train_subset
+from util.export.frozen_eval import PooledEncoder, build_frozen_encoder, fit_linear_probe, linear_probe_accuracy
 from util.knn import KnnMonitor, extract_features, knn_accuracy
-from util.spark_checkpoint import output_names, save_spark_outputs
+from util.spark.checkpoint import output_names, save_spark_outputs
 
 
 @pytest.fixture(scope='module')

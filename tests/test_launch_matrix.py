@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from helpers import REPO, free_port
-from util.demo_data import demo_imagefolder
-from util.sce_video_demo import make_demo_videos
+from util.data.demo_data import demo_imagefolder
+from util.video.demo import make_demo_videos
 
 pytestmark = pytest.mark.slow
 

@@ -233,7 +233,7 @@ def test_trainable_parameter_counts_vit_base():
 
 
 def test_sincos_pos_embed_layout():
-    from util.pos_embed import get_2d_sincos_pos_embed
+    from models.pos_embed import get_2d_sincos_pos_embed
     emb = get_2d_sincos_pos_embed(8, 3, cls_token=True)
     assert emb.dtype == np.float64 and emb.shape == (10, 8) and not emb[0].any()
     r, c = 1, 2  # token 1 + r * 3 + c; first half column, second half row; sin then cos, omega = 1, 1e-2

@@ -18,9 +18,9 @@ import main_sce
 from helpers import REPO, log_entries, straight_and_resumed
 from util.checkpoint import LAST
 from util.runtime import run_cli
-from util.sce_optim import warmup_cosine_lr
-from util.sce_video_augment import SCEVideoAugment
-from util.sce_video_demo import make_demo_videos
+from util.sce.optim import warmup_cosine_lr
+from util.sce.augment import SCEVideoAugment
+from util.video.demo import make_demo_videos
 
 parse = main_sce.get_args_parser().parse_args
 pytestmark = pytest.mark.usefixtures('one_thread')  # conftest.py

@@ -17,7 +17,7 @@ from util.checkpoint import LAST
 from util.classification import convnext_param_groups
 from util.lr_sched import IterationSchedule, cosine_scheduler
 from util.runtime import resume_path, run_cli
-from util.samplers import build_eval_loader
+from util.data.samplers import build_eval_loader
 from util.train_step import AMP_DTYPES
 
 COMMON = ('--Decom True --sparse --width_factor 1.3 --sparsity 0.4 --sparse_init snip --growth random '

@@ -13,7 +13,7 @@ from helpers import straight_and_resumed, write_images
 from models.spark import build_spark
 from util.checkpoint import CheckpointError
 from util.runtime import per_process_batch
-from util.spark_sched import SparkSchedule, spark_lr, spark_param_groups, spark_wd
+from util.spark.schedule import SparkSchedule, spark_lr, spark_param_groups, spark_wd
 from util.train_step import TrainStep
 
 

@@ -1,5 +1,5 @@
-"""prepare_video.py (util/video_prepare.py) on generated video files: frame counts and frame times against the
-encoded frames, resizing, unreadable videos, resume, CSVs; the demo video files (util/sce_video_demo.py)."""
+"""prepare_video.py (util/video/prepare.py) on generated video files: frame counts and frame times against the
+encoded frames, resizing, unreadable videos, resume, CSVs; the demo video files (util/video/demo.py)."""
 import os
 import shutil
 
@@ -8,10 +8,10 @@ import torch
 from torchvision.io import decode_jpeg, read_file
 
 import prepare_video
-from util import sce_video_demo
-from util.sce_video_data import FrameFolderVideo, VideoClipDataset, read_video_csv
-from util.sce_video_demo import encode_video, make_demo_video_files, make_demo_videos, video_encoder
-from util.video_prepare import PARTIAL_DIR, REPORT_NAME, prepare_videos
+from util.video import demo as video_demo
+from util.video.io import FrameFolderVideo, VideoClipDataset, read_video_csv
+from util.video.demo import encode_video, make_demo_video_files, make_demo_videos, video_encoder
+from util.video.prepare import PARTIAL_DIR, REPORT_NAME, prepare_videos
 
 pytestmark = [pytest.mark.usefixtures('one_thread'),
               pytest.mark.skipif(video_encoder() != 'torchcodec',
@@ -150,7 +150,7 @@ def test_demo_video_files_give_back_the_demo_frame_folders(tmp_path, monkeypatch
 
 @pytest.mark.skipif(shutil.which('ffmpeg') is None, reason='no ffmpeg command')
 def test_ffmpeg_command_fallback_encodes_the_same_frames(tmp_path, monkeypatch):
-    monkeypatch.setattr(sce_video_demo, 'video_encoder', lambda: 'ffmpeg')
+    monkeypatch.setattr(video_demo, 'video_encoder', lambda: 'ffmpeg')
     encode_video(grey_ramp(9, (32, 48)), tmp_path / 'v.avi', fps=30)
     prepare_videos(tmp_path, tmp_path / 'out', fps=30, short_side=0, progress=False)
     assert [round((v - 3) / STEP) for v in frame_values(tmp_path / 'out/v')] == list(range(9))

@@ -1,4 +1,4 @@
-"""SCE optimisation (util/sce_optim.py, util/lars.py): LARS against its formula, parameter groups, LR scaling and the
+"""SCE optimisation (util/sce/optim.py, util/lars.py): LARS against its formula, parameter groups, LR scaling and the
 per-step linear-warmup + cosine schedule."""
 import numpy as np
 import pytest
@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from util.lars import LARS
-from util.sce_optim import (build_lars, scale_learning_rate, sce_lr_values, sce_param_groups, sce_schedule,
+from util.sce.optim import (build_lars, scale_learning_rate, sce_lr_values, sce_param_groups, sce_schedule,
                             warmup_cosine_lr)
 
 

@@ -1,4 +1,4 @@
-"""SLaK's sparse training core (util/slak_sparse_training.py): mask initialisations, prune/grow, the hook under
+"""SLaK's sparse training core (util/slak/sparse_training.py): mask initialisations, prune/grow, the hook under
 AdamW and AMP, resume, EMA."""
 import argparse
 import io
@@ -12,8 +12,8 @@ import torch.multiprocessing as mp
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-import util.slak_sparse_training as st
-from util.slak_sparse_training import (CosineDecay, Masking, add_sparse_args, erk_densities,
+import util.slak.sparse_training as st
+from util.slak.sparse_training import (CosineDecay, Masking, add_sparse_args, erk_densities,
                                   masked_ema_update)
 from helpers import free_port, gloo_group
 from util.hooks import MaskedEmaHook

@@ -1,4 +1,4 @@
-"""SparK beyond the core module: the custom-model route, official file names and formats (util/spark_checkpoint.py)
+"""SparK beyond the core module: the custom-model route, official file names and formats (util/spark/checkpoint.py)
 checked against the official modules' layout (fixtures/spark_official_layout.json: spark_style resume both ways,
 official ConvNeXt keys), a 2-process launch, reconstruction pictures, --accum_iter, drop path defaults."""
 import argparse
@@ -18,14 +18,14 @@ import main_spark
 from helpers import REPO
 from models.convnext_keys import convnext_official_to_timm
 from models.spark import build_spark, spark_default_drop_path
-from util.datasets import ImageFolderOrFlat
-from util.export import read_backbone
-from util.frozen_eval import build_frozen_encoder
-from util.mim_vis import vis_transform
+from util.data.datasets import ImageFolderOrFlat
+from util.export.read import read_backbone
+from util.export.frozen_eval import build_frozen_encoder
+from util.localmim.vis import vis_transform
 from util.pretrained import load_pretrained
-from util.spark_checkpoint import resume_spark, save_spark_outputs
-from util.spark_sched import spark_param_groups
-from util.spark_vis import spark_figure
+from util.spark.checkpoint import resume_spark, save_spark_outputs
+from util.spark.schedule import spark_param_groups
+from util.spark.vis import spark_figure
 from util.train_step import TrainStep
 
 
@@ -74,7 +74,7 @@ def test_custom_model_pretrains_on_demo_data(custom_run, monkeypatch):
 
 
 def test_a_custom_model_checkpoint_is_scored_and_exported_as_its_registered_model(custom_run):
-    """eval_knn.py and export.py find a models/custom.py model by the name the SparK checkpoint stores (`arch`)."""
+    """eval_knn.py and export.py find a models/spark_custom_cnn.py model by the name the SparK checkpoint stores (`arch`)."""
     backbone = read_backbone(str(custom_run / 'your_convnet_still_pretraining.pth'))
     encoder = torch.load(custom_run / 'your_convnet_1kpretrained.pth', weights_only=True)
     assert backbone.family == 'custom' and backbone.timm_name == 'your_convnet' and backbone.num_classes == 0

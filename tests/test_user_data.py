@@ -10,7 +10,7 @@ import torch.multiprocessing as mp
 
 from helpers import finetune_args, free_port, gloo_group, killed_at_epoch, log_entries, slak_args, write_images
 
-# Spawned workers re-import this module: the entry scripts and util.datasets are imported where they are used.
+# Spawned workers re-import this module: the entry scripts and util.data.datasets are imported where they are used.
 
 pytestmark = pytest.mark.usefixtures('one_thread')
 
@@ -30,7 +30,7 @@ def touch_class_folders(root, sizes=CLASS_SIZES):
 
 
 def build_finetune_dataset(is_train, args):
-    from util.datasets import build_finetune_dataset
+    from util.data.datasets import build_finetune_dataset
     return build_finetune_dataset(is_train, args)
 
 
@@ -46,7 +46,7 @@ def split_of(root, *flags):
 
 
 def test_validation_count_rounds_half_up_keeping_one_image_on_each_side():
-    from util.user_data import validation_count
+    from util.data.user_data import validation_count
     table = {(10, 0.2): 2, (10, 0.25): 3, (9, 0.25): 2, (7, 0.25): 2, (2, 0.1): 1, (3, 0.9): 2, (1, 0.5): 0,
              (1000, 0.05): 50, (5, 0.5): 3}
     assert {key: validation_count(*key) for key in table} == table
@@ -70,7 +70,7 @@ def test_split_is_stratified_disjoint_complete_and_seeded(tmp_path):
 
 
 def _split_in_process(rank, world, port, root, out):
-    from util.user_data import class_folder_samples, stratified_split
+    from util.data.user_data import class_folder_samples, stratified_split
     with gloo_group(rank, world, port):
         torch.manual_seed(rank)  # the per-rank seeding of util.runtime.seed_everything
         samples, classes = class_folder_samples(root)

@@ -1,5 +1,5 @@
 """Downstream video evaluation pieces: official split files, test views, view averaging, retrieval recall@k and
-the trunk checkpoints of util/video_checkpoint.py (hand computations and hand-written files)."""
+the trunk checkpoints of util/video/checkpoint.py (hand computations and hand-written files)."""
 import math
 from fractions import Fraction
 from pathlib import Path
@@ -11,12 +11,12 @@ from torch.utils.data import DataLoader
 
 from engine_finetune import evaluate
 from models.r3d import r3d18_trunk
-from util.bad_files import collate_readable
-from util.samplers import UnpaddedDistributedSampler, build_eval_loader
-from util.video_checkpoint import load_r3d_trunk, r3d_trunk_state_dict
-from util.video_eval import ViewAveragedClassifier, extract_features, normalize_clips, retrieval_recall
-from util.video_splits import VideoList, read_hmdb51_split, read_kinetics_split, read_ucf101_split, video_list
-from util.video_views import MultiViewDataset, crop_offsets, eval_clip_starts, short_side_size
+from util.data.bad_files import collate_readable
+from util.data.samplers import UnpaddedDistributedSampler, build_eval_loader
+from util.video.checkpoint import load_r3d_trunk, r3d_trunk_state_dict
+from util.video.eval import ViewAveragedClassifier, extract_features, normalize_clips, retrieval_recall
+from util.video.splits import VideoList, read_hmdb51_split, read_kinetics_split, read_ucf101_split, video_list
+from util.video.views import MultiViewDataset, crop_offsets, eval_clip_starts, short_side_size
 
 pytestmark = pytest.mark.usefixtures('one_thread')
 

@@ -4,14 +4,14 @@ A hook is any object with `after_step(trainer)`; `util.train_step.TrainStep.step
 optimizer step, after the update and before the gradients are zeroed (so it may read them), with
 `trainer.num_updates` already counting the step. Hooks that carry state across a resume also have
 `state_dict()` / `load_state_dict(state)`; the entry script saves them in the checkpoint. The other
-hook of the repository is SLaK's `util.slak_sparse_training.Masking` (prune and regrow).
+hook of the repository is SLaK's `util.slak.sparse_training.Masking` (prune and regrow).
 """
 import copy
 
 from timm.utils import ModelEmaV3
 
 from util.dist import unwrap
-from util.slak_sparse_training import masked_ema_update
+from util.slak.sparse_training import masked_ema_update
 
 
 class ModelEmaHook:

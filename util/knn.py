@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 
-from util.bad_files import collate_readable
-from util.datasets import ImageFolderOrFlat, build_eval_transform, resolve_image_root
+from util.data.bad_files import collate_readable
+from util.data.datasets import ImageFolderOrFlat, build_eval_transform, resolve_image_root
 
 
 @torch.no_grad()

@@ -24,7 +24,7 @@ MUTATIONS = [
          replace='        return None or (output_dir,',
          tests=[F + 'test_damaged_files_are_skipped_newest_first'],
          note='a folder of damaged checkpoints silently starts over'),
-    dict(file='util/spark_checkpoint.py',
+    dict(file='util/spark/checkpoint.py',
          find="        raise no_readable_checkpoint(exp_dir, unreadable, '--resume_from')", replace='        return None',
          tests=['tests/test_main_spark.py::test_damaged_resumable_file_stops_the_run_instead_of_starting_over'],
          note='SparK with a damaged resumable file trains from scratch over it'),

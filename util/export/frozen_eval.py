@@ -1,7 +1,7 @@
 """Frozen features of a pretrained encoder, and the two scores SSL papers compute on them: k-NN (util/knn.py) and a
 linear probe fitted on the stored features.
 
-The encoder is the backbone export.py finds in any checkpoint (util/export.py), built as its timm model: a ViT gives
+The encoder is the backbone export.py finds in any checkpoint (util/export/read.py), built as its timm model: a ViT gives
 the mean of its patch tokens after the final norm (or the cls token), a CNN the spatial mean of its last feature
 map. The linear probe is multinomial logistic regression on standardised features, fitted full-batch with L-BFGS:
 it needs no batch size, learning rate or schedule, so it scores an encoder the same way on one CPU as on 64 GPUs
@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from util.export import read_backbone
+from util.export.read import read_backbone
 
 PIXELS = 'pixels'
 

@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image
 from torchvision.datasets.mnist import read_image_file, read_label_file
 
-from util.demo_data import REPOSITORY_ROOT, build_once
+from util.data.demo_data import REPOSITORY_ROOT, build_once
 
 DEBIAN_FOLDER = Path('/usr/share/datasets/fashion-mnist')
 SPLIT_FILES = {'train': ('train-images-idx3-ubyte', 'train-labels-idx1-ubyte'),
@@ -135,7 +135,7 @@ def _garment_clip(image, num_frames, frame_size, rng):
 
 
 def _write_clips(out, source, per_class, seed, num_frames, frame_size):
-    from util.sce_video_demo import write_frame_csv  # video plumbing: only the clip builder needs it
+    from util.video.demo import write_frame_csv  # video plumbing: only the clip builder needs it
     for split in SPLIT_FILES:
         images, labels = read_split(source, split)
         rng = np.random.default_rng([seed, 0 if split == 'train' else 1])

@@ -1,4 +1,4 @@
-"""Tests for util/mim_vis.py: HOG glyph orientation, tiny-model figures, saved pictures, fixed batch."""
+"""Tests for util/localmim/vis.py: HOG glyph orientation, tiny-model figures, saved pictures, fixed batch."""
 import numpy as np
 import pytest
 import timm
@@ -7,8 +7,8 @@ from PIL import Image
 
 import models  # noqa: F401  (registers MIM_vit_* with timm)
 from models.hog import HOGLayer
-from util.datasets import ImageFolderOrFlat, build_pretrain_transform
-from util.mim_vis import fixed_vis_batch, mim_figure, render_hog, save_mim_pictures, vis_transform
+from util.data.datasets import ImageFolderOrFlat, build_pretrain_transform
+from util.localmim.vis import fixed_vis_batch, mim_figure, render_hog, save_mim_pictures, vis_transform
 
 CELL = 12
 

@@ -4,7 +4,7 @@
 or linear-probed), a ResNet or ConvNeXt (SparK, fine-tuned), a SLaK, or SCE's R3D-18 trunk -- keeps the encoder
 (and a trained classifier) and drops the rest: decoders, HOG layers, tap norms, mask tokens, SparK's densify layers,
 SCE's momentum branch, projector, predictor and queue. It names the timm model whose state dict has exactly these
-keys and shapes (checked on the meta device). util/export_formats.py writes the result for each tool.
+keys and shapes (checked on the meta device). util/export/formats.py writes the result for each tool.
 """
 import argparse
 import os
@@ -20,7 +20,7 @@ import models  # noqa: F401  (registers SLaK_*)
 from models.slak import rename_old_keys
 from util.checkpoint import read_checkpoint
 from util.pretrained import PRETRAIN_ONLY, SPARK_ENCODER, read_state_dict
-from util.video_checkpoint import r3d_trunk_state_dict
+from util.video.checkpoint import r3d_trunk_state_dict
 
 VIT_NAMES = {(192, 12, 16): 'vit_tiny_patch16_224', (384, 12, 16): 'vit_small_patch16_224',
              (768, 12, 16): 'vit_base_patch16_224', (1024, 24, 16): 'vit_large_patch16_224',
@@ -31,7 +31,7 @@ CONVNEXTS = ('convnext_atto', 'convnext_femto', 'convnext_pico', 'convnext_nano'
 SLAKS = {'SLaK_tiny': (9, 96), 'SLaK_small': (27, 96), 'SLaK_base': (27, 128), 'SLaK_large': (27, 192)}  # (blocks
 # in stage 3, stem width at --width_factor 1): the width factor is tried as the stem ratio, then 1.3 and 1 (official)
 SLAK_WIDTHS = (1.3, 1.0)
-# 'custom': a model registered in models/custom.py that the checkpoint names, its classifier `fc` as in the template
+# 'custom': a model registered in models/spark_custom_cnn.py that the checkpoint names, its classifier `fc` as in the template
 CLASSIFIER = {'vit': 'head.', 'resnet': 'fc.', 'convnext': 'head.fc.', 'slak': 'head.', 'custom': 'fc.'}
 LINPROBE_EPS = 1e-6  # run_finetune.py --linprobe: BatchNorm1d(affine=False, eps=1e-6) in front of the classifier
 
@@ -205,14 +205,14 @@ def _describe(family, raw, ckpt, state, num_classes):
         return f'{"ResNet" if family == "resnet" else "ConvNeXt"} ' + \
             ('SparK pretraining (encoder kept)' if whole else 'encoder' if not num_classes else head[2:])
     if family == 'custom':
-        return f'{_custom_name(ckpt)} (models/custom.py)' + (head or ' encoder')
+        return f'{_custom_name(ckpt)} (models/spark_custom_cnn.py)' + (head or ' encoder')
     return {'slak': f'SLaK{head}', 'r3d': 'SCE R3D-18 trunk (video)'}[family]
 
 
 def _custom_name(ckpt):
-    """The models/custom.py model a checkpoint names (SparK's `arch`, our runs' `args.model`), or None."""
+    """The models/spark_custom_cnn.py model a checkpoint names (SparK's `arch`, our runs' `args.model`), or None."""
     names = [ckpt.get('arch'), _run_args(ckpt).get('model')] if ckpt else []
-    return next((n for n in names if isinstance(n, str) and n in timm.list_models(module='custom')), None)
+    return next((n for n in names if isinstance(n, str) and n in timm.list_models(module='spark_custom_cnn')), None)
 
 
 def read_backbone(path, ema=False):

@@ -1,4 +1,4 @@
-"""Clips of the downstream video protocols (eztorch's evaluation data pipeline), from a util.video_splits.VideoList.
+"""Clips of the downstream video protocols (eztorch's evaluation data pipeline), from a util.video.splits.VideoList.
 
 - `TrainClipDataset`: one clip per video of `clip_duration` s starting uniformly in [0, max(duration - d, 0)],
   `num_frames` frames kept uniformly; the short side resized to a random integer in `short_side` (bilinear, no
@@ -8,7 +8,7 @@
   `crop_size` and the crops are the start, centre and end of the long side (one crop: the centre). Returns
   (uint8 [V, 3, T, S, S], label), with `return_index` also the video's index; None for an unreadable video.
 Frames are resized once per video for all its views, and rounded to uint8 (error <= 0.5 / 255), as
-util/sce_video_data.py does. A video at `fps` frames per second lasts num_frames / fps seconds.
+util/video/io.py does. A video at `fps` frames per second lasts num_frames / fps seconds.
 """
 import math
 import os
@@ -16,8 +16,8 @@ from fractions import Fraction
 
 import torch
 
-from util.bad_files import BadFiles
-from util.sce_video_data import (MAX_SKIPS_PER_SAMPLE, DecodeThreadPool, EncodedVideo, FrameFolderVideo,
+from util.data.bad_files import BadFiles
+from util.video.io import (MAX_SKIPS_PER_SAMPLE, DecodeThreadPool, EncodedVideo, FrameFolderVideo,
                                  clip_frame_indices, require_torchcodec, resize_clip, sample_clip_windows,
                                  uniform_offsets)
 
@@ -47,7 +47,7 @@ def _resized_uint8(frames, size):
 
 class VideoListDataset(DecodeThreadPool, torch.utils.data.Dataset):
     """Opens the videos of a VideoList (frame folders, or files with `decoder='video'`); unreadable ones are
-    flagged once (util/bad_files.py)."""
+    flagged once (util/data/bad_files.py)."""
 
     def __init__(self, videos, decoder='frame', fps=30, num_frames=8, clip_duration=2.56, num_threads_io=4,
                  num_threads_decode=4):

@@ -1,4 +1,4 @@
-"""The files `export.py` writes from a Backbone (util/export.py), each with the lines that load it elsewhere.
+"""The files `export.py` writes from a Backbone (util/export/read.py), each with the lines that load it elsewhere.
 
 - timm: the state dict; `timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=...))` loads it.
 - safetensors: the same tensors in a .safetensors file (timm reads it under the same line).
@@ -17,7 +17,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import resample_abs_pos_embed
 
 from util.checkpoint import atomic_save
-from util.export import read_backbone
+from util.export.read import read_backbone
 
 TORCHVISION_RESNETS = ('resnet18', 'resnet34', 'resnet50', 'resnet101', 'resnet152')
 DETECTRON2_RESNETS = TORCHVISION_RESNETS  # the depths of detectron2's build_resnet_backbone

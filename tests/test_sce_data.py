@@ -1,4 +1,4 @@
-"""Video data of SCE (util/sce_video_data.py): CSV parsing, clip and frame sampling, temporal difference, crops,
+"""Video data of SCE (util/video/io.py): CSV parsing, clip and frame sampling, temporal difference, crops,
 skips, demo, loader."""
 from fractions import Fraction
 
@@ -8,14 +8,14 @@ import torch
 from PIL import Image
 
 from util.runtime import build_train_loader
-from util.samplers import build_eval_loader
-from util.sce_video_data import (CenterClipDataset, VideoClipDataset, VideoDecoderUnavailable, build_video_dataset,
+from util.data.samplers import build_eval_loader
+from util.video.io import (CenterClipDataset, VideoClipDataset, VideoDecoderUnavailable, build_video_dataset,
                              clip_frame_indices,
                              random_resized_crop_box, read_video_csv, require_torchcodec, sample_clip_windows,
                              temporal_difference, temporal_difference_pairs, uniform_offsets)
-from util.sce_video_demo import default_demo_video_root, make_demo_videos
+from util.video.demo import default_demo_video_root, make_demo_videos
 
-# torchvision 0.29 deprecates its JPEG codec; util.sce_video_data silences this, but pytest resets filters per test
+# torchvision 0.29 deprecates its JPEG codec; util.video.io silences this, but pytest resets filters per test
 
 
 

@@ -1,4 +1,4 @@
-"""Video files -> JPEG frame folders, the layout util/sce_video_data.py and the video evaluations read.
+"""Video files -> JPEG frame folders, the layout util/video/io.py and the video evaluations read.
 
 Every video under the source folder (mp4, avi, webm, mkv; sub-folders kept) becomes
 `<out>/<same relative path without the suffix>/00000001.jpg ...`: frame i (from 0) is the frame shown at
@@ -26,7 +26,7 @@ from pathlib import Path, PurePosixPath
 import torch
 from torchvision.io import encode_jpeg, write_file
 
-from util.sce_video_data import require_torchcodec
+from util.video.io import require_torchcodec
 
 VIDEO_SUFFIXES = ('.mp4', '.avi', '.webm', '.mkv')
 CSV_SPLITS = ('train', 'val', 'test')

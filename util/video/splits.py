@@ -6,7 +6,7 @@
 - HMDB51 (https://serre-lab.clps.brown.edu/resource/hmdb-a-large-human-motion-database/, `testTrainMulti_7030_splits/`):
   one `<class>_test_splitN.txt` per class, lines `<video>.avi <flag>` with 1 = train, 2 = test, 0 = unused.
   Labels follow the sorted split-file names, as eztorch's (so `kick_ball` comes before `kick`).
-- Kinetics: `<root>/train.csv` and `val.csv` (`<class>/<video> <label> <num_frames>`, util/sce_video_data.py);
+- Kinetics: `<root>/train.csv` and `val.csv` (`<class>/<video> <label> <num_frames>`, util/video/io.py);
   the test split is val.
 
 Frame folders are `<root>/<Class>/<video stem>/00000001.jpg ...` (Kinetics: `<root>/{train,val}/<class>/...`);
@@ -17,7 +17,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from util.sce_video_data import read_video_csv
+from util.video.io import read_video_csv
 
 DATASETS = ('kinetics', 'ucf101', 'hmdb51')
 NOMINAL_FPS = {'kinetics': 30, 'ucf101': 25, 'hmdb51': 30}

@@ -1,5 +1,5 @@
 """Fine-tuning on your own images: one folder of class folders split by `--val_fraction`, or CSV label files
-(`--train_csv`, `--val_csv`). Both give (path, label) samples and a class list for util.datasets.LabeledImages.
+(`--train_csv`, `--val_csv`). Both give (path, label) samples and a class list for util.data.datasets.LabeledImages.
 
 The split depends only on the file names, the class sizes and `--seed` (a SHA-256 of seed and relative path ranks
 the images of each class), never on random state or on Python's per-process string hashing: every rank, every

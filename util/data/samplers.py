@@ -16,7 +16,7 @@ augmentation, used by SparK's ConvNeXt fine-tuning).
 from timm.data.distributed_sampler import RepeatAugSampler
 from torch.utils.data import DataLoader, Sampler, SequentialSampler
 
-from util.bad_files import collate_readable
+from util.data.bad_files import collate_readable
 from util.dist import get_rank, get_world_size
 from util.preemption import ignore_stop_signals
 

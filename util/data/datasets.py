@@ -1,12 +1,12 @@
 """Image data: where the images are, how they are read, how they are augmented (pretraining, fine-tuning,
 evaluation).
 
-`--data_path` may be `demo` (generated photographs, see util/demo_data.py), `fashion-mnist` or a folder holding
-its four idx files (util/fashion_mnist.py), an ImageNet-style
+`--data_path` may be `demo` (generated photographs, see util/data/demo_data.py), `fashion-mnist` or a folder holding
+its four idx files (util/data/fashion_mnist.py), an ImageNet-style
 folder with `train/` inside (the official LocalMIM code appends `train`), a folder of class
 folders, or a flat folder of images (labels are not needed to pretrain). Images that cannot be
 decoded are skipped with one warning each and counted, so one bad file never stops a long run.
-Fine-tuning reads `train/` and `val/` class folders, or your own data as util/user_data.py reads it.
+Fine-tuning reads `train/` and `val/` class folders, or your own data as util/data/user_data.py reads it.
 """
 import warnings
 from pathlib import Path
@@ -19,12 +19,12 @@ from torchvision.datasets.folder import (IMG_EXTENSIONS, find_classes, has_file_
                                          make_dataset)
 from torchvision.transforms import InterpolationMode
 
-from util.bad_files import BadFiles
-from util.demo_data import demo_imagefolder
-from util.fashion_mnist import NAME as FASHION_MNIST, fashion_mnist_imagefolder, holds_idx_files
+from util.data.bad_files import BadFiles
+from util.data.demo_data import demo_imagefolder
+from util.data.fashion_mnist import NAME as FASHION_MNIST, fashion_mnist_imagefolder, holds_idx_files
 from util.runtime import check_flags
-from util.fast_image import FAST_DATA_MODES, EncodedCropReader, RandomResizedCropReader
-from util.user_data import (check_every_class_has_images, class_folder_samples, csv_classes, csv_samples,
+from util.data.fast_image import FAST_DATA_MODES, EncodedCropReader, RandomResizedCropReader
+from util.data.user_data import (check_every_class_has_images, class_folder_samples, csv_classes, csv_samples,
                             describe_classes, read_label_csv, stratified_split)
 
 ACCEPTED_LAYOUTS = ("'demo', 'fashion-mnist', a folder with {split}/ inside, a folder of class folders, "
@@ -61,11 +61,11 @@ def read_rgb(path):
 
 class LabeledImages(VisionDataset):
     """(path, label) `samples` with their `classes`. `loader` reads a path (default: the RGB PIL image;
-    util/fast_image.py has readers that crop while decoding).
+    util/data/fast_image.py has readers that crop while decoding).
 
-    An image that cannot be decoded (or is missing) is flagged in `bad_files` (util/bad_files.py) and then either
+    An image that cannot be decoded (or is missing) is flagged in `bad_files` (util/data/bad_files.py) and then either
     replaced by the next decodable one (training: the batch keeps its size) or, with `drop_unreadable`, returned as
-    None (evaluation, with util.bad_files.collate_readable: nothing is counted twice).
+    None (evaluation, with util.data.bad_files.collate_readable: nothing is counted twice).
     """
 
     def __init__(self, root, samples, classes, transform=None, drop_unreadable=False, loader=None):
@@ -143,7 +143,7 @@ def build_pretrain_transform(input_size):
 
 def build_pretrain_dataset(data_path, input_size, fast_data='none'):
     """The pretraining data set: the `train` split of `data_path`, with the LocalMIM transform. With `fast_data`
-    (util/fast_image.py) the same augmentation yields uint8 crops, or with 'device' still-encoded JPEGs, which
+    (util/data/fast_image.py) the same augmentation yields uint8 crops, or with 'device' still-encoded JPEGs, which
     `fast_image.DeviceInput` turns into normalised images on the device."""
     root = resolve_image_root(data_path, 'train')
     if fast_data == 'none':
@@ -305,7 +305,7 @@ def _labelled_as_in_train(val, train_root):
 
 def build_finetune_dataset(is_train, args, eval_rule=None, transform=None):
     """The training or validation set: `train/` or `val/` class folders of --data_path (`demo`: the demo data's
-    held-out split), or the sets util/user_data.py makes from --val_fraction or --train_csv / --val_csv.
+    held-out split), or the sets util/data/user_data.py makes from --val_fraction or --train_csv / --val_csv.
     `transform`: instead of the split's fine-tuning transform."""
     transform = transform or build_finetune_transform(is_train, args, eval_rule)
     selected = finetune_samples(is_train, args)

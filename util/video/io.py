@@ -2,7 +2,7 @@
 for training (`VideoClipDataset`), one centre clip per video for validation (`CenterClipDataset`).
 
 Layout (as eztorch's): `<data_path>/train.csv` lists one video per line, `<class>/<video_stem> <label>
-<num_frames>` (split from the right, so paths may contain spaces; `util.sce_video_demo.write_frame_csv`
+<num_frames>` (split from the right, so paths may contain spaces; `util.video.demo.write_frame_csv`
 writes one), with the frames in `<data_path>/train/<class>/<video_stem>/00000001.jpg ...`. With
 `decoder='video'` the lines are `<class>/<file>.mp4 <label>` and torchcodec decodes the files.
 `val.csv` and `val/` hold the validation split the same way.
@@ -11,7 +11,7 @@ A training sample: `num_clips` random windows of `clip_duration` seconds, 8 fram
 a temporal difference with probability `time_difference_prob` (128 = no change), one RandomResizedCrop box
 per clip. Random numbers come from torch's RNG only (seeded per DataLoader worker). Samples are uint8
 (0..255) when no temporal difference is used, else float32; the GPU augmentation divides by 255.
-An unreadable video is flagged and warned about once (util/bad_files.py); training returns another random video,
+An unreadable video is flagged and warned about once (util/data/bad_files.py); training returns another random video,
 validation drops it.
 """
 import math
@@ -26,8 +26,8 @@ import torch.nn.functional as F
 from torchvision.io import ImageReadMode, decode_jpeg, read_file
 from torchvision.transforms.v2.functional import rgb_to_grayscale
 
-from util.bad_files import BadFiles
-from util.sce_video_demo import make_demo_videos
+from util.data.bad_files import BadFiles
+from util.video.demo import make_demo_videos
 
 # torchvision 0.29 deprecates its JPEG codec in favour of torchcodec's; it still works and the
 # warning would otherwise be printed for every clip.

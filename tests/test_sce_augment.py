@@ -1,4 +1,4 @@
-"""SCE GPU batch video augmentation (util/sce_video_augment.py): default parameters, per-clip randomness
+"""SCE GPU batch video augmentation (util/sce/augment.py): default parameters, per-clip randomness
 shared by all frames, probabilities, and every op against torchvision's single-image kernels."""
 import math
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 import torchvision.transforms.v2.functional as TF
 
-from util.sce_video_augment import (JITTER_ORDERS, SCEVideoAugment, build_sce_augmentations,
+from util.sce.augment import (JITTER_ORDERS, SCEVideoAugment, build_sce_augmentations,
                                 clip_pair_grid, gaussian_blur, jitter_orders, select)
 
 pytestmark = pytest.mark.usefixtures('one_thread')  # conftest.py

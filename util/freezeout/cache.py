@@ -7,7 +7,7 @@ That is a different, less diverse pretext task than standard LocalMIM: use it kn
 
 Masking features that were computed from the unmasked image is a different method with a leak
 (after one attention block, visible tokens have attended to the masked patches): it is offered only
-as the experiment `--feature_masking` (util/feature_masking.py), which shares this file's storage.
+as the experiment `--feature_masking` (util/freezeout/feature_masking.py), which shares this file's storage.
 
 Entries are keyed by sample index at the current frozen depth; when the depth grows the store is
 emptied and refilled. It lives in memory or in a folder (one subfolder per process), up to

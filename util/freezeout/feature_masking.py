@@ -1,7 +1,7 @@
 """FreezeOut feature masking (`--feature_masking`): an experiment, NOT a faster equivalent of FreezeOut.
 
 Once FreezeOut has frozen k >= 1 units, the frozen prefix runs once per sample and depth on the UNMASKED
-image and all its token features are stored (memory or folder, `util.freezeout_cache.SampleStore`). Every
+image and all its token features are stored (memory or folder, `util.freezeout.cache.SampleStore`). Every
 step then draws a fresh mask per sample, keeps the visible stored tokens in their order, and continues
 through the active blocks and the active stages' decoders. Depth 0 is standard LocalMIM.
 
@@ -21,7 +21,7 @@ feature heads start training at the first freeze and, with `features`, the HOG h
 """
 import torch
 
-from util.freezeout_cache import FixedViews, SampleStore
+from util.freezeout.cache import FixedViews, SampleStore
 
 NOT_STORED = -1  # the sample index of a random view
 
@@ -41,7 +41,7 @@ class SwitchableViews(FixedViews):
 class FeatureMasking(SampleStore):
     """The engine's `compute_loss` of feature masking (`compute_loss`), with the store of frozen-prefix features.
 
-    `freezeout`: the run's util.freezeout.FreezeOut; build this before DDP is attached, so that at each freeze
+    `freezeout`: the run's util.freezeout.schedule.FreezeOut; build this before DDP is attached, so that at each freeze
     the feature heads switch on (and, for `features`, the HOG heads off) before the model is re-wrapped."""
 
     def __init__(self, freezeout, mask_ratio, max_bytes, folder=None):

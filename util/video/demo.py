@@ -5,7 +5,7 @@ builds, once and deterministically, the Kinetics frame-folder layout main_sce.py
 `<root>/{train,val}/<photograph>/<photograph>_NNN/00000001.jpg ...` plus `<root>/{train,val}.csv`.
 Each video is a virtual camera moving in a straight line from one box of a photograph to another
 (pan + zoom), 48-96 frames at 64x80 px, i.e. 1.6-3.2 s at 30 fps: some shorter and some longer
-than the 2.56 s clips. The six photographs of util/demo_data.py are the six classes.
+than the 2.56 s clips. The six photographs of util/data/demo_data.py are the six classes.
 
 `make_demo_video_files()` encodes those frame folders as video files (`<root>/{train,val}/<class>/<video>.mp4`
 or `.avi`, 30 fps, and the CSVs of `--decoder video`) to try `prepare_video.py` and `--decoder video` on, with
@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from util.demo_data import DEMO_PHOTOGRAPHS, DEMO_SEED, REPOSITORY_ROOT, _load_photograph, build_once
+from util.data.demo_data import DEMO_PHOTOGRAPHS, DEMO_SEED, REPOSITORY_ROOT, _load_photograph, build_once
 
 DEMO_VIDEOS_PER_CLASS = {'train': 8, 'val': 2}
 DEMO_FRAME_RANGE = (48, 96)       # frames per video, inclusive
@@ -99,7 +99,7 @@ def make_demo_videos(root=None, videos_per_class=None, frame_range=DEMO_FRAME_RA
 
 def video_encoder():
     """'torchcodec' when its encoder can load FFmpeg, else 'ffmpeg' when that command exists, else None."""
-    from util.sce_video_data import VideoDecoderUnavailable, require_torchcodec  # that module imports this one
+    from util.video.io import VideoDecoderUnavailable, require_torchcodec  # that module imports this one
     try:
         require_torchcodec()
         return 'torchcodec'
@@ -137,7 +137,7 @@ def _write_demo_video_files(folder, frames_root, suffixes, fps):
     import torch
     from torchvision.io import ImageReadMode, decode_jpeg, read_file
 
-    from util.sce_video_data import read_video_csv
+    from util.video.io import read_video_csv
     for csv in sorted(frames_root.glob('*.csv')):
         lines = []
         for k, (video, label, num_frames) in enumerate(read_video_csv(csv)):

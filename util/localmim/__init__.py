@@ -1,0 +1,1 @@
+"""LocalMIM (run_pretrain.py): pictures of its reconstructions."""

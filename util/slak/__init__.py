@@ -1,0 +1,1 @@
+"""SLaK (main_slak.py): sparse training and its masked weight EMA."""

@@ -1,0 +1,1 @@
+"""SparK (main_spark.py): its checkpoints, schedule and pictures."""

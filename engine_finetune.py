@@ -16,9 +16,9 @@ from timm.utils import accuracy
 
 import engine_pretrain
 from util.data.bad_files import bad_files_of
+from util.data.samplers import is_sharded
 from util.dist import all_reduce_sum, get_world_size, unwrap
 from util.metric_logger import MetricLogger
-from util.data.samplers import is_sharded
 
 
 def classification_loss(criterion, device, mixup_fn=None):

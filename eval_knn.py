@@ -15,12 +15,13 @@ import time
 import torch
 from torch.utils.data import DataLoader
 
+from util.cli import add_run_flags, check_flags
 from util.data.bad_files import collate_readable
-from util.data.datasets import add_finetune_data_args, build_eval_transform, build_finetune_dataset, \
-    check_finetune_data_args
+from util.data.datasets import (add_finetune_data_args, build_eval_transform, build_finetune_dataset,
+                                check_finetune_data_args)
 from util.export.frozen_eval import build_frozen_encoder, choose_weight_decay, linear_probe_accuracy
 from util.knn import extract_features, knn_accuracy, random_subset
-from util.runtime import check_flags, run_cli
+from util.runtime import run_cli
 
 
 def get_args_parser():
@@ -44,8 +45,8 @@ def get_args_parser():
                    help='use N training images drawn at random (--seed) as the neighbours; 0: all')
     p.add_argument('--batch_size', default=256, type=int)
     p.add_argument('--num_workers', default=2, type=int)
-    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
-    p.add_argument('--seed', default=0, type=int)
+    add_run_flags(p, device='cuda' if torch.cuda.is_available() else 'cpu', pin_mem=None, max_nonfinite=False,
+                  save_every_steps=False)
     p.add_argument('--json', default=None, metavar='FILE', help='also write the results to FILE as JSON')
     return p
 

@@ -31,18 +31,19 @@ from engine_finetune import evaluate
 from engine_pretrain import train_one_epoch
 from models.sce import SCE, OnlineEvalClassifier, convert_sync_batchnorm
 from util.checkpoint import save_checkpoint
-from util.dist import get_world_size, is_main_process
-from util.preemption import MidEpochCheckpoints
-from util.runtime import (add_bool_arg, append_log_line, attach_ddp, build_train_loader, check_flags,
-                          keeps_checkpoint, make_log_writer, per_process_batch, resume_path, resume_training, run_cli,
-                          setup_run)
-from util.hooks import SCEHook
+from util.cli import add_bool_arg, add_launcher_flags, add_resume_flags, add_run_flags, check_flags
 from util.data.bad_files import write_bad_file_list
 from util.data.samplers import build_eval_loader
+from util.dist import get_world_size, is_main_process
+from util.preemption import MidEpochCheckpoints
+from util.runtime import (append_log_line, attach_ddp, build_train_loader, keeps_checkpoint, make_log_writer,
+                          per_process_batch, resume_path, resume_training, run_cli, setup_run)
+from util.sce.augment import build_sce_augmentations, clip_pair_grid
+from util.sce.data import build_video_dataset
+from util.sce.hooks import SCEHook
 from util.sce.optim import build_lars, scale_learning_rate, sce_schedule
 from util.train_step import TrainStep
-from util.sce.augment import build_sce_augmentations, clip_pair_grid
-from util.video.io import build_video_dataset, video_data_root
+from util.video.demo import video_data_root
 
 # Colour jitter of the two configs: the reference run's "strength 1" and the baseline's.
 JITTER = {'strong': dict(brightness=0.8, contrast=0.8, saturation=0.4, hue=0.2),
@@ -70,7 +71,6 @@ def get_args_parser():
     g.add_argument('--num_threads_io', default=4, type=int)
     g.add_argument('--num_threads_decode', default=4, type=int)
     g.add_argument('--num_workers', default=5, type=int, help='loader processes per GPU')
-    add_bool_arg(g, '--pin_mem', True)
     g.add_argument('--jitter_strength', default='strong', choices=sorted(JITTER),
                    help='GPU colour jitter: strong (b 0.8, c 0.8, s 0.4, h 0.2) or baseline (0.4, 0.4, 0.2, 0.1)')
     add_sce_model_args(p)
@@ -94,7 +94,6 @@ def get_args_parser():
     g.add_argument('--grad_ckpt', action='store_true',
                    help='recompute the online trunk\'s activations in the backward pass (activation checkpointing, '
                         'ours): much less memory for ~30%% more compute')
-    g.add_argument('--max_nonfinite', default=5, type=int, help='stop after N non-finite steps in a row (0: never)')
     add_bool_arg(g, '--online_eval', True, 'online linear evaluator on detached trunk features (monitor only), '
                  'validated every epoch on <data_path>/val.csv when there is one')
     g = p.add_argument_group('run')
@@ -102,16 +101,10 @@ def get_args_parser():
     g.add_argument('--log_dir', default=None, help='TensorBoard folder (default: <output_dir>/tensorboard)')
     g.add_argument('--print_freq', default=50, type=int)
     g.add_argument('--save_freq', default=100, type=int, help='keep checkpoint-<epoch>.pth every N epochs')
-    g.add_argument('--save_every_steps', default=0, type=int,
-                   help='also write checkpoint-last.pth every N optimizer steps, resumable inside the epoch')
     g.add_argument('--vis_freq', default=1, type=int, help='clip-pair picture every N epochs (0: never)')
-    g.add_argument('--seed', default=42, type=int)
-    g.add_argument('--device', default='cuda')
-    g.add_argument('--resume', default='', help='checkpoint to resume from (default: newest in output_dir)')
-    add_bool_arg(g, '--auto_resume', True)
-    g.add_argument('--local_rank', '--local-rank', default=-1, type=int)
-    g.add_argument('--dist_on_itp', action='store_true')
-    g.add_argument('--dist_url', default='env://')
+    add_run_flags(g, seed=42)
+    add_resume_flags(g, start_epoch=False)
+    add_launcher_flags(g)
     return p
 
 

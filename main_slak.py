@@ -31,16 +31,18 @@ from engine_finetune import evaluate, train_one_epoch
 from models.slak import CONV_IMPLS
 from util.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint, what_model
 from util.classification import add_augmentation_args, build_criterion, build_mixup, convnext_param_groups
+from util.cli import add_bool_arg, add_launcher_flags, add_resume_flags, add_run_flags, check_flags
 from util.data.bad_files import write_bad_file_list
-from util.data.datasets import (ImageFolderOrFlat, add_finetune_data_args, build_finetune_dataset, build_finetune_transform,
-                           check_finetune_data_args, check_resumed_split)
+from util.data.datasets import (ImageFolderOrFlat, add_finetune_data_args, build_finetune_dataset,
+                                build_finetune_transform, check_finetune_data_args, check_resumed_split)
+from util.data.samplers import build_eval_loader
 from util.dist import get_world_size, is_main_process
+from util.hooks import ModelEmaHook
 from util.lr_sched import IterationSchedule, cosine_scheduler
 from util.preemption import MidEpochCheckpoints
-from util.runtime import (add_bool_arg, append_log_line, attach_ddp, build_train_loader, check_flags, evaluates_epoch,
-                          keeps_checkpoint, make_log_writer, resume_path, resume_training, run_cli, setup_run)
-from util.data.samplers import build_eval_loader
-from util.hooks import MaskedEmaHook, ModelEmaHook
+from util.runtime import (append_log_line, attach_ddp, build_train_loader, evaluates_epoch, keeps_checkpoint,
+                          make_log_writer, resume_path, resume_training, run_cli, setup_run)
+from util.slak.hooks import MaskedEmaHook
 from util.slak.sparse_training import Masking, add_sparse_args, density_from_sparsity
 from util.train_step import AMP_DTYPES, TrainStep
 
@@ -106,35 +108,25 @@ def get_args_parser():
     p.add_argument('--data_set', default='IMNET', choices=['IMNET', 'image_folder'])
     p.add_argument('--output_dir', default='')
     p.add_argument('--log_dir', default=None, help='TensorBoard folder (none if unset)')
-    p.add_argument('--device', default='cuda')
-    p.add_argument('--seed', default=0, type=int)
-    p.add_argument('--resume', default='', help='checkpoint to resume (or, with --eval true, to evaluate)')
-    boolean('--auto_resume', True, 'resume from the latest checkpoint in --output_dir unless --resume is given')
+    add_resume_flags(p)
     boolean('--save_ckpt', True)
     p.add_argument('--save_ckpt_freq', default=10, type=int,
                    help='also keep checkpoint-<epoch>.pth for epochs 0, N, 2N, ... and the last (official: N-1, 2N-1, ...)')
     p.add_argument('--save_ckpt_num', default=3, type=int)
-    p.add_argument('--start_epoch', default=0, type=int)
     boolean('--eval', False, 'only evaluate the --resume checkpoint')
     boolean('--dist_eval', True)
     boolean('--disable_eval', False, 'no evaluation during training')
     p.add_argument('--eval_freq', default=1, type=int, metavar='N',
                    help='evaluate every N epochs and after the last (as run_finetune.py)')
     p.add_argument('--num_workers', default=10, type=int)
-    boolean('--pin_mem', True)
-    p.add_argument('--world_size', default=1, type=int)
-    p.add_argument('--local_rank', '--local-rank', default=-1, type=int)
-    boolean('--dist_on_itp', False)
-    p.add_argument('--dist_url', default='env://')
+    add_launcher_flags(p, world_size=True, dist_on_itp='bool')
     boolean('--use_amp', False)
     p.add_argument('--amp', default=None, choices=sorted(AMP_DTYPES), help='autocast dtype (ours)')
     boolean('--enable_wandb', False)
     p.add_argument('--project', default='SLaK', type=str)
     boolean('--wandb_ckpt', False)
     p.add_argument('--print_freq', default=10, type=int)
-    p.add_argument('--max_nonfinite', default=5, type=int, help='stop after this many skipped steps in a row')
-    p.add_argument('--save_every_steps', default=0, type=int,
-                   help='also write checkpoint-last.pth every N optimizer steps, resumable inside the epoch (ours)')
+    add_run_flags(p)
     return add_sparse_args(p)
 
 

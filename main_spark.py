@@ -26,14 +26,15 @@ from torchvision.transforms import InterpolationMode
 
 from engine_pretrain import train_one_epoch
 from models.spark import build_spark, spark_default_drop_path
-from util.data.bad_files import write_bad_file_list
 from util.checkpoint import read_checkpoint
+from util.cli import add_bool_arg, add_launcher_flags, add_resume_flags, add_run_flags, check_flags
+from util.data.bad_files import write_bad_file_list
 from util.data.datasets import ImageFolderOrFlat, resolve_image_root
 from util.dist import get_world_size, is_main_process
 from util.localmim.vis import fixed_vis_batch, vis_transform
 from util.preemption import MidEpochCheckpoints
-from util.runtime import (add_bool_arg, attach_ddp, build_train_loader, check_flags, make_log_writer, per_process_batch,
-                          resume_path, run_cli, setup_run, tee_console)
+from util.runtime import (attach_ddp, build_train_loader, make_log_writer, per_process_batch, resume_path, run_cli,
+                          setup_run, tee_console)
 from util.spark.checkpoint import latest_spark_checkpoint, resume_spark, save_spark_outputs
 from util.spark.schedule import SparkSchedule, spark_param_groups
 from util.spark.vis import save_spark_pictures
@@ -79,17 +80,12 @@ def get_args_parser():
     p.add_argument('--accum_iter', default=1, type=int, help='micro-steps per optimizer step (same --bs, less memory)')
     add_bool_arg(p, '--grad_ckpt', False, 'activation checkpointing of the encoder and decoder blocks: same '
                  'results, less memory, slower steps')
-    p.add_argument('--save_every_steps', default=0, type=int,
-                   help='also write the resumable checkpoint every N optimizer steps, resumable inside the epoch')
     p.add_argument('--vis_freq', default=20, type=int, help='reconstruction pictures every N epochs (0: never)')
     p.add_argument('--print_freq', default=100, type=int)
     p.add_argument('--log_dir', default=None, help='TensorBoard folder (default: <exp_dir>/tensorboard_log)')
-    p.add_argument('--device', default='cuda')
-    p.add_argument('--seed', default=0, type=int)
-    add_bool_arg(p, '--auto_resume', True)
-    add_bool_arg(p, '--pin_mem', True)
-    p.add_argument('--local_rank', '--local-rank', default=-1, type=int)
-    p.add_argument('--dist_url', default='env://')
+    add_run_flags(p, max_nonfinite=False)
+    add_resume_flags(p, resume=False, start_epoch=False)
+    add_launcher_flags(p, dist_on_itp=None)
     return p
 
 

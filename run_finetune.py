@@ -26,19 +26,20 @@ import models
 from engine_finetune import evaluate, train_one_epoch
 from util.checkpoint import load_checkpoint, save_checkpoint
 from util.classification import (SPARK_RESNET_BLOCKS_PER_DEPTH, add_augmentation_args, build_criterion, build_mixup,
-                                  layer_decay_param_groups, spark_resnet_layer_id, timm_convnext_layer_id)
+                                 layer_decay_param_groups, spark_resnet_layer_id, timm_convnext_layer_id)
+from util.cli import add_launcher_flags, add_resume_flags, add_run_flags, check_flags
 from util.data.bad_files import write_bad_file_list
 from util.data.datasets import (add_finetune_data_args, build_finetune_dataset, check_finetune_data_args,
-                           check_resumed_split)
+                                check_resumed_split)
+from util.data.samplers import build_eval_loader, with_repeated_augmentation
 from util.dist import get_world_size
 from util.hooks import ModelEmaHook
 from util.lars import LARS
-from util.pretrained import load_pretrained
 from util.lr_sched import WarmupCosine
 from util.preemption import MidEpochCheckpoints
-from util.runtime import (add_bool_arg, append_log_line, attach_ddp, build_train_loader, check_flags, evaluates_epoch,
-                          keeps_checkpoint, make_log_writer, resume_path, resume_training, run_cli, setup_run)
-from util.data.samplers import build_eval_loader, with_repeated_augmentation
+from util.pretrained import load_pretrained
+from util.runtime import (append_log_line, attach_ddp, build_train_loader, evaluates_epoch, keeps_checkpoint,
+                          make_log_writer, resume_path, resume_training, run_cli, setup_run)
 from util.train_step import AMP_DTYPES, TrainStep
 
 
@@ -124,20 +125,11 @@ def get_args_parser():
     parser.add_argument('--nb_classes', default=1000, type=int)
     parser.add_argument('--output_dir', default='./output/MAE_ViT_B_Finetune')
     parser.add_argument('--log_dir', default=None)
-    parser.add_argument('--device', default='cuda')
-    parser.add_argument('--seed', default=0, type=int)
-    parser.add_argument('--resume', default='')
-    add_bool_arg(parser, '--auto_resume', True, 'resume from the newest checkpoint in output_dir (default; '
-                 '--auto_resume false or --no_auto_resume: start over)')
-    parser.add_argument('--no_auto_resume', action='store_false', dest='auto_resume')
-    parser.add_argument('--start_epoch', default=0, type=int, metavar='N')
+    add_resume_flags(parser, no_auto_resume=True)
     parser.add_argument('--eval', action='store_true', help='only evaluate (the --resume checkpoint)')
     parser.add_argument('--dist_eval', action='store_true', default=False,
                         help='split evaluation across processes (each sample counted once)')
     parser.add_argument('--num_workers', default=10, type=int)
-    parser.add_argument('--pin_mem', action='store_true')
-    parser.add_argument('--no_pin_mem', action='store_false', dest='pin_mem')
-    parser.set_defaults(pin_mem=True)
     parser.add_argument('--amp', default=None, choices=['bf16', 'fp16', 'none'],
                         help='autocast dtype (default: bf16 on GPU, none on CPU; official: fp16)')
     parser.add_argument('--compile', action='store_true')
@@ -146,13 +138,8 @@ def get_args_parser():
     parser.add_argument('--eval_freq', default=1, type=int, metavar='N',
                         help='evaluate on the validation set every N epochs and after the last (many short epochs '
                              'of a small labelled set: evaluating each would cost more than training)')
-    parser.add_argument('--max_nonfinite', type=int, default=5)
-    parser.add_argument('--save_every_steps', default=0, type=int,
-                        help='also write checkpoint-last.pth every N optimizer steps, resumable inside the epoch')
-    parser.add_argument('--world_size', default=1, type=int)
-    parser.add_argument('--local_rank', '--local-rank', default=-1, type=int)
-    parser.add_argument('--dist_on_itp', action='store_true')
-    parser.add_argument('--dist_url', default='env://')
+    add_run_flags(parser, pin_mem='flags')
+    add_launcher_flags(parser, world_size=True)
     return parser
 
 

@@ -28,19 +28,21 @@ from engine_finetune import classification_loss, evaluate
 from engine_pretrain import train_one_epoch
 from models.r3d import VideoClassifier, r3d18_trunk
 from models.sce import convert_sync_batchnorm
-from util.data.bad_files import write_bad_file_list
 from util.checkpoint import load_checkpoint, save_checkpoint
+from util.cli import add_bool_arg, add_launcher_flags, add_resume_flags, add_run_flags, check_flags
+from util.data.bad_files import write_bad_file_list
+from util.data.samplers import build_eval_loader
 from util.dist import get_world_size
 from util.lr_sched import IterationSchedule, cosine_scheduler
 from util.preemption import MidEpochCheckpoints
-from util.runtime import (add_bool_arg, append_log_line, attach_ddp, build_train_loader, check_flags, evaluates_epoch,
-                          keeps_checkpoint, make_log_writer, resume_path, resume_training, run_cli, setup_run)
-from util.data.samplers import build_eval_loader
-from util.video.io import video_data_root
+from util.runtime import (append_log_line, attach_ddp, build_train_loader, evaluates_epoch, keeps_checkpoint,
+                          make_log_writer, resume_path, resume_training, run_cli, setup_run)
+from util.sce.augment import SCEVideoAugment
 from util.train_step import AMP_DTYPES, TrainStep
 from util.video.checkpoint import load_r3d_trunk
-from util.video.eval import (RECALL_KS, ViewAveragedClassifier, broadcast_buffers, cached_features, extract_features,
-                             file_identity, list_digest, retrieval_recall, train_augmentation)
+from util.video.demo import video_data_root
+from util.video.eval import (MEAN, RECALL_KS, STD, ViewAveragedClassifier, broadcast_buffers, cached_features,
+                             extract_features, file_identity, list_digest, retrieval_recall)
 from util.video.splits import DATASETS, NOMINAL_FPS, video_list
 from util.video.views import MultiViewDataset, TrainClipDataset
 
@@ -53,6 +55,14 @@ PROTOCOL_DEFAULTS = {
     'retrieval': dict(dataset='ucf101', batch_size=8, epochs=0, warmup_epochs=0, blr=0.1, dropout=0.0,
                       eval_freq=1),
 }
+
+
+def train_augmentation(colour=False):
+    """The GPU stage of training clips: /255, [colour jitter (0.4, 0.4, 0.4, 0.1) with p 0.8 in a random order,
+    grayscale p 0.2,] horizontal flip p 0.5, normalise; parameters drawn per clip (util/sce/augment.py)."""
+    return SCEVideoAugment(0, brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1,
+                           jitter_p=0.8 if colour else 0.0, grayscale_p=0.2 if colour else 0.0, blur_p=0.0,
+                           solarize_p=0.0, hflip_p=0.5, mean=(MEAN,) * 3, std=(STD,) * 3)
 
 
 class VideoEvalArgumentParser(argparse.ArgumentParser):
@@ -95,7 +105,6 @@ def get_args_parser():
     g.add_argument('--num_threads_io', default=4, type=int)
     g.add_argument('--num_threads_decode', default=4, type=int)
     g.add_argument('--num_workers', default=8, type=int)
-    add_bool_arg(g, '--pin_mem', True)
     g = p.add_argument_group('training')
     g.add_argument('--batch_size', default=None, type=int, help='clips per GPU (linear 64, finetune 8)')
     g.add_argument('--eval_batch_size', default=2, type=int, help='test videos per GPU (x views clips)')
@@ -115,24 +124,17 @@ def get_args_parser():
     add_bool_arg(g, '--sync_bn', True, 'fine-tuning under DDP on CUDA: SyncBatchNorm')
     g.add_argument('--grad_ckpt', action='store_true', help='recompute the trunk\'s activations in the backward pass')
     g.add_argument('--amp', default='none', choices=sorted(AMP_DTYPES), help='autocast dtype (official: fp32)')
-    g.add_argument('--max_nonfinite', default=5, type=int)
     g.add_argument('--ks', default=list(RECALL_KS), type=int, nargs='+', help='retrieval: recall at these k')
     add_bool_arg(g, '--dist_eval', True, 'under DDP each rank evaluates its share of the videos (each once)')
     g = p.add_argument_group('run')
     g.add_argument('--output_dir', default='./output/sce_downstream')
     g.add_argument('--log_dir', default=None, help='TensorBoard folder (default <output_dir>/tensorboard)')
     g.add_argument('--eval', action='store_true', help='only evaluate the --resume checkpoint (or the newest one)')
-    g.add_argument('--resume', default='')
-    g.add_argument('--start_epoch', default=0, type=int, help='set by resuming')
-    add_bool_arg(g, '--auto_resume', True)
+    add_resume_flags(g)
     g.add_argument('--print_freq', default=20, type=int)
     g.add_argument('--save_freq', default=50, type=int, help='keep checkpoint-<epoch>.pth every N epochs')
-    g.add_argument('--save_every_steps', default=0, type=int)
-    g.add_argument('--seed', default=42, type=int)
-    g.add_argument('--device', default='cuda')
-    g.add_argument('--local_rank', '--local-rank', default=-1, type=int)
-    g.add_argument('--dist_on_itp', action='store_true')
-    g.add_argument('--dist_url', default='env://')
+    add_run_flags(g, seed=42)
+    add_launcher_flags(g)
     return p
 
 

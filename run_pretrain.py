@@ -17,19 +17,20 @@ from timm.optim import param_groups_weight_decay
 import models  # noqa: F401  (registers the models with timm)
 from engine_pretrain import masked_modeling_loss, train_one_epoch
 from util.checkpoint import read_checkpoint, save_checkpoint
+from util.cli import add_launcher_flags, add_resume_flags, add_run_flags, check_flags
 from util.data.bad_files import write_bad_file_list
 from util.data.datasets import ImageFolderOrFlat, build_pretrain_dataset
 from util.data.fast_image import FAST_DATA_MODES, DeviceInput
-from util.knn import KnnMonitor
 from util.dist import get_world_size, is_main_process
-from util.preemption import MidEpochCheckpoints
-from util.localmim.vis import fixed_vis_batch, save_mim_pictures, vis_transform
-from util.runtime import (add_bool_arg, append_log_line, attach_ddp, build_train_loader, check_flags, keeps_checkpoint,
-                          make_log_writer, resume_path, resume_training, run_cli, setup_run)
 from util.freezeout.cache import FixedViews, FrozenPrefixCache
 from util.freezeout.feature_masking import FeatureMasking, SwitchableViews
 from util.freezeout.schedule import FreezeOut, FreezeOutSchedule, prune_decoders, pruned_stages
+from util.knn import KnnMonitor
+from util.localmim.vis import fixed_vis_batch, save_mim_pictures, vis_transform
 from util.lr_sched import WarmupCosine
+from util.preemption import MidEpochCheckpoints
+from util.runtime import (append_log_line, attach_ddp, build_train_loader, keeps_checkpoint, make_log_writer,
+                          resume_path, resume_training, run_cli, setup_run)
 from util.train_step import TrainStep
 
 
@@ -88,8 +89,6 @@ def get_args_parser():
                              'or both (sum)')
     parser.add_argument('--decoder_prune', action='store_true',
                         help='FreezeOut: remove the decoders (and HOG heads) of frozen stages from the model')
-    parser.add_argument('--max_nonfinite', type=int, default=5,
-                        help='stop after this many non-finite steps in a row (they are skipped); 0 = never')
 
     parser.add_argument('--data_path', default='./dataset/ImageNet/train/', type=str,
                         help="'demo', a folder with train/ inside, a folder of class folders, or of images")
@@ -99,22 +98,11 @@ def get_args_parser():
                              'reduced scale (other pixels); device = decode and crop on the GPU (nvJPEG)')
     parser.add_argument('--output_dir', default='./output/MAE_ViT_B', help='where to save checkpoints and log.txt')
     parser.add_argument('--log_dir', default=None, help='TensorBoard folder (none if not given)')
-    parser.add_argument('--device', default='cuda', help='device to use for training / testing')
-    parser.add_argument('--seed', default=0, type=int)
-    parser.add_argument('--resume', default='', help='resume from checkpoint')
-    add_bool_arg(parser, '--auto_resume', True, 'resume from the newest checkpoint in output_dir (default; '
-                 '--auto_resume false or --no_auto_resume: start over)')
-    parser.add_argument('--no_auto_resume', action='store_false', dest='auto_resume')
-    parser.add_argument('--start_epoch', default=0, type=int, metavar='N', help='start epoch')
+    add_resume_flags(parser, no_auto_resume=True)
     parser.add_argument('--num_workers', default=12, type=int)
-    parser.add_argument('--pin_mem', action='store_true', help='pin CPU memory in DataLoader')
-    parser.add_argument('--no_pin_mem', action='store_false', dest='pin_mem')
-    parser.set_defaults(pin_mem=True)
     parser.add_argument('--print_freq', default=50, type=int, help='progress line every N steps')
     parser.add_argument('--save_freq', default=50, type=int,
                         help='keep checkpoint-<epoch>.pth every N epochs (checkpoint-last.pth is written every epoch)')
-    parser.add_argument('--save_every_steps', default=0, type=int,
-                        help='also write checkpoint-last.pth every N optimizer steps, resumable inside the epoch')
     parser.add_argument('--vis_freq', default=20, type=int, help='reconstruction pictures every N epochs (0: never)')
     parser.add_argument('--knn_every', default=0, type=int, metavar='N',
                         help='every N epochs and after the last, k-NN accuracy of the frozen features (mean patch '
@@ -123,10 +111,8 @@ def get_args_parser():
     parser.add_argument('--knn_train_images', default=10000, type=int, metavar='N',
                         help='training images the k-NN monitor draws (--seed) as neighbours (0: all)')
 
-    parser.add_argument('--world_size', default=1, type=int, help='number of distributed processes')
-    parser.add_argument('--local_rank', '--local-rank', default=-1, type=int)
-    parser.add_argument('--dist_on_itp', action='store_true')
-    parser.add_argument('--dist_url', default='env://', help='url used to set up distributed training')
+    add_run_flags(parser, pin_mem='flags')
+    add_launcher_flags(parser, world_size=True)
     return parser
 
 

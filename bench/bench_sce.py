@@ -31,11 +31,11 @@ from PIL import Image  # noqa: E402
 
 import main_sce  # noqa: E402
 from main_sce import build_sce  # noqa: E402
-from util.hooks import SCEHook  # noqa: E402
+from util.sce.hooks import SCEHook  # noqa: E402
 from util.sce.optim import build_lars  # noqa: E402
 from util.train_step import TrainStep  # noqa: E402
 from util.sce.augment import build_sce_augmentations  # noqa: E402
-from util.video.io import VideoClipDataset  # noqa: E402
+from util.sce.data import VideoClipDataset  # noqa: E402
 from util.video.demo import make_demo_videos  # noqa: E402
 
 

@@ -24,7 +24,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from util.data.fashion_mnist import fashion_mnist_clips, train_subset  # noqa: E402
+from util.data.fashion_mnist import train_subset  # noqa: E402
+from util.video.fashion_mnist import fashion_mnist_clips  # noqa: E402
 
 DOCS = REPO / 'docs' / 'learning'
 BEGIN, END = '<!-- learning:begin -->', '<!-- learning:end -->'  # docs/learning/README.md: the generated table
@@ -42,11 +43,12 @@ EVAL = '--input_size {size} --nb_knn 20 --linear --num_workers 1 --device cpu'
 # layer decay (MAE's from-scratch recipe has none). Both label budgets take about 400 steps; evaluated once, at the end.
 FINETUNE = ('--model {model} --input_size {size} --nb_classes 10 --warmup_epochs 1 --num_workers 1 --device cpu '
             '--print_freq 50')
-# SparK (main_spark.py) on the same 10,000 images at 32 px: models/spark_custom_cnn.py's your_convnet_32px (widths 32-128, total
-# stride 8, so the mask covers 60% of a 4x4 grid of 8-px patches) with a 64-wide decoder (the official 768 would cost
-# ten times the encoder). LAMB's steps are relative to each weight's norm, so the official lr rule (base_lr 2e-4 x
-# batch / 256) would give 1e-4 and hardly move the weights in 1,170 steps: the rows use the official ResNet lr at
-# batch 4096, 3.2e-3 (base_lr 6.4e-3 at batch 128). Its encoder is fine-tuned and scored as the LocalMIM ViT's.
+# SparK (main_spark.py) on the same 10,000 images at 32 px: models/spark_custom_cnn.py's your_convnet_32px (widths
+# 32-128, total stride 8, so the mask covers 60% of a 4x4 grid of 8-px patches) with a 64-wide decoder (the official
+# 768 would cost ten times the encoder). LAMB's steps are relative to each weight's norm, so the official lr rule
+# (base_lr 2e-4 x batch / 256) would give 1e-4 and hardly move the weights in 1,170 steps: the rows use the official
+# ResNet lr at batch 4096, 3.2e-3 (base_lr 6.4e-3 at batch 128). Its encoder is fine-tuned and scored as the LocalMIM
+# ViT's.
 SPARK_MODEL, SPARK_SIZE = 'your_convnet_32px', 32
 SPARK = (f'--model {SPARK_MODEL} --input_size {SPARK_SIZE} --dec_width 64 --bs 128 --ep 15 --wp_ep 1 --base_lr 6.4e-3 '
          '--num_workers 1 --device cpu --vis_freq 0 --print_freq 20')
@@ -57,10 +59,10 @@ SLAK_PER_CLASS = 100
 SLAK = ('--model SLaK_tiny --width_factor 0.25 --kernel_size 7 7 7 3 3 --Decom True --input_size 32 --batch_size 64 '
         '--nb_classes 10 --epochs 20 --warmup_epochs 2 --mixup 0 --cutmix 0 --num_workers 1 --device cpu '
         '--eval_freq 1000 --print_freq 50')
-# SCE on Fashion-MNIST clips (util/fashion_mnist.fashion_mnist_clips: each clip one garment moving and zooming across
-# 32 frames, labelled with its class), 30 per class and split: main_sce.py pretrains the R3D-18 on 4-frame clips at
-# 32 px, run_finetune_video.py scores its trunk (or the same trunk at random weights) with the linear protocol
-# (Kinetics-style train/val lists) and with retrieval (val clips as queries, train clips as the bank).
+# SCE on Fashion-MNIST clips (util/video/fashion_mnist.fashion_mnist_clips: each clip one garment moving and zooming
+# across 32 frames, labelled with its class), 30 per class and split: main_sce.py pretrains the R3D-18 on 4-frame
+# clips at 32 px, run_finetune_video.py scores its trunk (or the same trunk at random weights) with the linear
+# protocol (Kinetics-style train/val lists) and with retrieval (val clips as queries, train clips as the bank).
 SCE_PER_CLASS = 30
 SCE_CLIPS = '--num_frames 4 --clip_duration 1.0 --device cpu --num_workers 1'
 SCE_PRETRAIN = ('--crop_size 32 --global_batch_size 32 --queue_size 256 --epochs 10 --warmup_epochs 1 --amp none '

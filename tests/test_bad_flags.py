@@ -14,7 +14,8 @@ import main_spark
 import run_finetune
 import run_pretrain
 from helpers import REPO, finetune_args, pretrain_args, slak_args
-from util.runtime import check_flags, run_cli
+from util.cli import check_flags
+from util.runtime import run_cli
 from util.train_step import NonFiniteLossError
 
 SCRIPTS = {'run_pretrain': run_pretrain, 'run_finetune': run_finetune, 'main_spark': main_spark,

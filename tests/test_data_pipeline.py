@@ -11,7 +11,7 @@ import run_pretrain
 from helpers import log_entries, pretrain_args
 from util.data.datasets import ImageFolderOrFlat, build_pretrain_dataset, build_pretrain_transform
 from util.data.fast_image import (DeviceInput, EncodedCropReader, EncodedCrops, RandomResizedCropReader, crop_and_flip,
-                             decode_crops, draft_for_crop)
+                                  decode_crops, draft_for_crop)
 
 pytestmark = pytest.mark.usefixtures('one_thread')  # conftest.py
 

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from util.data import demo_data
-from util.data.datasets import (ImageFolderOrFlat, build_pretrain_dataset, resolve_image_root)
+from util.data.datasets import ImageFolderOrFlat, build_pretrain_dataset, resolve_image_root
 from util.data.demo_data import demo_imagefolder
 
 

@@ -12,9 +12,9 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from engine_finetune import evaluate, train_one_epoch
 from helpers import GradRecorder, free_port, gloo_group
-from util.lr_sched import WarmupCosine
-from util.hooks import ModelEmaHook
 from util.data.samplers import UnpaddedDistributedSampler, build_eval_loader
+from util.hooks import ModelEmaHook
+from util.lr_sched import WarmupCosine
 from util.train_step import TrainStep
 
 NUM_EVAL, EVAL_CLASSES = 13, 6

@@ -19,8 +19,8 @@ from models.sce import SCE
 from models.spark import build_spark
 from official_files import eztorch_checkpoint
 from util.checkpoint import CheckpointError, save_checkpoint
-from util.export.read import Backbone, read_backbone
 from util.export.formats import export, write_detectron2
+from util.export.read import Backbone, read_backbone
 from util.pretrained import load_pretrained
 from util.runtime import run_cli
 from util.spark.checkpoint import output_names, save_spark_outputs

@@ -10,6 +10,7 @@ from PIL import Image
 from util.data import fashion_mnist
 from util.data.datasets import resolve_image_root
 from util.data.fashion_mnist import CLASS_FOLDERS, DEBIAN_FOLDER, fashion_mnist_imagefolder, holds_idx_files, read_split
+from util.video.fashion_mnist import fashion_mnist_clips
 
 needs_package = pytest.mark.skipif(not holds_idx_files(DEBIAN_FOLDER),
                                    reason='Debian package dataset-fashion-mnist not installed (.ci/run installs it)')
@@ -104,7 +105,7 @@ def test_clips_show_one_image_moving_labelled_with_its_class(tmp_path):
         levels = 30 + 20 * np.arange(len(split_labels)) + (0 if split == 'train' else 120)
         write_idx(source, f'{split}-images-idx3-ubyte', np.ones((len(split_labels), 28, 28)) * levels[:, None, None])
         write_idx(source, f'{split}-labels-idx1-ubyte', split_labels)
-    root = fashion_mnist.fashion_mnist_clips(2, source=source, root=tmp_path / 'cache', num_frames=6)
+    root = fashion_mnist_clips(2, source=source, root=tmp_path / 'cache', num_frames=6)
     rows = [line.split() for line in (root / 'train.csv').read_text().splitlines()]
     assert len(rows) == 5  # 2 of class 3, 2 of class 7, the only one of class 0
     for path, label, frames in rows:

@@ -1,6 +1,6 @@
-"""FreezeOut feature masking (util/freezeout/feature_masking.py): depth 0 is LocalMIM, stored features are the frozen prefix
-on the fixed view, fresh masks pick the visible stored tokens in order, the feature target's loss, decoder
-pruning, resume and DDP."""
+"""FreezeOut feature masking (util/freezeout/feature_masking.py): depth 0 is LocalMIM, stored features are the
+frozen prefix on the fixed view, fresh masks pick the visible stored tokens in order, the feature target's loss,
+decoder pruning, resume and DDP."""
 import pytest
 import timm
 import torch

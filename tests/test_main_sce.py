@@ -18,8 +18,8 @@ import main_sce
 from helpers import REPO, log_entries, straight_and_resumed
 from util.checkpoint import LAST
 from util.runtime import run_cli
-from util.sce.optim import warmup_cosine_lr
 from util.sce.augment import SCEVideoAugment
+from util.sce.optim import warmup_cosine_lr
 from util.video.demo import make_demo_videos
 
 parse = main_sce.get_args_parser().parse_args

@@ -15,9 +15,9 @@ from helpers import log_entries, slak_args, straight_and_resumed
 from official_files import slak_checkpoint
 from util.checkpoint import LAST
 from util.classification import convnext_param_groups
+from util.data.samplers import build_eval_loader
 from util.lr_sched import IterationSchedule, cosine_scheduler
 from util.runtime import resume_path, run_cli
-from util.data.samplers import build_eval_loader
 from util.train_step import AMP_DTYPES
 
 COMMON = ('--Decom True --sparse --width_factor 1.3 --sparsity 0.4 --sparse_init snip --growth random '

@@ -8,9 +8,10 @@ import torch
 from torchvision.io import decode_jpeg, read_file
 
 import prepare_video
+from util.sce.data import VideoClipDataset
 from util.video import demo as video_demo
-from util.video.io import FrameFolderVideo, VideoClipDataset, read_video_csv
 from util.video.demo import encode_video, make_demo_video_files, make_demo_videos, video_encoder
+from util.video.io import FrameFolderVideo, read_video_csv
 from util.video.prepare import PARTIAL_DIR, REPORT_NAME, prepare_videos
 
 pytestmark = [pytest.mark.usefixtures('one_thread'),

@@ -14,10 +14,10 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import run_finetune
 from engine_finetune import train_one_epoch
-from util.lr_sched import WarmupCosine
-from util.data import samplers
 from util.classification import build_criterion, build_mixup
+from util.data import samplers
 from util.data.datasets import build_finetune_transform
+from util.lr_sched import WarmupCosine
 from util.train_step import TrainStep
 
 pytestmark = pytest.mark.usefixtures('one_thread')  # conftest.py

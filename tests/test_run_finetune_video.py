@@ -17,10 +17,10 @@ from models.r3d import r3d18_trunk
 from official_files import LIGHTNING_SCE_GLOBALS, LIGHTNING_SCE_TINY, eztorch_checkpoint
 from util.checkpoint import LAST, read_checkpoint
 from util.runtime import run_cli
-from util.video.io import VideoDecoderUnavailable, require_torchcodec
-from util.video.demo import make_demo_video_files, make_demo_videos
 from util.video.checkpoint import r3d_trunk_state_dict
+from util.video.demo import make_demo_video_files, make_demo_videos
 from util.video.eval import retrieval_recall
+from util.video.io import VideoDecoderUnavailable, require_torchcodec
 
 pytestmark = pytest.mark.usefixtures('one_thread')
 parse = run_finetune_video.get_args_parser().parse_args

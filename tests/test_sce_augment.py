@@ -6,8 +6,8 @@ import pytest
 import torch
 import torchvision.transforms.v2.functional as TF
 
-from util.sce.augment import (JITTER_ORDERS, SCEVideoAugment, build_sce_augmentations,
-                                clip_pair_grid, gaussian_blur, jitter_orders, select)
+from util.sce.augment import (JITTER_ORDERS, SCEVideoAugment, build_sce_augmentations, clip_pair_grid, gaussian_blur,
+                              jitter_orders, select)
 
 pytestmark = pytest.mark.usefixtures('one_thread')  # conftest.py
 

@@ -1,5 +1,5 @@
-"""Video data of SCE (util/video/io.py): CSV parsing, clip and frame sampling, temporal difference, crops,
-skips, demo, loader."""
+"""Video data of SCE (util/sce/data.py, on util/video/io.py): CSV parsing, clip and frame sampling, temporal
+difference, crops, skips, demo, loader."""
 from fractions import Fraction
 
 import numpy as np
@@ -7,13 +7,13 @@ import pytest
 import torch
 from PIL import Image
 
-from util.runtime import build_train_loader
 from util.data.samplers import build_eval_loader
-from util.video.io import (CenterClipDataset, VideoClipDataset, VideoDecoderUnavailable, build_video_dataset,
-                             clip_frame_indices,
-                             random_resized_crop_box, read_video_csv, require_torchcodec, sample_clip_windows,
-                             temporal_difference, temporal_difference_pairs, uniform_offsets)
+from util.runtime import build_train_loader
+from util.sce.data import (CenterClipDataset, VideoClipDataset, build_video_dataset, temporal_difference,
+                           temporal_difference_pairs)
 from util.video.demo import default_demo_video_root, make_demo_videos
+from util.video.io import (VideoDecoderUnavailable, clip_frame_indices, random_resized_crop_box, read_video_csv,
+                           require_torchcodec, sample_clip_windows, uniform_offsets)
 
 # torchvision 0.29 deprecates its JPEG codec; util.video.io silences this, but pytest resets filters per test
 

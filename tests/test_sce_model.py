@@ -12,8 +12,8 @@ from helpers import free_port, gloo_group
 from models.r3d import r3d18_trunk
 from main_sce import add_sce_model_args, build_sce, check_sce_args
 from models.sce import SCE, momentum_value, sce_loss, scheduler_value
+from util.sce.hooks import SCEHook
 from util.sce.optim import build_lars, sce_param_groups
-from util.hooks import SCEHook
 from util.train_step import TrainStep
 
 

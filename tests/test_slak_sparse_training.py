@@ -13,10 +13,9 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 import util.slak.sparse_training as st
-from util.slak.sparse_training import (CosineDecay, Masking, add_sparse_args, erk_densities,
-                                  masked_ema_update)
+from util.slak.sparse_training import CosineDecay, Masking, add_sparse_args, erk_densities, masked_ema_update
 from helpers import free_port, gloo_group
-from util.hooks import MaskedEmaHook
+from util.slak.hooks import MaskedEmaHook
 from util.train_step import TrainStep
 
 

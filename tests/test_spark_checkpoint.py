@@ -19,8 +19,8 @@ from helpers import REPO
 from models.convnext_keys import convnext_official_to_timm
 from models.spark import build_spark, spark_default_drop_path
 from util.data.datasets import ImageFolderOrFlat
-from util.export.read import read_backbone
 from util.export.frozen_eval import build_frozen_encoder
+from util.export.read import read_backbone
 from util.localmim.vis import vis_transform
 from util.pretrained import load_pretrained
 from util.spark.checkpoint import resume_spark, save_spark_outputs
@@ -74,7 +74,8 @@ def test_custom_model_pretrains_on_demo_data(custom_run, monkeypatch):
 
 
 def test_a_custom_model_checkpoint_is_scored_and_exported_as_its_registered_model(custom_run):
-    """eval_knn.py and export.py find a models/spark_custom_cnn.py model by the name the SparK checkpoint stores (`arch`)."""
+    """eval_knn.py and export.py find a models/spark_custom_cnn.py model by the name the SparK checkpoint stores
+    (`arch`)."""
     backbone = read_backbone(str(custom_run / 'your_convnet_still_pretraining.pth'))
     encoder = torch.load(custom_run / 'your_convnet_1kpretrained.pth', weights_only=True)
     assert backbone.family == 'custom' and backbone.timm_name == 'your_convnet' and backbone.num_classes == 0

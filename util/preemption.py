@@ -8,8 +8,6 @@ loading only; exact, since each loader worker's augmentations depend on the samp
 restores the random state of the interrupted step. So the remaining batches, masks and augmentations are those
 of the run that was not interrupted.
 """
-import atexit
-import multiprocessing
 import os
 import signal
 import subprocess
@@ -19,9 +17,9 @@ import torch.distributed as dist
 
 from util.checkpoint import rng_state, set_rng_state
 from util.dist import get_rank, get_world_size, is_dist_avail_and_initialized, is_main_process
+from util.stop_signals import STOP_SIGNALS
 
 PREEMPTED_EXIT_CODE = 3
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 _received = []  # names of the signals received by this process
 
 
@@ -42,23 +40,6 @@ def install_signal_handlers():
 def restore_signal_handlers(saved):
     for sig, handler in saved.items():
         signal.signal(sig, handler)
-
-
-def ignore_stop_signals(worker_id=None):
-    """DataLoader `worker_init_fn`: workers leave the signal to the main process (and exit with it)."""
-    for sig in STOP_SIGNALS:
-        signal.signal(sig, signal.SIG_IGN)
-
-
-@atexit.register
-def _kill_leftover_workers():
-    """At exit, daemonic children (DataLoader workers, which ignore SIGTERM) are killed: multiprocessing's own exit
-    handler, which runs after this one, would send them SIGTERM and wait for them forever."""
-    children = [child for child in multiprocessing.active_children() if child.daemon]
-    if children:
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # the DataLoader's handler would report them as failed
-    for child in children:
-        child.kill()
 
 
 def request_stop(name='SIGTERM'):

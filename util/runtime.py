@@ -1,11 +1,9 @@
-"""Run plumbing shared by every entry script: seeding, the training loader, logs, clean errors."""
-import argparse
+"""Run plumbing shared by every entry script: seeding, the training loader, logs, clean errors (the flags and their
+checks: util/cli.py)."""
 import contextlib
 import json
-import operator
 import os
 import random
-import re
 import sys
 import traceback
 
@@ -17,56 +15,12 @@ from torch.utils.data import DataLoader, DistributedSampler
 from util.checkpoint import latest_checkpoint, load_checkpoint, remove_stale_temp_files
 from util.dist import (finish_distributed, get_rank, get_world_size, init_distributed_mode,
                        is_dist_avail_and_initialized, is_main_process, unwrap)
-from util.preemption import ignore_stop_signals, install_signal_handlers, restore_signal_handlers
+from util.preemption import install_signal_handlers, restore_signal_handlers
+from util.stop_signals import ignore_stop_signals
 from util.train_step import NonFiniteLossError
-
-
-def str2bool(value):
-    """argparse type for the official scripts' `--flag=True` / `--flag false` booleans."""
-    text = str(value).lower()
-    if text in ('true', 't', 'yes', 'y', '1'):
-        return True
-    if text in ('false', 'f', 'no', 'n', '0'):
-        return False
-    raise argparse.ArgumentTypeError(f'expected true or false, got {value!r}')
-
-
-def add_bool_arg(parser, name, default, help=None):
-    """`--name` (= true), `--name true|false|True|False|1|0`."""
-    parser.add_argument(name, type=str2bool, default=default, nargs='?', const=True, help=help)
-
 
 USAGE_EXIT_CODE = 2  # argparse's code for bad usage
 _created_folders = []  # the folders setup_run created, deepest first
-
-
-def check_flags(args, rules):
-    """Raises a ValueError naming the first flag whose value breaks its rule: an interval such as '(0, 1)' or
-    '[0, --epochs]' (a bound may be another flag), or a bound such as '>= 1' or '> 0'. Flags left at None are not
-    checked; each element of a list flag is."""
-    for flag, rule in rules.items():
-        value = getattr(args, _dest(flag))
-        if not all(v is None or _allows(args, rule, v) for v in (value if isinstance(value, list) else [value])):
-            refs = ', '.join(f'{ref} is {getattr(args, _dest(ref))}' for ref in re.findall(r'--\w+', rule))
-            raise ValueError(f'{flag} {value}: must be {"in " if rule[0] in "[(" else ""}{rule}'
-                             + (f' ({refs})' if refs else ''))
-
-
-def _allows(args, rule, value):
-    def bound(text):
-        text = text.strip()
-        return getattr(args, _dest(text)) if text.startswith('--') else float(text)
-
-    if rule[0] in '[(':
-        low, high = map(bound, rule[1:-1].split(','))
-        above = low <= value if rule[0] == '[' else low < value
-        return above and (value <= high if rule[-1] == ']' else value < high)
-    op, limit = rule.split()
-    return {'>=': operator.ge, '>': operator.gt}[op](value, bound(limit))
-
-
-def _dest(flag):
-    return flag.lstrip('-').replace('-', '_')
 
 
 def setup_run(args):

@@ -19,13 +19,13 @@ from torchvision.datasets.folder import (IMG_EXTENSIONS, find_classes, has_file_
                                          make_dataset)
 from torchvision.transforms import InterpolationMode
 
+from util.cli import check_flags
 from util.data.bad_files import BadFiles
 from util.data.demo_data import demo_imagefolder
 from util.data.fashion_mnist import NAME as FASHION_MNIST, fashion_mnist_imagefolder, holds_idx_files
-from util.runtime import check_flags
 from util.data.fast_image import FAST_DATA_MODES, EncodedCropReader, RandomResizedCropReader
 from util.data.user_data import (check_every_class_has_images, class_folder_samples, csv_classes, csv_samples,
-                            describe_classes, read_label_csv, stratified_split)
+                                 describe_classes, read_label_csv, stratified_split)
 
 ACCEPTED_LAYOUTS = ("'demo', 'fashion-mnist', a folder with {split}/ inside, a folder of class folders, "
                     "or a flat folder of images")

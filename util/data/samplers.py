@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, Sampler, SequentialSampler
 
 from util.data.bad_files import collate_readable
 from util.dist import get_rank, get_world_size
-from util.preemption import ignore_stop_signals
+from util.stop_signals import ignore_stop_signals
 
 
 class UnpaddedDistributedSampler(Sampler):

@@ -1,8 +1,8 @@
 """Frozen features of a pretrained encoder, and the two scores SSL papers compute on them: k-NN (util/knn.py) and a
 linear probe fitted on the stored features.
 
-The encoder is the backbone export.py finds in any checkpoint (util/export/read.py), built as its timm model: a ViT gives
-the mean of its patch tokens after the final norm (or the cls token), a CNN the spatial mean of its last feature
+The encoder is the backbone export.py finds in any checkpoint (util/export/read.py), built as its timm model: a ViT
+gives the mean of its patch tokens after the final norm (or the cls token), a CNN the spatial mean of its last feature
 map. The linear probe is multinomial logistic regression on standardised features, fitted full-batch with L-BFGS:
 it needs no batch size, learning rate or schedule, so it scores an encoder the same way on one CPU as on 64 GPUs
 (MAE's LARS probe moves each weight by 0.001 x lr of its norm per step, with lr scaled by the batch: at batch 64

@@ -31,7 +31,8 @@ CONVNEXTS = ('convnext_atto', 'convnext_femto', 'convnext_pico', 'convnext_nano'
 SLAKS = {'SLaK_tiny': (9, 96), 'SLaK_small': (27, 96), 'SLaK_base': (27, 128), 'SLaK_large': (27, 192)}  # (blocks
 # in stage 3, stem width at --width_factor 1): the width factor is tried as the stem ratio, then 1.3 and 1 (official)
 SLAK_WIDTHS = (1.3, 1.0)
-# 'custom': a model registered in models/spark_custom_cnn.py that the checkpoint names, its classifier `fc` as in the template
+# 'custom': a model registered in models/spark_custom_cnn.py that the checkpoint names, its classifier `fc` as in the
+# template
 CLASSIFIER = {'vit': 'head.', 'resnet': 'fc.', 'convnext': 'head.fc.', 'slak': 'head.', 'custom': 'fc.'}
 LINPROBE_EPS = 1e-6  # run_finetune.py --linprobe: BatchNorm1d(affine=False, eps=1e-6) in front of the classifier
 

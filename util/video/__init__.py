@@ -1,1 +1,1 @@
-"""Video data and evaluation shared by the video scripts: frame folders and video files, demo videos, the downstream protocols."""
+"""Video data and evaluations shared by the video scripts: frame folders, video files, demo videos, the protocols."""

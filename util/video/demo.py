@@ -6,6 +6,7 @@ builds, once and deterministically, the Kinetics frame-folder layout main_sce.py
 Each video is a virtual camera moving in a straight line from one box of a photograph to another
 (pan + zoom), 48-96 frames at 64x80 px, i.e. 1.6-3.2 s at 30 fps: some shorter and some longer
 than the 2.56 s clips. The six photographs of util/data/demo_data.py are the six classes.
+`video_data_root(data_path)` is the folder a video script's `--data_path` names: these videos for 'demo'.
 
 `make_demo_video_files()` encodes those frame folders as video files (`<root>/{train,val}/<class>/<video>.mp4`
 or `.avi`, 30 fps, and the CSVs of `--decoder video`) to try `prepare_video.py` and `--decoder video` on, with
@@ -23,6 +24,7 @@ import numpy as np
 from PIL import Image
 
 from util.data.demo_data import DEMO_PHOTOGRAPHS, DEMO_SEED, REPOSITORY_ROOT, _load_photograph, build_once
+from util.video.io import FRAME_LAYOUT, VideoDecoderUnavailable, read_video_csv, require_torchcodec
 
 DEMO_VIDEOS_PER_CLASS = {'train': 8, 'val': 2}
 DEMO_FRAME_RANGE = (48, 96)       # frames per video, inclusive
@@ -95,11 +97,22 @@ def make_demo_videos(root=None, videos_per_class=None, frame_range=DEMO_FRAME_RA
                       f'demo videos ({len(DEMO_PHOTOGRAPHS)} classes)')
 
 
+def video_data_root(data_path, decoder='frame'):
+    """The folder holding `{split}.csv` and `{split}/`: `data_path`, or for 'demo' the demo videos (built once)."""
+    if str(data_path) == 'demo':
+        if decoder != 'frame':
+            raise ValueError('--data_path demo holds frame folders only; use --decoder frame')
+        return make_demo_videos()
+    root = Path(data_path).expanduser()
+    if not root.is_dir():
+        raise FileNotFoundError(f'--data_path {root}: no such folder (expected {FRAME_LAYOUT.format(split="train")})')
+    return root
+
+
 # ---------------------------------------------------------------- video files
 
 def video_encoder():
     """'torchcodec' when its encoder can load FFmpeg, else 'ffmpeg' when that command exists, else None."""
-    from util.video.io import VideoDecoderUnavailable, require_torchcodec  # that module imports this one
     try:
         require_torchcodec()
         return 'torchcodec'
@@ -136,8 +149,6 @@ def default_demo_video_file_root() -> Path:
 def _write_demo_video_files(folder, frames_root, suffixes, fps):
     import torch
     from torchvision.io import ImageReadMode, decode_jpeg, read_file
-
-    from util.video.io import read_video_csv
     for csv in sorted(frames_root.glob('*.csv')):
         lines = []
         for k, (video, label, num_frames) in enumerate(read_video_csv(csv)):

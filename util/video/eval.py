@@ -15,10 +15,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from util.checkpoint import atomic_save
+from util.data.samplers import is_sharded
 from util.dist import all_reduce_sum, get_world_size, is_main_process
 from util.metric_logger import MetricLogger
-from util.data.samplers import is_sharded
-from util.sce.augment import SCEVideoAugment
 
 MEAN, STD = 0.45, 0.225
 RECALL_KS = (1, 5, 10, 15, 20, 25)
@@ -28,14 +27,6 @@ def normalize_clips(clips, mean=MEAN, std=STD):
     """float32 (clips / 255 - mean) / std, computed with autocast off."""
     with torch.autocast(clips.device.type, enabled=False):
         return (clips.float() / 255 - mean) / std
-
-
-def train_augmentation(colour=False):
-    """The GPU stage of training clips: /255, [colour jitter (0.4, 0.4, 0.4, 0.1) with p 0.8 in a random order,
-    grayscale p 0.2,] horizontal flip p 0.5, normalise; parameters drawn per clip (util/sce/augment.py)."""
-    return SCEVideoAugment(0, brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1,
-                           jitter_p=0.8 if colour else 0.0, grayscale_p=0.2 if colour else 0.0, blur_p=0.0,
-                           solarize_p=0.0, hflip_p=0.5, mean=(MEAN,) * 3, std=(STD,) * 3)
 
 
 def average_view_probabilities(logits, views_per_video):

@@ -8,7 +8,7 @@
   `crop_size` and the crops are the start, centre and end of the long side (one crop: the centre). Returns
   (uint8 [V, 3, T, S, S], label), with `return_index` also the video's index; None for an unreadable video.
 Frames are resized once per video for all its views, and rounded to uint8 (error <= 0.5 / 255), as
-util/video/io.py does. A video at `fps` frames per second lasts num_frames / fps seconds.
+util/sce/data.py does. A video at `fps` frames per second lasts num_frames / fps seconds.
 """
 import math
 import os
@@ -17,9 +17,8 @@ from fractions import Fraction
 import torch
 
 from util.data.bad_files import BadFiles
-from util.video.io import (MAX_SKIPS_PER_SAMPLE, DecodeThreadPool, EncodedVideo, FrameFolderVideo,
-                                 clip_frame_indices, require_torchcodec, resize_clip, sample_clip_windows,
-                                 uniform_offsets)
+from util.video.io import (MAX_SKIPS_PER_SAMPLE, DecodeThreadPool, EncodedVideo, FrameFolderVideo, clip_frame_indices,
+                           require_torchcodec, resize_clip, sample_clip_windows, uniform_offsets)
 
 
 def short_side_size(height, width, short):

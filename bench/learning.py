@@ -145,6 +145,8 @@ ROWS = {
     'spark': Row(f'SparK {SPARK_MODEL}', group='SparK'),
     'spark_sqrtlr': Row(f'SparK {SPARK_MODEL}, lr 5.7e-4 (square-root scaling)', f'--base_lr {SPARK_SQRT_BASE_LR}',
                         group='SparK'),
+    'spark_45ep': Row(f'SparK {SPARK_MODEL}, lr 1.6e-3, 45 epochs', '--base_lr 3.2e-3 --ep 45', group='SparK',
+                      timed=False),
     'spark_random': Row(f'{SPARK_MODEL}, random weights', encoder='random', group='SparK'),
     'finetune_1': Row('LocalMIM ViT-Tiny/16, fine-tuned', labels=1),
     'scratch_1': Row('ViT-Tiny/16 from scratch', encoder='random', labels=1),
@@ -161,6 +163,8 @@ ROWS = {
     'spark_scratch_100': Row(f'{SPARK_MODEL} from scratch', encoder='random', labels=100, group='SparK'),
     'spark_sqrtlr_finetune_1': Row(f'SparK {SPARK_MODEL}, lr 5.7e-4, fine-tuned', labels=1, group='SparK',
                                    source='spark_sqrtlr'),
+    'spark_45ep_finetune_1': Row(f'SparK {SPARK_MODEL}, lr 1.6e-3, 45 epochs, fine-tuned', labels=1, group='SparK',
+                                 source='spark_45ep'),
 }
 
 

@@ -20,7 +20,7 @@ def work(tmp_path, monkeypatch):
     monkeypatch.setattr(learning, 'train_subset', lambda per_class: tmp_path / f'train{per_class}')
     monkeypatch.setattr(learning, 'fashion_mnist_clips', lambda per_class: tmp_path / f'clips{per_class}')
     spark = 'your_convnet_32px_still_pretraining.pth'
-    for row, name in (('localmim', 'checkpoint-last.pth'), ('spark', spark), ('spark_45ep', spark)):
+    for row, name in (('localmim', 'checkpoint-last.pth'), ('spark', spark), ('spark_sqrtlr', spark), ('spark_45ep', spark)):
         checkpoint = tmp_path / 'work' / row / 'seed0' / 'pretrain' / name
         checkpoint.parent.mkdir(parents=True)
         checkpoint.touch()
@@ -62,12 +62,13 @@ def test_spark_rows_score_and_fine_tune_the_spark_rows_encoder(work):
     assert pretrain[1] == 'main_spark.py' and all(argv[2] == spark for _, argv, _ in evals)
 
 
-def test_a_longer_spark_row_pretrains_longer_and_its_fine_tuning_reads_it(work):
-    (_, pretrain, _), *_ = learning.commands('spark_45ep', 0, work, Path('data'))
+def test_a_spark_variant_pretrains_with_its_flags_and_its_fine_tuning_reads_it(work):
+    (_, pretrain, _), *_ = learning.commands('spark_sqrtlr', 0, work, Path('data'))
     args = importlib.import_module('main_spark').get_args_parser().parse_args(pretrain[2:])
-    assert args.ep == 45 and args.exp_dir == str(work / 'spark_45ep' / 'seed0' / 'pretrain')
-    (_, tuned, _), = learning.commands('spark_45ep_finetune_1', 0, work, Path('data'))
-    assert tuned[tuned.index('--finetune') + 1] == str(work / 'spark_45ep' / 'seed0' / 'pretrain' /
+    assert args.base_lr == 1.13e-3 and args.ep == 15 and args.exp_dir == str(work / 'spark_sqrtlr' / 'seed0' /
+                                                                             'pretrain')
+    (_, tuned, _), = learning.commands('spark_sqrtlr_finetune_1', 0, work, Path('data'))
+    assert tuned[tuned.index('--finetune') + 1] == str(work / 'spark_sqrtlr' / 'seed0' / 'pretrain' /
                                                        'your_convnet_32px_still_pretraining.pth')
 
 

@@ -252,6 +252,10 @@ def main(args):
         args.lr = args.blr * eff_batch_size / 256
     print(f'{args.model}: {sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.2f}M trainable '
           f'parameters; actual lr {args.lr:.2e}, effective batch size {eff_batch_size}')
+    if args.linprobe and args.opt == 'lars' and eff_batch_size < 4096:
+        print(f'note: LARS moves each weight by about 0.001 x lr of its norm per step, so at lr {args.lr:.2e} the '
+              'probe hardly trains (MAE tuned it at batch 16384, lr 6.4); below batch 4096 use --opt adamw --blr 4e-3 '
+              '(docs/learning/README.md), or eval_knn.py --linear for a converged probe')
     amp_dtype = AMP_DTYPES[args.amp]
     if args.eval:
         return evaluate_checkpoint(args, model, val_loader, device, amp_dtype)

@@ -79,10 +79,12 @@ def accuracies(out):
 
 
 @pytest.mark.parametrize('mode', [[], ['--cls_token'], ['--linprobe', '--blr', '0.5', '--weight_decay', '0']])
-def test_demo_pretrain_then_finetune_beats_chance(tmp_path, monkeypatch, demo_pretrained, mode):
+def test_demo_pretrain_then_finetune_beats_chance(tmp_path, monkeypatch, capsys, demo_pretrained, mode):
     monkeypatch.setenv('DEMO_DATA_ROOT', str(demo_pretrained.parents[1] / 'demo'))
     out = tmp_path / 'ft'
     run_finetune.main(finetune_args(out, '--finetune', str(demo_pretrained), *mode))
+    # a LARS probe at a small batch is told to use AdamW instead
+    assert ('use --opt adamw' in capsys.readouterr().out) == ('--linprobe' in mode)
     acc = accuracies(out)
     assert len(acc) == 4 and max(acc) > 100 / 6 + 15  # six classes: chance is 16.7%
     assert (out / 'checkpoint-best.pth').exists() and (out / 'checkpoint-3.pth').exists()

@@ -1,6 +1,7 @@
-"""One epoch of supervised training of a classifier (fine-tuning, linear probing), and its evaluation.
+"""What supervised training of a classifier (fine-tuning, linear probing) adds to engine.py's loop: its
+loss, its evaluation, and the evaluation of a saved checkpoint (`--eval`).
 
-Training is engine_pretrain's epoch loop with a classification loss plugged in: accumulation with
+Training is engine.train_one_epoch with `classification_loss` as its `compute_loss`: accumulation with
 DDP `no_sync`, AMP, clipping, non-finite steps and logging are shared, and so is the per-iteration
 warmup + cosine lr, which multiplies each param group's lr by its `lr_scale`; that is all layer-wise
 lr decay needs. Only the loss differs: targets go to the device, timm's Mixup/CutMix mixes them
@@ -14,11 +15,12 @@ import torch
 import torch.nn.functional as F
 from timm.utils import accuracy
 
-import engine_pretrain
-from util.data.bad_files import bad_files_of
+from util.checkpoint import load_checkpoint
+from util.data.bad_files import bad_files_of, write_bad_file_list
 from util.data.samplers import is_sharded
 from util.dist import all_reduce_sum, get_world_size, unwrap
 from util.metric_logger import MetricLogger
+from util.runtime import resume_path
 
 
 def classification_loss(criterion, device, mixup_fn=None):
@@ -29,16 +31,6 @@ def classification_loss(criterion, device, mixup_fn=None):
             samples, targets = mixup_fn(samples, targets)
         return criterion(model(samples), targets)
     return compute_loss
-
-
-def train_one_epoch(data_loader, trainer, epoch, schedule, criterion, mixup_fn=None, hooks=(), log_writer=None,
-                    print_freq=50, checkpoints=None):
-    """One epoch of `trainer` over (images, labels) batches (engine_pretrain's loop with a classification loss);
-    returns the epoch means of loss, lr and grad_norm. The logged lr is the schedule's, i.e. that of the groups
-    with lr_scale 1 (the head under layer decay), the largest one."""
-    return engine_pretrain.train_one_epoch(data_loader, trainer, epoch, schedule,
-                                           classification_loss(criterion, trainer.device, mixup_fn), hooks,
-                                           log_writer, print_freq, checkpoints)
 
 
 @torch.no_grad()
@@ -97,3 +89,17 @@ def evaluate(data_loader, model, device, amp_dtype=None, sharded=None, print_fre
     print(f"* Acc@1 {stats['acc1']:.3f} Acc@5 {stats['acc5']:.3f} loss {stats['loss']:.3f} on {int(count)} samples"
           + (f' ({skipped} unreadable, left out)' if skipped else ''))
     return stats
+
+
+def evaluate_checkpoint(args, model, val_loader, device, amp_dtype=None, classifier=None):
+    """--eval: loads the weights of --resume (or, with --auto_resume, the newest checkpoint in --output_dir)
+    into `model` and evaluates `classifier` (default: the model) on the validation set. Returns the stats and
+    the loaded checkpoint, for a script that evaluates more of it (SLaK's EMA weights)."""
+    path = resume_path(args.resume, args.auto_resume, args.output_dir)
+    if not path:
+        raise ValueError('--eval needs a checkpoint: give --resume PATH (a checkpoint this script wrote)')
+    ckpt = load_checkpoint(path, model)
+    print(f'evaluating {path} (epoch {ckpt.get("epoch")})')
+    stats = evaluate(val_loader, classifier or model, device, amp_dtype, print_freq=args.print_freq)
+    write_bad_file_list(args.output_dir, val_loader.dataset)
+    return stats, ckpt

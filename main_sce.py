@@ -28,7 +28,7 @@ import torch.distributed as dist
 from PIL import Image
 
 from engine_finetune import evaluate
-from engine_pretrain import train_one_epoch
+from engine import train_one_epoch
 from models.sce import SCE, OnlineEvalClassifier, convert_sync_batchnorm
 from util.checkpoint import save_checkpoint
 from util.cli import add_bool_arg, add_launcher_flags, add_resume_flags, add_run_flags, check_flags

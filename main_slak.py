@@ -27,9 +27,10 @@ import torch.nn as nn
 from timm.optim import create_optimizer_v2
 
 import models  # noqa: F401  (registers SLaK_* with timm)
-from engine_finetune import evaluate, train_one_epoch
+from engine import train_one_epoch
+from engine_finetune import classification_loss, evaluate, evaluate_checkpoint
 from models.slak import CONV_IMPLS
-from util.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint, what_model
+from util.checkpoint import read_checkpoint, save_checkpoint, what_model
 from util.classification import add_augmentation_args, build_criterion, build_mixup, convnext_param_groups
 from util.cli import add_bool_arg, add_launcher_flags, add_resume_flags, add_run_flags, check_flags
 from util.data.bad_files import write_bad_file_list
@@ -259,19 +260,15 @@ def report_nonzeros(model):
           f'(2-D/4-D weights: density {density:.4f})')
 
 
-def evaluate_checkpoint(args, model, val_loader, device):
-    path = resume_path(args.resume, args.auto_resume, args.output_dir)
-    if not path:
-        raise ValueError('--eval true needs a checkpoint: give --resume PATH')
-    ckpt = load_checkpoint(path, model)
-    print(f'evaluating {path} (epoch {ckpt.get("epoch")})')
+def evaluate_saved(args, model, val_loader, device):
+    """--eval true: the checkpoint's weights, their non-zero count, and its EMA weights with --model_ema_eval."""
+    amp_dtype = AMP_DTYPES[args.amp]
+    stats, ckpt = evaluate_checkpoint(args, model, val_loader, device, amp_dtype)
     report_nonzeros(model)
-    stats = evaluate(val_loader, model, device, AMP_DTYPES[args.amp])
     if args.model_ema_eval and ckpt.get('model_ema'):
         ema = copy.deepcopy(model)
         ema.load_state_dict(ckpt['model_ema'])
-        stats.update({f'{k}_ema': v for k, v in evaluate(val_loader, ema, device, AMP_DTYPES[args.amp]).items()})
-    write_bad_file_list(args.output_dir, val_loader.dataset)
+        stats.update({f'{k}_ema': v for k, v in evaluate(val_loader, ema, device, amp_dtype).items()})
     print(f'accuracy of the network on {stats["count"]} test images: {stats["acc1"]:.2f}%'
           + (f' (EMA {stats["acc1_ema"]:.2f}%)' if 'acc1_ema' in stats else ''))
     return stats
@@ -326,7 +323,7 @@ def main(args):
     n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(f'{args.model}: {n_parameters / 1e6:.2f}M parameters (dense)')
     if args.eval:
-        return evaluate_checkpoint(args, model, val_loader, device)
+        return evaluate_saved(args, model, val_loader, device)
 
     train_loader = build_train_loader(build_dataset(True, args), args.batch_size, args.num_workers, args.pin_mem,
                                       args.seed)
@@ -353,13 +350,13 @@ def main(args):
     ema = build_ema(args, model, masking, ckpt)
     hooks = [hook for hook in (masking, ema) if hook is not None]  # the EMA sees this step's masks
     mixup_fn = build_mixup(args)
-    criterion = build_criterion(args, mixup_fn)
+    compute_loss = classification_loss(build_criterion(args, mixup_fn), device, mixup_fn)
     schedule = build_schedule(args, len(train_loader))
 
     start_time = time.time()
     for epoch in range(args.start_epoch, args.epochs):
         train_loader.sampler.set_epoch(epoch)
-        train_stats = train_one_epoch(train_loader, trainer, epoch, schedule, criterion, mixup_fn, hooks, log_writer,
+        train_stats = train_one_epoch(train_loader, trainer, epoch, schedule, compute_loss, hooks, log_writer,
                                       args.print_freq, checkpoints)
         log = {f'train_{k}': v for k, v in train_stats.items()}
         evaluated = not args.disable_eval and evaluates_epoch(epoch, args.eval_freq, args.epochs)

@@ -24,7 +24,7 @@ from timm.optim import Lamb
 from torchvision import transforms
 from torchvision.transforms import InterpolationMode
 
-from engine_pretrain import train_one_epoch
+from engine import train_one_epoch
 from models.spark import build_spark, spark_default_drop_path
 from util.checkpoint import read_checkpoint
 from util.cli import add_bool_arg, add_launcher_flags, add_resume_flags, add_run_flags, check_flags

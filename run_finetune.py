@@ -23,8 +23,9 @@ from timm.models.resnet import ResNet
 from timm.optim import Lamb, param_groups_layer_decay
 
 import models
-from engine_finetune import evaluate, train_one_epoch
-from util.checkpoint import load_checkpoint, save_checkpoint
+from engine import train_one_epoch
+from engine_finetune import classification_loss, evaluate, evaluate_checkpoint
+from util.checkpoint import save_checkpoint
 from util.classification import (SPARK_RESNET_BLOCKS_PER_DEPTH, add_augmentation_args, build_criterion, build_mixup,
                                  layer_decay_param_groups, spark_resnet_layer_id, timm_convnext_layer_id)
 from util.cli import add_launcher_flags, add_resume_flags, add_run_flags, check_flags
@@ -258,7 +259,7 @@ def main(args):
               '(docs/learning/README.md), or eval_knn.py --linear for a converged probe')
     amp_dtype = AMP_DTYPES[args.amp]
     if args.eval:
-        return evaluate_checkpoint(args, model, val_loader, device, amp_dtype)
+        return evaluate_checkpoint(args, model, val_loader, device, amp_dtype)[0]
 
     optimizer = build_optimizer(args, model)
     trainer = TrainStep(model, optimizer, device, args.amp, args.accum_iter, args.clip_grad, args.max_nonfinite)
@@ -286,16 +287,15 @@ def main(args):
         train_loader = with_repeated_augmentation(train_loader, args.repeated_aug)
     schedule = WarmupCosine(args.lr, args.min_lr, args.epochs, args.warmup_epochs)
     mixup_fn = build_mixup(args)
-    criterion = build_criterion(args, mixup_fn)
+    compute_loss = classification_loss(build_criterion(args, mixup_fn), device, mixup_fn)
     log_writer = make_log_writer(args.log_dir)
 
     print(f'start training for {args.epochs} epochs from epoch {args.start_epoch}')
     start_time = time.time()
     for epoch in range(args.start_epoch, args.epochs):
         train_loader.sampler.set_epoch(epoch)
-        train_stats = train_one_epoch(train_loader, trainer, epoch, schedule, criterion, mixup_fn,
-                                      hooks=[ema] if ema else (), log_writer=log_writer, print_freq=args.print_freq,
-                                      checkpoints=checkpoints)
+        train_stats = train_one_epoch(train_loader, trainer, epoch, schedule, compute_loss, hooks=[ema] if ema else (),
+                                      log_writer=log_writer, print_freq=args.print_freq, checkpoints=checkpoints)
         log = {f'train_{k}': v for k, v in train_stats.items()}
         test_stats, best = {}, False
         if evaluates_epoch(epoch, args.eval_freq, args.epochs):
@@ -316,18 +316,6 @@ def main(args):
             log_writer.flush()
         append_log_line(args.output_dir, {**log, 'epoch': epoch, 'max_accuracy': max_accuracy})
     print(f'training time {datetime.timedelta(seconds=int(time.time() - start_time))}')
-
-
-def evaluate_checkpoint(args, model, val_loader, device, amp_dtype):
-    """--eval: the weights of --resume (or, with auto-resume, the newest checkpoint) on the validation set."""
-    path = resume_path(args.resume, args.auto_resume, args.output_dir)
-    if not path:
-        raise ValueError('--eval needs a checkpoint: give --resume PATH')
-    ckpt = load_checkpoint(path, model)
-    print(f'evaluating {path} (epoch {ckpt["epoch"]})')
-    stats = evaluate(val_loader, model, device, amp_dtype)
-    write_bad_file_list(args.output_dir, val_loader.dataset)
-    return stats
 
 
 if __name__ == '__main__':

@@ -24,11 +24,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from engine_finetune import classification_loss, evaluate
-from engine_pretrain import train_one_epoch
+from engine_finetune import classification_loss, evaluate, evaluate_checkpoint
+from engine import train_one_epoch
 from models.r3d import VideoClassifier, r3d18_trunk
 from models.sce import convert_sync_batchnorm
-from util.checkpoint import load_checkpoint, save_checkpoint
+from util.checkpoint import save_checkpoint
 from util.cli import add_bool_arg, add_launcher_flags, add_resume_flags, add_run_flags, check_flags
 from util.data.bad_files import write_bad_file_list
 from util.data.samplers import build_eval_loader
@@ -225,7 +225,7 @@ def classification(args, device, train_videos, test_videos):
     evaluator = ViewAveragedClassifier(model)
     amp_dtype = AMP_DTYPES[args.amp]
     if args.eval:
-        return evaluate_checkpoint(args, model, evaluator, val_loader, device, amp_dtype)
+        return evaluate_checkpoint(args, model, val_loader, device, amp_dtype, classifier=evaluator)[0]
     world = get_world_size()
     eff_batch_size = args.batch_size * args.accum_iter * world
     args.lr = args.lr or args.blr * eff_batch_size / 256
@@ -281,18 +281,6 @@ def classification(args, device, train_videos, test_videos):
             log_writer.flush()
         append_log_line(args.output_dir, {**log, 'epoch': epoch, 'step': trainer.num_updates})
     print(f'training time {datetime.timedelta(seconds=int(time.time() - start_time))}')
-
-
-def evaluate_checkpoint(args, model, evaluator, val_loader, device, amp_dtype):
-    """--eval: the --resume checkpoint (or, with auto-resume, the newest in --output_dir) on the test views."""
-    path = resume_path(args.resume, args.auto_resume, args.output_dir)
-    if not path:
-        raise ValueError('--eval needs a checkpoint of this script: give --resume PATH')
-    ckpt = load_checkpoint(path, model)
-    print(f'evaluating {path} (epoch {ckpt.get("epoch")})')
-    stats = evaluate(val_loader, evaluator, device, amp_dtype, print_freq=args.print_freq)
-    write_bad_file_list(args.output_dir, val_loader.dataset)
-    return stats
 
 
 def retrieval(args, device, train_videos, test_videos):

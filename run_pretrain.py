@@ -15,7 +15,7 @@ import torch
 from timm.optim import param_groups_weight_decay
 
 import models  # noqa: F401  (registers the models with timm)
-from engine_pretrain import masked_modeling_loss, train_one_epoch
+from engine import masked_modeling_loss, train_one_epoch
 from util.checkpoint import read_checkpoint, save_checkpoint
 from util.cli import add_launcher_flags, add_resume_flags, add_run_flags, check_flags
 from util.data.bad_files import write_bad_file_list

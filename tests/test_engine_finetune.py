@@ -10,7 +10,8 @@ from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from torch.utils.data import DataLoader, TensorDataset
 
-from engine_finetune import evaluate, train_one_epoch
+from engine import train_one_epoch
+from engine_finetune import classification_loss, evaluate
 from helpers import GradRecorder, free_port, gloo_group
 from util.data.samplers import UnpaddedDistributedSampler, build_eval_loader
 from util.hooks import ModelEmaHook
@@ -117,8 +118,8 @@ def fit(model, criterion, args, mixup_fn=None, hooks=()):
     val_loader = build_eval_loader(val, 64, 0, False, dist_eval=False)
     before = evaluate(val_loader, model, 'cpu')
     schedule = WarmupCosine(args.lr, args.min_lr, args.epochs, args.warmup_epochs)
-    losses = [train_one_epoch(loader, trainer, epoch, schedule, criterion, mixup_fn, hooks,
-                              print_freq=args.print_freq)['loss'] for epoch in range(args.epochs)]
+    losses = [train_one_epoch(loader, trainer, epoch, schedule, classification_loss(criterion, 'cpu', mixup_fn),
+                              hooks, print_freq=args.print_freq)['loss'] for epoch in range(args.epochs)]
     return before, evaluate(val_loader, model, 'cpu'), losses, trainer
 
 
@@ -195,7 +196,8 @@ def test_accumulated_classification_gradient_is_the_large_batch_gradient():
         trainer = TrainStep(model, torch.optim.SGD(model.parameters(), lr=lr), 'cpu', accum_iter=accum_iter)
         args = fit_args(batch_size=batch_size, accum_iter=accum_iter, lr=lr, min_lr=lr, warmup_epochs=0, epochs=1)
         schedule = WarmupCosine(args.lr, args.min_lr, args.epochs, args.warmup_epochs)
-        train_one_epoch(DataLoader(data, batch_size=batch_size), trainer, 0, schedule, torch.nn.CrossEntropyLoss(),
+        train_one_epoch(DataLoader(data, batch_size=batch_size), trainer, 0, schedule,
+                        classification_loss(torch.nn.CrossEntropyLoss(), 'cpu'),
                         hooks=[recorder], print_freq=args.print_freq)
         assert trainer.num_updates == len(recorder.grads) == 1
         for (name, p), g, e in zip(model.named_parameters(), recorder.grads[0], expected):

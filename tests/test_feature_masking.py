@@ -11,7 +11,7 @@ import models  # noqa: F401
 import run_pretrain
 from helpers import (GradRecorder, assert_same_grads, free_port, gloo_group, log_entries, pretrain_args,
                      straight_and_resumed, write_images)
-from engine_pretrain import train_one_epoch
+from engine import train_one_epoch
 from util.checkpoint import LAST
 from util.data.datasets import ImageFolderOrFlat, build_pretrain_transform
 from util.freezeout.feature_masking import NOT_STORED, FeatureMasking, SwitchableViews

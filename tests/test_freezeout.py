@@ -9,7 +9,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 import models  # noqa: F401
 import run_pretrain
-from engine_pretrain import masked_modeling_loss, train_one_epoch
+from engine import masked_modeling_loss, train_one_epoch
 from helpers import (GradRecorder, MIMWithPerSampleMask, assert_same_grads, free_port, gloo_group, image_data,
                      log_entries, pretrain_args, straight_and_resumed, write_images)
 from util.checkpoint import LAST

@@ -88,9 +88,9 @@ def test_demo_pretrain_then_finetune_beats_chance(tmp_path, monkeypatch, capsys,
     acc = accuracies(out)
     assert len(acc) == 4 and max(acc) > 100 / 6 + 15  # six classes: chance is 16.7%
     assert (out / 'checkpoint-best.pth').exists() and (out / 'checkpoint-3.pth').exists()
-    # --eval with --resume only evaluates
+    # --eval with --resume only evaluates the saved weights: the last epoch's logged accuracy again
     args = finetune_args(tmp_path / 'eval', '--eval', '--resume', str(out / LAST), *mode)
-    run_finetune.main(args)
+    assert run_finetune.main(args)['acc1'] == pytest.approx(acc[-1], abs=1e-6)
     assert not (tmp_path / 'eval' / 'log.txt').exists()
 
 

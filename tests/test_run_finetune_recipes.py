@@ -13,7 +13,8 @@ from PIL import Image
 from torch.utils.data import DataLoader, TensorDataset
 
 import run_finetune
-from engine_finetune import train_one_epoch
+from engine import train_one_epoch
+from engine_finetune import classification_loss
 from util.classification import build_criterion, build_mixup
 from util.data import samplers
 from util.data.datasets import build_finetune_transform
@@ -97,7 +98,7 @@ def test_linprobe_trains_only_the_head_and_keeps_encoder_batchnorm_statistics():
     torch.manual_seed(0)
     data = TensorDataset(torch.randn(16, 3, 32, 32) * 2 + 1, torch.randint(0, 5, (16,)))
     train_one_epoch(DataLoader(data, batch_size=8), trainer, 0, WarmupCosine(args.lr, args.min_lr, args.epochs, args.warmup_epochs),
-                    nn.CrossEntropyLoss(), print_freq=args.print_freq)
+                    classification_loss(nn.CrossEntropyLoss(), 'cpu'), print_freq=args.print_freq)
     after = model.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed == {'fc.0.running_mean', 'fc.0.running_var', 'fc.0.num_batches_tracked', 'fc.1.weight',

@@ -1,6 +1,6 @@
 """Mutations of the shared engine (accumulation, DDP no_sync and re-wrapping, host syncs) and of atomic saves."""
-ENGINE = 'tests/test_engine_pretrain.py'
-COMM = 'tests/test_engine_pretrain_comm.py'
+ENGINE = 'tests/test_engine.py'
+COMM = 'tests/test_engine_comm.py'
 RUN_PRETRAIN_DDP = f'{COMM}::test_run_pretrain_ddp_all_reduces_once_per_window_and_never_frozen_parameters'
 NO_SYNC = f'{COMM}::test_no_host_sync_inside_the_step_loop'
 ATOMIC = 'tests/test_checkpoint.py::test_atomic_save_failure_keeps_the_previous_file_and_leaves_no_temporary'

@@ -27,7 +27,7 @@ MUTATIONS = [
          replace='            pass',
          tests=['tests/test_bad_files.py::test_the_list_names_each_file_once_also_after_a_resume'],
          note='a resumed run lists the bad files again'),
-    dict(file='engine_pretrain.py', find="        meter.counters['skipped_files'] = bad_files.count\n", replace='        pass\n',
+    dict(file='engine.py', find="        meter.counters['skipped_files'] = bad_files.count\n", replace='        pass\n',
          tests=['tests/test_bad_files.py::test_pretraining_reports_bad_files_in_line_log_tensorboard_and_list'],
          note='no bad-file count in the progress line and TensorBoard'),
 ]

@@ -1,5 +1,5 @@
-"""The training epoch every entry script runs: pretraining (a model that returns its loss) and, through
-engine_finetune, supervised training (a classification loss).
+"""The one training epoch every entry script runs: pretraining (a model that returns its loss), supervised
+training (engine_finetune.classification_loss) and SCE's two-clip loss differ only in `compute_loss`.
 
 The contract (all a method needs to plug in; the loop itself never changes):
 - `trainer`: a util.train_step.TrainStep (model, optimizer, device, accumulation, autocast, clipping,

@@ -1,4 +1,4 @@
-"""What engine_pretrain.py's loop communicates and when it waits for the device.
+"""What engine.py's loop communicates and when it waits for the device.
 
 DDP: during gradient accumulation only the last micro-step of a window all-reduces (`no_sync` before it), the
 all-reduced gradient is the mean of the ranks' local gradients, and after a FreezeOut freeze run_pretrain's
@@ -13,7 +13,7 @@ from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, TensorDataset
 
-import engine_pretrain
+import engine
 import run_pretrain
 import util.runtime
 from helpers import LinearRegression, engine_args, free_port, gloo_group, pretrain_args, write_images
@@ -150,7 +150,7 @@ def test_no_host_sync_inside_the_step_loop(monkeypatch, capsys):
     log = SyncLog(monkeypatch)
     loader = PhasedLoader(DataLoader(data, batch_size=4), log)
     schedule = WarmupCosine(args.lr, args.min_lr, args.epochs, args.warmup_epochs)
-    engine_pretrain.train_one_epoch(loader, trainer, 0, schedule, engine_pretrain.masked_modeling_loss(args.mask_ratio),
+    engine.train_one_epoch(loader, trainer, 0, schedule, engine.masked_modeling_loss(args.mask_ratio),
                                     print_freq=args.print_freq)
     calls = list(log.calls)
     monkeypatch.undo()

@@ -1,4 +1,4 @@
-"""engine_pretrain.py's loop and the LR schedule: accumulation, non-finite steps, and DDP against one process."""
+"""engine.py's loop and the LR schedule: accumulation, non-finite steps, and DDP against one process."""
 import math
 
 import pytest
@@ -6,7 +6,7 @@ import torch
 import torch.multiprocessing as mp
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
-from engine_pretrain import masked_modeling_loss, train_one_epoch
+from engine import masked_modeling_loss, train_one_epoch
 from helpers import (GradRecorder, LinearRegression, MIMWithPerSampleMask, assert_same_grads, engine_args, free_port,
                      gloo_group, image_data)
 from util.lr_sched import WarmupCosine, cosine_lr

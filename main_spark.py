@@ -30,8 +30,8 @@ from util.checkpoint import read_checkpoint
 from util.cli import add_bool_arg, add_launcher_flags, add_resume_flags, add_run_flags, check_flags
 from util.data.bad_files import write_bad_file_list
 from util.data.datasets import ImageFolderOrFlat, resolve_image_root
+from util.data.vis_batch import fixed_vis_batch, vis_transform
 from util.dist import get_world_size, is_main_process
-from util.localmim.vis import fixed_vis_batch, vis_transform
 from util.preemption import MidEpochCheckpoints
 from util.runtime import (attach_ddp, build_train_loader, make_log_writer, per_process_batch, resume_path, run_cli,
                           setup_run, tee_console)

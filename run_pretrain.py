@@ -21,12 +21,13 @@ from util.cli import add_launcher_flags, add_resume_flags, add_run_flags, check_
 from util.data.bad_files import write_bad_file_list
 from util.data.datasets import ImageFolderOrFlat, build_pretrain_dataset
 from util.data.fast_image import FAST_DATA_MODES, DeviceInput
+from util.data.vis_batch import fixed_vis_batch, vis_transform
 from util.dist import get_world_size, is_main_process
 from util.freezeout.cache import FixedViews, FrozenPrefixCache
 from util.freezeout.feature_masking import FeatureMasking, SwitchableViews
 from util.freezeout.schedule import FreezeOut, FreezeOutSchedule, prune_decoders, pruned_stages
 from util.knn import KnnMonitor
-from util.localmim.vis import fixed_vis_batch, save_mim_pictures, vis_transform
+from util.localmim.vis import save_mim_pictures
 from util.lr_sched import WarmupCosine
 from util.preemption import MidEpochCheckpoints
 from util.runtime import (append_log_line, attach_ddp, build_train_loader, keeps_checkpoint, make_log_writer,

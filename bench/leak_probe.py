@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader  # noqa: E402
 import models  # noqa: E402,F401  (registers MIM_vit_*)
 from util.checkpoint import read_checkpoint  # noqa: E402
 from util.data.datasets import ImageFolderOrFlat, resolve_image_root  # noqa: E402
-from util.localmim.vis import vis_transform  # noqa: E402
+from util.data.vis_batch import vis_transform  # noqa: E402
 
 PENALTIES = (1e-2, 1e-1, 1.0, 10.0, 100.0, 1e3, 1e4)
 

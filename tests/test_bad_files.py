@@ -41,14 +41,20 @@ def _flag_and_count(rank, world, port, flagged, out):
         bad_files = BadFiles([f'f{i}' for i in range(8)])
         for index in flagged[rank]:
             bad_files.add(index, OSError('broken'))
-        out[rank] = torch.tensor([bad_files.count(), *bad_files.flags.tolist()])
+        counts = [bad_files.count()]
+        # a later epoch's DataLoader worker, a process forked after the count, still reports into the main process
+        worker = mp.get_context('fork').Process(target=bad_files.add, args=(7, OSError('broken')))
+        worker.start()
+        worker.join()
+        counts.append(bad_files.count())
+        out[rank] = torch.tensor([*counts, *bad_files.flags.tolist()])
 
 
-def test_count_is_the_union_over_ranks():
-    flagged, out = [[1, 2], [2, 5]], torch.zeros(2, 9, dtype=torch.long).share_memory_()
+def test_count_is_the_union_over_ranks_and_later_workers_still_report():
+    flagged, out = [[1, 2], [2, 5]], torch.zeros(2, 10, dtype=torch.long).share_memory_()
     mp.spawn(_flag_and_count, args=(2, free_port(), flagged, out), nprocs=2)
-    union = [0, 1, 1, 0, 0, 1, 0, 0]
-    assert out.tolist() == [[3, *union], [3, *union]]  # and each rank now knows the other's files
+    union = [0, 1, 1, 0, 0, 1, 0, 1]
+    assert out.tolist() == [[3, 4, *union], [3, 4, *union]]  # and each rank now knows the other's files
 
 
 def class_folders(root, per_class=(5, 4), size=32, seed=0):

@@ -63,6 +63,15 @@ def test_auto_resume_skips_a_damaged_last_checkpoint(tmp_path, capsys, how):
         in printed[0]
 
 
+def test_a_damaged_last_checkpoint_falls_back_to_the_newest_numbered_one(tmp_path):
+    model, optimizer = tiny_model()
+    for epoch in range(3):
+        save(tmp_path, epoch, model, optimizer, keep=True)  # checkpoint-0/1/2.pth
+    save(tmp_path, 3, model, optimizer)
+    damage(tmp_path / LAST, 'truncated')
+    assert latest_checkpoint(str(tmp_path)) == str(tmp_path / 'checkpoint-2.pth')
+
+
 def test_damaged_files_are_skipped_newest_first(tmp_path, capsys):
     model, optimizer = tiny_model()
     save(tmp_path, 0, model, optimizer, keep=True)

@@ -99,6 +99,19 @@ def test_torch_resize_is_within_two_grey_levels(jpegs):
     assert diffs.max() <= 2.01 * LEVEL and diffs.mean() < 0.05 * LEVEL
 
 
+def test_non_square_pngs_and_cmyk_jpegs_match_the_official_output(tmp_path):
+    """The files PIL decodes (PNG in RGB, grey, RGBA and palette modes; CMYK JPEG), none of them square."""
+    write_jpegs(tmp_path / 'src', [size for size in SIZES if size[0] != size[1]][:5])
+    root = tmp_path / 'others'
+    root.mkdir()
+    for i, (path, mode) in enumerate(zip(sorted((tmp_path / 'src').iterdir()), ['RGB', 'L', 'RGBA', 'P', 'CMYK'])):
+        image = Image.open(path).convert(mode)
+        image.save(root / f'img{i}.{"jpg" if mode == "CMYK" else "png"}')
+    assert {Image.open(p).size[0] == Image.open(p).size[1] for p in root.iterdir()} == {False}
+    diffs = torch.stack([(b - a).abs() for a, b in official_and_fast(root, 7, RandomResizedCropReader(SIZE))])
+    assert diffs.max() <= 2.01 * LEVEL and diffs.mean() < 0.05 * LEVEL
+
+
 def test_draft_decodes_at_reduced_scale(tmp_path):
     path = write_jpegs(tmp_path, [(400, 300)]) / 'img0.jpg'
     with Image.open(path) as image:

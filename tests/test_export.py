@@ -250,6 +250,19 @@ def test_resnet_in_torchvision_same_features_as_timm(spark_outputs, tmp):
         torch.testing.assert_close(tv_features, ours.eval().forward_features(x), rtol=1e-5, atol=1e-5)
 
 
+def test_finetuned_convnext_keeps_its_trained_head_norm(tmp):
+    model = randomize(timm.create_model('convnext_atto', num_classes=10))
+    torch.save({'model': model.state_dict()}, tmp / 'ft_convnext.pth')
+    exported(tmp / 'ft_convnext.pth', 'timm', tmp / 'ft_convnext_timm.pth')
+    state = torch.load(tmp / 'ft_convnext_timm.pth')
+    assert_same_tensors(state, model.state_dict())  # head.norm included, not reset to 1 / 0
+    again = timm.create_model('convnext_atto', num_classes=10)
+    again.load_state_dict(state, strict=True)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(again.eval()(x), model.eval()(x))
+
+
 def test_finetuned_resnet_keeps_fc_for_timm_and_drops_it_for_torchvision(tmp):
     model = randomize(timm.create_model('resnet18', num_classes=10))
     torch.save({'model': model.state_dict()}, tmp / 'ft.pth')

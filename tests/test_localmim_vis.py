@@ -8,7 +8,8 @@ from PIL import Image
 import models  # noqa: F401  (registers MIM_vit_* with timm)
 from models.hog import HOGLayer
 from util.data.datasets import ImageFolderOrFlat, build_pretrain_transform
-from util.localmim.vis import fixed_vis_batch, mim_figure, render_hog, save_mim_pictures, vis_transform
+from util.data.vis_batch import fixed_vis_batch, vis_transform
+from util.localmim.vis import mim_figure, render_hog, save_mim_pictures
 
 CELL = 12
 

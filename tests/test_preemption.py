@@ -105,6 +105,29 @@ def test_signal_mid_epoch_resumes_as_if_never_stopped(name, tmp_path, monkeypatc
         assert losses[0] == losses[1]
 
 
+def test_preempted_twice_in_one_epoch_resumes_as_if_never_stopped(tmp_path, monkeypatch, signal_handlers):
+    """The second mid-epoch checkpoint is written by a resumed run: it must still hold the epoch's starting RNG (the
+    data order) and the metric sums of both parts of the epoch."""
+    script, make_args, resumable, _ = SCRIPTS['localmim_freezeout']
+    data = write_images(tmp_path / 'images', 16, size=64)
+    straight, resumed = tmp_path / 'straight', tmp_path / 'resumed'
+    script.main(make_args(data, straight))
+    # 4 steps per epoch: stopped after step 5 (epoch 1, its 1st step), then 2 steps later (epoch 1, its 3rd)
+    for after, total, in_epoch in ((5, 5, 1), (2, 7, 3)):
+        restore = signal_at_step(monkeypatch, after)
+        with pytest.raises(SystemExit):
+            script.main(make_args(data, resumed))
+        restore()
+        mid = torch.load(resumed / resumable, weights_only=True)
+        assert (mid['step'], mid['extra']['mid_epoch']['epoch'], mid['extra']['mid_epoch']['step']) == \
+            (total, 1, in_epoch)
+    script.main(make_args(data, resumed))
+    a, b = (torch.load(folder / resumable, weights_only=True) for folder in (straight, resumed))
+    assert_same_state(a, b)
+    logs = [log_entries(folder) for folder in (straight, resumed)]
+    assert [e['train_loss'] for e in logs[0]] == [e['train_loss'] for e in logs[1]]
+
+
 def test_save_every_steps_resumes_inside_the_epoch(tmp_path, monkeypatch):
     data = write_images(tmp_path / 'images', 16)
     args = lambda out: pretrain_args(data, out, '--epochs', '2', '--num_workers', '0', '--save_every_steps', '3')  # noqa: E731

@@ -21,7 +21,7 @@ from models.spark import build_spark, spark_default_drop_path
 from util.data.datasets import ImageFolderOrFlat
 from util.export.frozen_eval import build_frozen_encoder
 from util.export.read import read_backbone
-from util.localmim.vis import vis_transform
+from util.data.vis_batch import vis_transform
 from util.pretrained import load_pretrained
 from util.spark.checkpoint import resume_spark, save_spark_outputs
 from util.spark.schedule import spark_param_groups

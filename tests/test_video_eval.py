@@ -16,7 +16,7 @@ from util.data.samplers import UnpaddedDistributedSampler, build_eval_loader
 from util.video.checkpoint import load_r3d_trunk, r3d_trunk_state_dict
 from util.video.eval import ViewAveragedClassifier, extract_features, normalize_clips, retrieval_recall
 from util.video.splits import VideoList, read_hmdb51_split, read_kinetics_split, read_ucf101_split, video_list
-from util.video.views import MultiViewDataset, crop_offsets, eval_clip_starts, short_side_size
+from util.video.views import MultiViewDataset, TrainClipDataset, crop_offsets, eval_clip_starts, short_side_size
 
 pytestmark = pytest.mark.usefixtures('one_thread')
 
@@ -97,6 +97,19 @@ class CodedVideo:
         frames[:, 1] = torch.arange(40, dtype=torch.uint8)
         frames[:, 2] = torch.arange(24, dtype=torch.uint8)[:, None]
         return frames
+
+
+def test_training_clips_start_anywhere_a_whole_clip_fits(monkeypatch):
+    """A 10 s video (250 frames at 25 fps), 1 s clips: the start is uniform over [0, 9] s, i.e. first frames 0..225."""
+    videos = VideoList(root=Path('unused'), items=[('a/v', 0, 250)], classes=['a'])
+    dataset = TrainClipDataset(videos, crop_size=24, short_side=(24, 24), fps=25, num_frames=4, clip_duration=1.0,
+                               num_threads_io=0, num_threads_decode=0)
+    monkeypatch.setattr(dataset, 'open', lambda index: CodedVideo(250))
+    torch.manual_seed(0)
+    firsts = torch.tensor([int(dataset[0][0][0, 0, 0, 0]) for _ in range(300)])
+    assert firsts.min() <= 10 and 215 <= firsts.max() <= 225
+    seconds = torch.bincount(torch.div(firsts, 25, rounding_mode='floor').clamp(max=8), minlength=9)
+    assert seconds.min() >= 15, seconds  # 33 expected in each second of the 9
 
 
 def test_thirty_views_are_clip_major_at_the_protocol_times_and_crops(monkeypatch):
@@ -245,19 +258,55 @@ class MeanTrunk(nn.Module):
         return x.mean((2, 3, 4))
 
 
-def test_sharded_extraction_gives_every_video_once(monkeypatch):
-    videos = VideoList(root=Path('unused'), items=[(f'a/v{i}', i % 2, 40 + 9 * i) for i in range(5)], classes=['a'])
+class BatchNormTrunk(MeanTrunk):
+    """MeanTrunk behind a BatchNorm whose running statistics are set: in eval mode x -> (x - 0.3) / 2."""
+
+    def __init__(self):
+        super().__init__()
+        self.bn = nn.BatchNorm3d(3, eps=0)
+        with torch.no_grad():
+            self.bn.running_mean.fill_(0.3)
+            self.bn.running_var.fill_(4.0)
+
+    def forward(self, x):
+        return super().forward(self.bn(x))
+
+
+def coded_videos(monkeypatch, n):
+    """n videos of coded frames (40 + 9 i frames), 9 views each, with their indices."""
+    videos = VideoList(root=Path('unused'), items=[(f'a/v{i}', i % 2, 40 + 9 * i) for i in range(n)], classes=['a'])
     dataset = MultiViewDataset(videos, crop_size=24, num_clips=3, num_crops=3, fps=25, num_frames=4,
                                clip_duration=1.0, num_threads_io=0, num_threads_decode=0, return_index=True)
     monkeypatch.setattr(dataset, 'open', lambda index: CodedVideo(40 + 9 * index))
+    return dataset
+
+
+def view_mean_features(dataset, i):
+    """Video i's MeanTrunk feature by hand: the view-mean of its normalised frames' channel means."""
+    views = (dataset[i][0].double() / 255 - 0.45) / 0.225
+    return views.mean((0, 2, 3, 4))
+
+
+def test_sharded_extraction_gives_every_video_once(monkeypatch):
+    dataset = coded_videos(monkeypatch, 5)
     whole, whole_counts = extract_features(build_eval_loader(dataset, 2, 0, False, False), MeanTrunk(), 'cpu', 5)
     assert whole_counts.tolist() == [1] * 5
-    # video i's feature: the view-mean of its normalised frames' channel means (frame index, mean column, mean row)
     for i in range(5):
-        views = (dataset[i][0].double() / 255 - 0.45) / 0.225
-        assert whole[i].tolist() == pytest.approx(views.mean((0, 2, 3, 4)).tolist(), rel=1e-6)
+        assert whole[i].tolist() == pytest.approx(view_mean_features(dataset, i).tolist(), rel=1e-6)
     shards = [DataLoader(dataset, batch_size=2, sampler=UnpaddedDistributedSampler(dataset, 2, rank),
                          collate_fn=collate_readable) for rank in (0, 1)]
     parts = [extract_features(loader, MeanTrunk(), 'cpu', 5) for loader in shards]  # what each rank sums
     assert (parts[0][1] + parts[1][1]).tolist() == [1] * 5  # 3 videos on rank 0, 2 on rank 1, none twice
     torch.testing.assert_close(parts[0][0] + parts[1][0], whole)
+
+
+def test_extraction_runs_a_training_trunk_in_eval_mode_and_leaves_its_statistics(monkeypatch):
+    dataset = coded_videos(monkeypatch, 3)
+    trunk = BatchNormTrunk().train()  # as the trunk of a run that trains
+    before = {k: v.clone() for k, v in trunk.state_dict().items()}
+    features, _ = extract_features(build_eval_loader(dataset, 2, 0, False, False), trunk, 'cpu', 3)
+    assert trunk.training
+    assert all(torch.equal(v, before[k]) for k, v in trunk.state_dict().items())
+    for i in range(3):  # the running statistics, not the batch's: (feature - 0.3) / 2
+        expected = (view_mean_features(dataset, i) - 0.3) / 2
+        assert features[i].tolist() == pytest.approx(expected.tolist(), rel=1e-5)

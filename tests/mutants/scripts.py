@@ -40,4 +40,9 @@ MUTATIONS = [
          replace='lrs = cosine_scheduler(0.0, 0.0,',
          tests=['tests/test_main_slak.py::test_sparse_demo_run_trains_and_evaluates_with_ema'],
          note='SLaK training does not learn (lr 0)'),
+    dict(file='engine_finetune.py', find='    ckpt = load_checkpoint(path, model)\n', replace="    ckpt = {'epoch': None}\n",
+         tests=['tests/test_run_finetune.py::test_demo_pretrain_then_finetune_beats_chance',
+                'tests/test_main_slak.py::test_eval_resume_returns_the_logged_accuracy',
+                'tests/test_run_finetune_video.py::test_eval_only_reproduces_the_logged_validation'],
+         note='--eval evaluates the initial weights, not the checkpoint (run_finetune, main_slak, run_finetune_video)'),
 ]

@@ -1,20 +1,17 @@
 """Pictures of what LocalMIM learns: for a few fixed images under a fixed mask, the input, the masked
 input, and the HOG target and prediction of every scale, drawn as oriented-line glyphs.
 
-Use `fixed_vis_batch` once before training, then `save_mim_pictures` every few epochs; with the same
-images and mask every time, pictures of different epochs can be compared side by side.
+Take util.data.vis_batch.fixed_vis_batch once before training, then call `save_mim_pictures` every few
+epochs; with the same images and mask every time, pictures of different epochs compare side by side.
 """
 import functools
 import math
-import random
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from torchvision import transforms
-from torchvision.transforms import InterpolationMode
 from torchvision.utils import make_grid
 
 
@@ -104,33 +101,3 @@ def save_mim_pictures(model, imgs, noise, out_dir, epoch, log_writer=None):
             log_writer.add_image(f'mim/{key}', grid, epoch)
         paths.append(path)
     return paths
-
-
-def vis_transform(input_size):
-    """Deterministic view of an image for the pictures: resize, centre crop, ImageNet normalisation."""
-    return transforms.Compose([
-        transforms.Resize(input_size, interpolation=InterpolationMode.BICUBIC),
-        transforms.CenterCrop(input_size),
-        transforms.ToTensor(),
-        transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD),
-    ])
-
-
-def fixed_vis_batch(dataset, n=4, seed=0, num_patches=196):
-    """(imgs [n, 3, H, W], noise [n, num_patches]): n evenly spaced samples and a fixed mask noise.
-
-    Give a dataset with a deterministic transform (e.g. `ImageFolderOrFlat(root, vis_transform(size))`)
-    and `num_patches=model.patch_embed.num_patches`. The global torch and Python RNG states are left
-    as they were, even if the dataset's transform is random (it then runs under a seeded, forked RNG).
-    """
-    n = min(n, len(dataset))
-    py_state = random.getstate()
-    try:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            random.seed(seed)
-            imgs = torch.stack([dataset[i * len(dataset) // n][0] for i in range(n)])
-    finally:
-        random.setstate(py_state)
-    noise = torch.rand(n, num_patches, generator=torch.Generator().manual_seed(seed))
-    return imgs, noise

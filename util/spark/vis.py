@@ -1,7 +1,7 @@
 """Pictures of SparK reconstructions: for a few fixed images under a fixed mask, one row per image with
 the input, the masked input and the reconstruction (visible patches pasted from the input).
 
-Take `fixed_vis_batch` of util/localmim/vis.py for the images and `SparK.mask(n, device, generator)` with a
+Take util.data.vis_batch.fixed_vis_batch for the images and `SparK.mask(n, device, generator)` with a
 seeded generator for the mask once before training; pictures of different epochs then compare directly.
 """
 from pathlib import Path

@@ -1,0 +1,28 @@
+"""Mutations that once survived every test (a reviewer's one-line changes of newer modules): each breaks a promise
+users rely on, and the named test must now fail."""
+MUTATIONS = [
+    dict(file='util/preemption.py', find="        self.epoch_start_rng = mine['epoch_start_rng']\n", replace='',
+         tests=['tests/test_preemption.py::test_preempted_twice_in_one_epoch_resumes_as_if_never_stopped'],
+         note='a second mid-epoch checkpoint after a resume forgets the epoch start (data order)'),
+    dict(file='util/checkpoint.py', find="if (m := re.search(r'checkpoint-(\\d+)\\.pth$', path))), reverse=True)",
+         replace="if (m := re.search(r'checkpoint-(\\d+)\\.pth$', path))))",
+         tests=['tests/test_checkpoint_faults.py::test_a_damaged_last_checkpoint_falls_back_to_the_newest_numbered_one'],
+         note='a damaged checkpoint-last.pth falls back to the oldest numbered checkpoint'),
+    dict(file='util/data/bad_files.py', find='self.flags.copy_(merged.cpu())', replace='self.flags = merged.cpu()',
+         tests=['tests/test_bad_files.py::test_count_is_the_union_over_ranks_and_later_workers_still_report'],
+         note='after a count under DDP the flags leave shared memory: later workers report into nothing'),
+    dict(file='util/export/read.py', find="elif family == 'convnext' and 'head.norm.weight' not in state:",
+         replace="elif family == 'convnext':",
+         tests=['tests/test_export.py::test_finetuned_convnext_keeps_its_trained_head_norm'],
+         note="an exported fine-tuned ConvNeXt loses its trained head norm"),
+    dict(file='util/video/eval.py', find='    trunk.eval()\n', replace='',
+         tests=['tests/test_video_eval.py::test_extraction_runs_a_training_trunk_in_eval_mode_and_leaves_its_statistics'],
+         note='feature extraction runs BatchNorm on batch statistics and updates the running ones'),
+    dict(file='util/video/io.py', find='start = Fraction(_uniform(0.0, float(max(duration - length, 0)), generator))',
+         replace='start = Fraction(_uniform(0.0, float(max(duration - length, 0)) / 2, generator))',
+         tests=['tests/test_video_eval.py::test_training_clips_start_anywhere_a_whole_clip_fits'],
+         note='training clips start only in the first half of the video'),
+    dict(file='util/data/fast_image.py', find='.view(crop.height, crop.width, 3)', replace='.view(crop.width, crop.height, 3)',
+         tests=['tests/test_data_pipeline.py::test_non_square_pngs_and_cmyk_jpegs_match_the_official_output'],
+         note='the fast path scrambles the pixels of non-square PNG / CMYK crops'),
+]

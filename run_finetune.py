@@ -11,23 +11,19 @@ batch 512); a flag given on the command line wins over either. SparK's ImageNet 
 """
 import argparse
 import datetime
-import functools
 import time
 
 import timm
 import torch
 import torch.nn as nn
 from timm.layers import freeze_batch_norm_2d
-from timm.models.convnext import ConvNeXt
-from timm.models.resnet import ResNet
 from timm.optim import Lamb, param_groups_layer_decay
 
 import models
 from engine import train_one_epoch
 from engine_finetune import classification_loss, evaluate, evaluate_checkpoint
 from util.checkpoint import save_checkpoint
-from util.classification import (SPARK_RESNET_BLOCKS_PER_DEPTH, add_augmentation_args, build_criterion, build_mixup,
-                                 layer_decay_param_groups, spark_resnet_layer_id, timm_convnext_layer_id)
+from util.classification import add_augmentation_args, build_criterion, build_mixup, layer_decay_param_groups
 from util.cli import add_launcher_flags, add_resume_flags, add_run_flags, check_flags
 from util.data.bad_files import write_bad_file_list
 from util.data.datasets import (add_finetune_data_args, build_finetune_dataset, check_finetune_data_args,
@@ -41,6 +37,7 @@ from util.preemption import MidEpochCheckpoints
 from util.pretrained import load_pretrained
 from util.runtime import (append_log_line, attach_ddp, build_train_loader, evaluates_epoch, keeps_checkpoint,
                           make_log_writer, resume_path, resume_training, run_cli, setup_run)
+from util.spark.layer_decay import spark_layer_depths
 from util.train_step import AMP_DTYPES, TrainStep
 
 
@@ -189,20 +186,6 @@ class StageGrouping:
 
     def named_parameters(self, *args, **kwargs):
         return self.model.named_parameters(*args, **kwargs)
-
-
-def spark_layer_depths(model):
-    """(layer_id, N) of SparK's fine-tuning layer decay (lr scale decay^(N + 1 - depth)) for timm ResNets of the
-    depths SparK fine-tunes and for timm ConvNeXts (N = 12 when the third stage has more than 9 blocks, else 6), or None
-    (https://github.com/keyu-tian/SparK/blob/main/downstream_imagenet/models/__init__.py)."""
-    if isinstance(model, ResNet) and (len(model.layer2), len(model.layer3)) in SPARK_RESNET_BLOCKS_PER_DEPTH:
-        layer_id = functools.partial(spark_resnet_layer_id, layer2_blocks=len(model.layer2),
-                                     layer3_blocks=len(model.layer3))
-        return layer_id, layer_id('fc.weight') - 1
-    if isinstance(model, ConvNeXt):
-        num_layers = 12 if len(model.stages[-2].blocks) > 9 else 6
-        return functools.partial(timm_convnext_layer_id, num_layers=num_layers), num_layers
-    return None
 
 
 def build_param_groups(args, model):

@@ -1,12 +1,11 @@
 """Pieces of supervised classification training shared by the entry scripts (run_finetune.py, main_slak.py).
 
 timm's Mixup/CutMix and the matching criterion (cross-entropy or, with --bce, timm's BinaryCrossEntropy), the
-layer-decay depths of ConvNeXt (BEiT-style, as ConvNeXt, SLaK and SparK use them) and of SparK's ResNets, and
-ConvNeXt-style parameter groups (SLaK's optimizer): no weight decay for 1-D parameters and biases, and optional
+layer-decay depths of ConvNeXt (BEiT-style, as ConvNeXt, SLaK and SparK use them; SparK's ResNet depths are in
+util/spark/layer_decay.py), and ConvNeXt-style parameter groups (SLaK's optimizer): no weight decay for 1-D parameters and biases, and optional
 layer-wise lr decay over ConvNeXt's 12 depth groups.
 """
 import functools
-import math
 
 import torch.nn as nn
 from timm.data import Mixup
@@ -77,28 +76,6 @@ def timm_convnext_layer_id(name, num_layers):
             return convnext_layer_id(f'downsample_layers.{parts[1]}', num_layers)
         return convnext_layer_id(f'stages.{parts[1]}.{parts[3]}', num_layers)
     return num_layers + 1
-
-
-# SparK's ResNet depths (https://github.com/keyu-tian/SparK/blob/main/downstream_imagenet/models/__init__.py):
-# blocks of layer2 and of layer3 per depth, by the number of blocks in layer2 and layer3
-SPARK_RESNET_BLOCKS_PER_DEPTH = {(4, 6): (2, 3), (4, 23): (2, 3), (8, 36): (4, 4), (24, 36): (4, 4), (30, 48): (5, 6)}
-
-
-def spark_resnet_layer_id(name, layer2_blocks, layer3_blocks):
-    """SparK's layer-decay depth of a timm ResNet parameter: stem 0, layer1 1, layer2 and layer3 in runs of a few
-    blocks, layer4 N, fc N + 1 (ResNet-50: stem 0, layer1 1, layer2 2-3, layer3 4-5, layer4 6, fc 7).
-    Defined for the depths in SPARK_RESNET_BLOCKS_PER_DEPTH only (KeyError otherwise)."""
-    per2, per3 = SPARK_RESNET_BLOCKS_PER_DEPTH[layer2_blocks, layer3_blocks]
-    depths2, depths3 = math.ceil(layer2_blocks / per2), math.ceil(layer3_blocks / per3)
-    last = 2 + depths2 + depths3
-    parts = name.split('.')
-    if parts[0] == 'fc':
-        return last + 1
-    stage = {'layer1': 1, 'layer2': 2, 'layer3': 3, 'layer4': 4}.get(parts[0])
-    if stage is None:
-        return 0
-    block = int(parts[1])
-    return {1: 1, 2: 2 + block // per2, 3: 2 + depths2 + block // per3, 4: last}[stage]
 
 
 def layer_decay_param_groups(model, weight_decay, layer_decay, layer_id, num_layers):

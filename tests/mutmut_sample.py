@@ -1,0 +1,202 @@
+"""Mechanical mutation testing: mutmut's mutation operators applied to chosen modules, a seeded random sample of
+the mutants, each run against only the tests that execute the mutated line.
+
+    pip install -r requirements-mutation.txt
+    python tests/mutmut_sample.py --modules util/train_step.py engine.py --sample 30 --budget 40m
+    python tests/mutmut_sample.py --list        # the modules and the test files searched for their coverage
+
+Per module: its test files (MODULES) run once under coverage.py with one context per test function (the quick
+tests; the slow ones launch processes coverage does not follow). Every mutant mutmut generates (numbers, strings,
+comparisons, boolean and arithmetic operators, removed arguments, ...) is numbered in source order; a seeded
+sample is applied one at a time to a copy of the repository, and the tests that executed its first changed line
+(all of the module's test files for lines run at import) run until the first failure. Outcomes: killed (a test
+failed), survived (they passed), timed out, not covered (no test runs the line: a survivor too), equivalent
+(listed in tests/mutmut_equivalent.py with the reason it cannot change behaviour; not run). Each survivor is
+printed as a diff. Exit code: the number of modules below --target % killed among their sampled, non-equivalent
+mutants (timeouts count as killed).
+"""
+import argparse
+import difflib
+import importlib.util
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from mutations import REPO, copy_repository
+
+# module -> the test files that exercise it
+MODULES = {
+    'util/train_step.py': ['test_train_step_amp.py', 'test_engine.py', 'test_clip_grad.py'],
+    'engine.py': ['test_engine.py', 'test_engine_comm.py', 'test_engine_finetune.py'],
+    'util/checkpoint.py': ['test_checkpoint.py', 'test_checkpoint_faults.py'],
+    'util/preemption.py': ['test_preemption.py'],
+    'util/data/bad_files.py': ['test_bad_files.py'],
+    'util/freezeout/schedule.py': ['test_freezeout.py'],
+    'util/freezeout/cache.py': ['test_freezeout_cache.py'],
+    'util/freezeout/feature_masking.py': ['test_feature_masking.py'],
+    'util/export/read.py': ['test_export.py'],
+    'util/export/formats.py': ['test_export.py'],
+    'util/data/user_data.py': ['test_user_data.py'],
+    'util/data/fast_image.py': ['test_data_pipeline.py'],
+    'util/video/views.py': ['test_video_eval.py', 'test_run_finetune_video.py'],
+    'util/video/eval.py': ['test_video_eval.py', 'test_run_finetune_video.py'],
+    'models/grad_ckpt.py': ['test_grad_ckpt.py', 'test_spark_grad_ckpt.py'],
+    'models/spark_sparse.py': ['test_spark_sparse.py'],
+    'util/slak/sparse_training.py': ['test_slak_sparse_training.py'],
+}
+OUTCOMES = ('killed', 'survived', 'timed out', 'not covered', 'equivalent')
+
+
+def generate(path):
+    """Every mutant of the file, in source order: (first changed line, mutated source, diff lines)."""
+    from mutmut.mutation.file_mutation import create_mutations, deep_replace
+    code = path.read_text()
+    module, mutations, _, _ = create_mutations(str(path), code)
+    original = code.splitlines()
+    mutants = []
+    for mutation in mutations:
+        mutated = deep_replace(module, mutation.original_node, mutation.mutated_node).code
+        diff = list(difflib.unified_diff(original, mutated.splitlines(), lineterm='', n=0))[2:]
+        if not diff:
+            continue
+        first = int(diff[0].split()[1].split(',')[0].lstrip('-'))
+        mutants.append((first, mutated, diff))
+    return sorted(mutants, key=lambda m: m[0])
+
+
+def load_equivalents():
+    spec = importlib.util.spec_from_file_location('equivalent', REPO / 'tests' / 'mutmut_equivalent.py')
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.EQUIVALENT
+
+
+def is_equivalent(file, diff, equivalents):
+    removed = '\n'.join(line[1:].strip() for line in diff if line.startswith('-'))
+    added = '\n'.join(line[1:].strip() for line in diff if line.startswith('+'))
+    return next((e['reason'] for e in equivalents
+                 if e['file'] == file and e['find'] == removed and e['replace'] == added), None)
+
+
+def coverage_by_line(copy, file, test_files):
+    """{line: set of pytest node ids that executed it}; import-time lines map to all of `test_files`."""
+    from coverage import CoverageData
+    rc, data = copy / '.mutmut_coveragerc', copy / '.mutmut_coverage'
+    rc.write_text('[run]\ndynamic_context = test_function\n')
+    tests = [f'tests/{name}' for name in test_files]
+    cmd = [sys.executable, '-m', 'coverage', 'run', f'--rcfile={rc}', f'--data-file={data}', f'--include={file}',
+           '-m', 'pytest', '-q', '-p', 'no:cacheprovider', '-m', 'not slow', *tests]
+    done = subprocess.run(cmd, cwd=copy, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f'{file}: its tests fail without a mutation:\n{done.stdout[-2000:]}')
+    covered = CoverageData(str(data))
+    covered.read()
+    measured = next((f for f in covered.measured_files() if f.endswith(file)), None)
+    lines = {}
+    for line, contexts in (covered.contexts_by_lineno(measured) if measured else {}).items():
+        ids = set()
+        for context in contexts:
+            if not context:  # run at import
+                ids.update(tests)
+            else:
+                module, _, name = context.partition('.')
+                ids.add(f"tests/{module}.py::{name.replace('.', '::')}")
+        lines[line] = ids
+    return lines
+
+
+def run_mutant(copy, tests, timeout):
+    cmd = [sys.executable, '-m', 'pytest', '-x', '-q', '-p', 'no:cacheprovider', '-m', 'not slow', *sorted(tests)]
+    try:
+        done = subprocess.run(cmd, cwd=copy, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return 'timed out'
+    return {0: 'survived', 1: 'killed'}.get(done.returncode, 'killed')  # 2-4: the mutant broke the import
+
+
+def test_module(copy, file, args, equivalents, deadline):
+    path = copy / file
+    original = path.read_text()
+    mutants = generate(path)
+    sample = sorted(random.Random(f'{args.seed}:{file}').sample(range(len(mutants)), min(args.sample, len(mutants))))
+    start = time.time()
+    lines = coverage_by_line(copy, file, MODULES[file])
+    timeout = max(120.0, 5 * (time.time() - start))
+    counts, survivors = dict.fromkeys(OUTCOMES, 0), []
+    for n, index in enumerate(sample):
+        if time.time() > deadline:
+            print(f'  budget spent: {len(sample) - n} sampled mutants of {file} not run')
+            break
+        line, mutated, diff = mutants[index]
+        reason = is_equivalent(file, diff, equivalents)
+        tests = lines.get(line, set())
+        if reason:
+            outcome = 'equivalent'
+        elif not tests:
+            outcome = 'not covered'
+        else:
+            path.write_text(mutated)
+            try:
+                outcome = run_mutant(copy, tests, timeout)
+            finally:
+                path.write_text(original)
+        counts[outcome] += 1
+        if outcome in ('survived', 'not covered'):
+            survivors.append((index, outcome, diff))
+        print(f'  #{index:<4} line {line:<5} {outcome:<12} {diff[-1][1:].strip()[:90]}', flush=True)
+    return len(mutants), sum(counts.values()), counts, survivors
+
+
+def parse_budget(text):
+    units = {'s': 1, 'm': 60, 'h': 3600}
+    return float(text[:-1]) * units[text[-1]] if text[-1] in units else float(text)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser.add_argument('--modules', nargs='+', default=list(MODULES), help='files of MODULES (default: all)')
+    parser.add_argument('--sample', type=int, default=30, help='mutants drawn per module')
+    parser.add_argument('--seed', type=int, default=0)
+    parser.add_argument('--budget', default='40m', help='wall-clock for all modules: 90s, 40m, 2h')
+    parser.add_argument('--target', type=float, default=90.0, help='percent of sampled mutants to kill')
+    parser.add_argument('--list', action='store_true')
+    args = parser.parse_args()
+    unknown = [m for m in args.modules if m not in MODULES]
+    if unknown:
+        parser.error(f'{unknown}: not in MODULES of tests/mutmut_sample.py ({", ".join(MODULES)})')
+    if args.list:
+        for file in args.modules:
+            print(f"{file:36} {', '.join(MODULES[file])}")
+        return 0
+    equivalents, start = load_equivalents(), time.time()
+    deadline, rows = start + parse_budget(args.budget), []
+    with tempfile.TemporaryDirectory(prefix='mutmut_') as tmp:
+        copy = Path(tmp)
+        copy_repository(copy)
+        (copy / 'setup.cfg').write_text('[mutmut]\nsource_paths = .\n')  # mutmut reads its settings from here
+        os.chdir(copy)
+        for file in args.modules:
+            print(f'{file}:', flush=True)
+            generated, sampled, counts, survivors = test_module(copy, file, args, equivalents, deadline)
+            for index, outcome, diff in survivors:
+                print(f'  {outcome}: #{index}\n' + '\n'.join(f'    {line}' for line in diff))
+            rows.append((file, generated, sampled, counts))
+    print(f'\n| module | generated | sampled | killed | survived | timed out | not covered | equivalent | killed % |')
+    print('|---|---|---|---|---|---|---|---|---|')
+    below = 0
+    for file, generated, sampled, counts in rows:
+        tried = sampled - counts['equivalent']
+        rate = 100 * (counts['killed'] + counts['timed out']) / tried if tried else 100.0
+        below += rate < args.target
+        print(f"| {file} | {generated} | {sampled} | " + ' | '.join(str(counts[o]) for o in OUTCOMES) +
+              f' | {rate:.0f} |')
+    print(f'seed {args.seed}, {time.time() - start:.0f} s in all')
+    return below
+
+
+if __name__ == '__main__':
+    sys.exit(main())

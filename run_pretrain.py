@@ -88,6 +88,11 @@ def get_args_parser():
     parser.add_argument('--feature_target', default='hog', choices=['hog', 'features', 'both'],
                         help='--feature_masking: active stages predict HOG, the stored features of the masked tokens, '
                              'or both (sum)')
+    parser.add_argument('--sampler', default='auto', choices=['auto', 'standard', 'rank_sticky'],
+                        help='how samples are spread over processes: standard (a new split every epoch, as the official '
+                             'code) or rank_sticky (each sample on one process for the whole run, so the per-process '
+                             'caches of --freeze_cache / --feature_masking keep hitting; each epoch reshuffles within '
+                             'a process). auto: rank_sticky with those caches, else standard')
     parser.add_argument('--decoder_prune', action='store_true',
                         help='FreezeOut: remove the decoders (and HOG heads) of frozen stages from the model')
 
@@ -187,8 +192,10 @@ def main(args):
     device = setup_run(args)
     dataset = build_pretrain_dataset(args.data_path, args.input_size, args.fast_data)
     views = (SwitchableViews if args.feature_masking else FixedViews)(dataset, args.seed)
-    loader = build_train_loader(views if args.freeze_cache or args.feature_masking else dataset, args.batch_size,
-                                args.num_workers, args.pin_mem, args.seed)
+    cached = args.freeze_cache or args.feature_masking
+    sticky = args.sampler == 'rank_sticky' or (args.sampler == 'auto' and cached)
+    loader = build_train_loader(views if cached else dataset, args.batch_size, args.num_workers, args.pin_mem,
+                                args.seed, rank_sticky=sticky)
     model = build_model(args).to(device)
     print(f'{args.model}: {sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.1f}M trainable '
           f'parameters; {len(dataset)} images from {dataset.root}')

@@ -13,6 +13,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
 from util.checkpoint import latest_checkpoint, load_checkpoint, remove_stale_temp_files
+from util.data.samplers import RankStickySampler, labels_of
 from util.dist import (finish_distributed, get_rank, get_world_size, init_distributed_mode,
                        is_dist_avail_and_initialized, is_main_process, unwrap)
 from util.preemption import install_signal_handlers, restore_signal_handlers
@@ -72,14 +73,18 @@ def per_process_batch(global_batch, world_size, accum_iter=1, flag='--bs'):
     return global_batch // (world_size * accum_iter)
 
 
-def build_train_loader(dataset, batch_size, num_workers, pin_mem, seed, batch_flag='--batch_size'):
+def build_train_loader(dataset, batch_size, num_workers, pin_mem, seed, batch_flag='--batch_size', rank_sticky=False):
     """Shuffled, drop_last loader of `batch_size` per process; the sampler is distributed even for one process
-    (set_epoch always works)."""
+    (set_epoch always works). `rank_sticky`, with several processes: each sample stays on one process for the whole
+    run (util.data.samplers.RankStickySampler), for per-process caches; one process keeps the standard order."""
     world = get_world_size()
     if len(dataset) < batch_size * world:
         raise ValueError(f'the data set has {len(dataset)} samples, fewer than one batch of {batch_size} x '
                          f'{world} processes; lower {batch_flag} or add data')
-    sampler = DistributedSampler(dataset, num_replicas=world, rank=get_rank(), shuffle=True, seed=seed)
+    if rank_sticky and world > 1:
+        sampler = RankStickySampler(dataset, world, get_rank(), seed, labels_of(dataset))
+    else:
+        sampler = DistributedSampler(dataset, num_replicas=world, rank=get_rank(), shuffle=True, seed=seed)
     # Workers are not persistent: each epoch's workers are seeded from the main RNG, which checkpoints
     # save, so a resumed run replays the same augmentations.
     return DataLoader(dataset, sampler=sampler, batch_size=batch_size, num_workers=num_workers,

@@ -11,8 +11,12 @@ all-reduced) or each holds the whole set (sums stay local): `build_eval_loader` 
 decides, so the two cannot disagree.
 
 `with_repeated_augmentation` swaps a training loader's sampler for timm's RepeatAugSampler (DeiT's repeated
-augmentation, used by SparK's ConvNeXt fine-tuning).
+augmentation, used by SparK's ConvNeXt fine-tuning). `RankStickySampler` keeps each training sample on one rank for
+the whole run, for the per-rank caches of FreezeOut (`--freeze_cache`, `--feature_masking`).
 """
+import math
+
+import torch
 from timm.data.distributed_sampler import RepeatAugSampler
 from torch.utils.data import DataLoader, Sampler, SequentialSampler
 
@@ -39,6 +43,48 @@ class UnpaddedDistributedSampler(Sampler):
 
     def set_epoch(self, epoch):
         """The order never changes; kept so entry scripts may call it on every sampler."""
+
+
+class RankStickySampler(Sampler):
+    """A training sampler whose shards never change: each sample stays on one rank for the whole run (so a rank's
+    cache of per-sample features keeps hitting), and each epoch every rank reshuffles its own shard (seed + epoch).
+
+    The shards depend on `seed` only: a random permutation of the samples, stably sorted by label when `labels` are
+    given, dealt out in turn, so shards differ by at most one sample (per class too). A shorter shard repeats one of
+    its samples, so every rank yields ceil(N / W) per epoch, as torch's DistributedSampler pads.
+    """
+
+    def __init__(self, dataset, num_replicas=None, rank=None, seed=0, labels=None):
+        self.num_replicas = get_world_size() if num_replicas is None else num_replicas
+        self.rank = get_rank() if rank is None else rank
+        if not 0 <= self.rank < self.num_replicas:
+            raise ValueError(f'rank {self.rank} is not in [0, {self.num_replicas})')
+        order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))
+        if labels is not None:
+            order = order[torch.sort(torch.as_tensor(labels)[order], stable=True).indices]
+        self.shard = order[self.rank::self.num_replicas].tolist()
+        self.num_samples = math.ceil(len(dataset) / self.num_replicas)
+        self.seed, self.epoch = seed, 0
+
+    def __iter__(self):
+        shuffled = torch.randperm(len(self.shard), generator=torch.Generator().manual_seed(self.seed + self.epoch))
+        indices = [self.shard[i] for i in shuffled]
+        return iter(indices + indices[:self.num_samples - len(indices)])
+
+    def __len__(self):
+        return self.num_samples
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+
+def labels_of(dataset):
+    """The per-sample class labels of a dataset (or of the one it wraps, `.dataset`), or None."""
+    while dataset is not None:
+        if getattr(dataset, 'targets', None) is not None:
+            return dataset.targets
+        dataset = getattr(dataset, 'dataset', None)
+    return None
 
 
 def is_sharded(data_loader):

@@ -64,8 +64,9 @@ def get_args_parser():
     p.add_argument('--bs', default=4096, type=int, help='GLOBAL batch size')
     p.add_argument('--dataloader_workers', '--num_workers', dest='num_workers', default=8, type=int)
     # optimization
-    p.add_argument('--dp', default=None, type=float,
-                   help='drop path rate (default: the official one of --model, e.g. 0.05 for resnet50)')
+    p.add_argument('--dp', default=0.0, type=float,
+                   help='drop path rate; 0 (the default) means the official rate of --model (e.g. 0.05 for resnet50, '
+                        '0.2 for convnext_small), as in the official code, where --dp 0 cannot turn drop path off')
     p.add_argument('--base_lr', default=2e-4, type=float, help='lr = base_lr * bs / 256')
     p.add_argument('--wd', default=0.04, type=float, help='initial weight decay')
     p.add_argument('--wde', default=0.2, type=float, help='final weight decay (0: = wd)')
@@ -158,7 +159,7 @@ def resolve_args(args, device):
         args.sbn = False
     if not args.ada:
         args.ada = 0.95 if 'resnet' in args.model else (0.999 if 'convnext' in args.model else 0.0)
-    if args.dp is None:
+    if not args.dp:  # the official meaning of 0
         args.dp = spark_default_drop_path(args.model)
 
 

@@ -136,7 +136,24 @@ def test_readme_command_parses(launcher_flag):
     assert main_spark.exp_dir_of(args) == 'output_my_exp'
     assert (args.mask, args.input_size, args.sbn, args.num_workers, args.dp, args.base_lr, args.wd, args.wde,
             args.ep, args.wp_ep, args.clip, args.opt, args.ada, args.amp, args.resume_from, args.init_weight) == \
-        (0.6, 224, True, 8, None, 2e-4, 0.04, 0.2, 1600, 40, 5, 'lamb', 0.0, 'none', '', '')
+        (0.6, 224, True, 8, 0.0, 2e-4, 0.04, 0.2, 1600, 40, 5, 'lamb', 0.0, 'none', '', '')
+
+
+@pytest.mark.parametrize('model, rate', [('resnet50', 0.05), ('convnext_small', 0.2), ('resnet18', 0.0)])
+def test_dp_0_means_the_official_rate_of_the_model(model, rate):
+    """As the official build_sparse_encoder: an explicit --dp 0 (its default) keeps the model's own rate."""
+    args = main_spark.get_args_parser().parse_args(['--dp=0', f'--model={model}', '--bs=8'])
+    args.distributed = False
+    main_spark.resolve_args(args, torch.device('cpu'))
+    assert args.dp == rate
+    if model == 'resnet50':  # and the encoder is built with it
+        spark = build_spark(model, 64, dp=args.dp, decoder_width=64)
+        rates = [m.drop_prob for m in spark.modules() if type(m).__name__ == 'DropPath']
+        assert max(rates) == pytest.approx(0.05) and min(rates) > 0  # timm's rule: rising to the rate per block
+    args = main_spark.get_args_parser().parse_args(['--dp=0.3', f'--model={model}', '--bs=8'])
+    args.distributed = False
+    main_spark.resolve_args(args, torch.device('cpu'))
+    assert args.dp == 0.3
 
 
 def test_tap_style_booleans_and_384_recipe():

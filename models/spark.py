@@ -302,8 +302,9 @@ def densify_norm_of(model_name):
 def build_spark(model_name, input_size=224, mask_ratio=0.6, sbn=False, dp=0.0, decoder_width=768):
     """SparK around the timm model `model_name` (any SparK-ready one: a timm ResNet/ConvNeXt, or a model
     with the three methods of models/spark_custom_cnn.py). `dp` is the encoder's drop path rate, used as given
-    (main_spark.py turns --dp 0 into the official per-model rate, spark_default_drop_path, as the official code). The official decoder
-    is always 768 wide; a small CNN's features need far less (its channels halve per upsampling block)."""
+    (main_spark.py turns --dp 0 into the official per-model rate, spark_default_drop_path, as the official code).
+    The official decoder is always 768 wide; a small CNN's features need far less (its channels halve per
+    upsampling block)."""
     if model_name not in timm.list_models(model_name):
         raise ValueError(f'unknown SparK model {model_name!r}; ready: {", ".join(SPARK_MODELS)}, '
                          f'or register your own (models/spark_custom_cnn.py)')

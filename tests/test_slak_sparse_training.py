@@ -232,21 +232,63 @@ def test_resumed_run_equals_uninterrupted_run():
         assert torch.equal(p, q), n
 
 
-def test_prune_rate_schedule_is_cosine():
-    decay = CosineDecay(0.5, 10)
-    sgd = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.5)
-    torch_decay = torch.optim.lr_scheduler.CosineAnnealingLR(sgd, 10, eta_min=0.005)  # the official implementation
-    for t in range(1, 11):
+def official_prune_rates(p0, T, steps, eta_min=0.005):
+    """The rates the official CosineDecay reads: CosineAnnealingLR's recursive (chainable) form, by hand."""
+    lr, rates = p0, []
+    for t in range(1, steps + 1):
+        if (t - 1 - T) % (2 * T) == 0:
+            lr = lr + (p0 - eta_min) * (1 - math.cos(math.pi / T)) / 2
+        else:
+            lr = (1 + math.cos(math.pi * t / T)) / (1 + math.cos(math.pi * (t - 1) / T)) * (lr - eta_min) + eta_min
+        rates.append(lr)
+    return rates
+
+
+def test_prune_rate_schedule_is_the_official_recursive_cosine():
+    decay = CosineDecay(0.3, 10)
+    rates = []
+    for _ in range(10):
         decay.step()
-        sgd.step()
-        torch_decay.step()
-        formula = 0.005 + (0.5 - 0.005) * (1 + math.cos(math.pi * t / 10)) / 2
-        assert decay.get_dr() == pytest.approx(formula, abs=1e-15)
-        assert decay.get_dr() == pytest.approx(torch_decay.get_last_lr()[0], abs=1e-9)
-    resumed = CosineDecay(0.5, 10, init_step=4)
-    assert resumed.get_dr() == pytest.approx(0.005 + 0.495 * (1 + math.cos(0.4 * math.pi)) / 2)
+        rates.append(decay.get_dr())
+    assert rates == official_prune_rates(0.3, 10, 10)  # bit for bit
+    closed = [0.005 + (0.3 - 0.005) * (1 + math.cos(math.pi * t / 10)) / 2 for t in range(1, 11)]
+    assert rates == pytest.approx(closed, abs=1e-15) and rates != closed  # the closed form differs in the last bit
+    resumed = CosineDecay(0.3, 10, init_step=4)
+    assert resumed.get_dr() == rates[3]
+    resumed.load_state_dict({'t': 7})
+    assert resumed.get_dr() == rates[6] and resumed.t == 7
     # SLaK-T: 93,600 steps, u = 2000: the first event prunes at about 0.499
     assert CosineDecay(0.5, 93600, init_step=2000).get_dr() == pytest.approx(0.4994, abs=1e-4)
+
+
+def test_active_weights_at_exactly_zero_are_pruned_as_the_official_rule_prunes_them():
+    """100 weights, 60 active of which 20 are exactly 0 (taps that never see data), rate 0.1: the official rule
+    deactivates the 40 + ceil(0.1 x 60) = 46 smallest |w| of the whole tensor, and the zero-valued active weights
+    among them go on top of the 6."""
+    torch.manual_seed(0)
+    weight = torch.randn(10, 10)
+    mask = torch.zeros(100, dtype=torch.bool)
+    mask[torch.randperm(100)[:60]] = True
+    active_zero = mask.nonzero().flatten()[torch.randperm(60)[:20]]
+    weight.view(-1)[active_zero] = 0.0
+    weight.view(-1)[~mask] = 0.0  # inactive weights are 0 after apply_mask
+    mask = mask.view(10, 10)
+    official = mask.float()  # funcs.py magnitude_prune, on the float mask the official code keeps
+    num_remove = math.ceil(0.1 * 60)
+    official.view(-1)[torch.sort(weight.abs().view(-1))[1][:40 + num_remove]] = 0.0
+    lin = nn.Linear(10, 10, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(weight)
+    masking = Masking(torch.optim.SGD(lin.parameters(), lr=0.1), prune_rate=0.1)
+    masking.add_module(lin, 'resume', 0.6)
+    masking.masks['weight'].copy_(mask)
+    removed = masking.prune('weight')
+    assert removed == 60 - int(official.sum()) and removed > num_remove  # 16 in this draw, not 6
+    assert torch.equal(masking.masks['weight'], official.bool())
+    masking.prune_rate = 0.0  # nothing to remove: every zero-valued weight goes (the official `weight != 0`)
+    left = int((masking.masks['weight'] & (weight == 0)).sum())
+    assert left > 0 and masking.prune('weight') == left
+    assert torch.equal(masking.masks['weight'], official.bool() & (weight != 0))
 
 
 def test_masked_ema_update_by_hand():

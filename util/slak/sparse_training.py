@@ -4,8 +4,9 @@
 `module.` prefix), so the same masks apply to an EMA copy and load into any run of the model. It is an
 engine hook: after every optimizer step (whatever the precision) `after_step` zeroes the masked weights,
 advances the cosine prune-rate decay and, every `update_frequency` steps, removes the `prune_rate` fraction
-of each layer's active weights with the smallest magnitude and regrows as many at zero positions (randomly,
-or where |gradient| or |Adam momentum| is largest). Regrown weights start at zero. Masks are part of
+of each layer's active weights with the smallest magnitude (active weights at exactly zero tie with the inactive
+ones, as officially) and regrows as many at zero positions (randomly, or where |gradient| or |Adam momentum| is
+largest). Regrown weights start at zero. Masks are part of
 `state_dict()` and are broadcast from rank 0 only when they change.
 
 As officially, SNIP scores only set per-layer densities (the masks are random) and masks at least 99%
@@ -54,24 +55,37 @@ def density_from_sparsity(sparsity):
 
 
 class CosineDecay:
-    """Prune rate after t steps: eta_min + (p0 - eta_min)(1 + cos(pi t / T_max)) / 2, stepped before read."""
+    """The prune rate after t steps, eta_min + (p0 - eta_min)(1 + cos(pi t / T_max)) / 2, stepped before each read
+    and computed as the official code computes it: torch's CosineAnnealingLR on a dummy optimizer whose lr is the
+    rate. Its recursive form differs from the closed form in the last bit at some steps (0.15250000000000002 against
+    0.1525), enough to prune one weight more or less."""
 
     def __init__(self, prune_rate, T_max, eta_min=0.005, init_step=0):
         if T_max <= 0:
             raise ValueError(f'the prune-rate decay needs a positive number of steps, got {T_max}')
-        self.prune_rate, self.T_max, self.eta_min, self.t = prune_rate, T_max, eta_min, init_step
+        self.prune_rate, self.T_max, self.eta_min = prune_rate, T_max, eta_min
+        self._restart(init_step)
+
+    def _restart(self, steps):
+        self.optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=self.prune_rate)
+        self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, self.T_max, self.eta_min)
+        self.optimizer.step()  # nothing to update; keeps torch from warning that the scheduler steps first
+        self.t = 0
+        for _ in range(steps):  # the official resume: replay every step
+            self.step()
 
     def step(self):
+        self.scheduler.step()
         self.t += 1
 
     def get_dr(self):
-        return self.eta_min + (self.prune_rate - self.eta_min) * (1 + math.cos(math.pi * self.t / self.T_max)) / 2
+        return self.optimizer.param_groups[0]['lr']
 
     def state_dict(self):
         return {'t': self.t}
 
     def load_state_dict(self, state):
-        self.t = state['t']
+        self._restart(state['t'])
 
 
 def erk_densities(shapes, density):
@@ -243,14 +257,20 @@ class Masking:
                 print(f'  {n}: pruned {p}, grown {g}, active {int(self.masks[n].sum())}')
 
     def prune(self, name):
-        """Magnitude pruning: deactivates the ceil(prune_rate * active) active weights of smallest |w|."""
-        mask = self.masks[name]
-        k = math.ceil(self.prune_rate * int(mask.sum()))
-        if k == 0:
-            return 0
-        score = torch.where(mask, self.params[name].detach().abs(), math.inf)
-        mask.view(-1)[torch.topk(score.flatten(), k, largest=False).indices] = False
-        return k
+        """Magnitude pruning as SLaK's funcs.py magnitude_prune: with num_remove = ceil(prune_rate * active), the
+        (inactive + num_remove) entries of smallest |w| over the whole tensor are deactivated. Inactive weights are
+        0, so active weights that are exactly 0 (kernel taps that only ever see padding, weights regrown at 0) tie
+        with them and torch.sort's order decides how many of those go on top; with num_remove 0 every zero weight
+        goes. Returns the number of active weights removed."""
+        mask, weight = self.masks[name], self.params[name].detach()
+        active = int(mask.sum())
+        num_remove = math.ceil(self.prune_rate * active)
+        if num_remove == 0:
+            mask &= weight != 0
+        else:
+            order = torch.sort(weight.abs().view(-1)).indices
+            mask.view(-1)[order[:mask.numel() - active + num_remove]] = False
+        return active - int(mask.sum())
 
     def grow(self, name, n):
         """Reactivates about (random) or exactly (gradient, momentum) `n` weights at inactive positions."""

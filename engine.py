@@ -11,6 +11,10 @@ The contract (all a method needs to plug in; the loop itself never changes):
 - `hooks`: objects with `after_step(trainer)`, run after each optimizer step (util/hooks.py).
 - `checkpoints` (optional): a util.preemption.MidEpochCheckpoints, for saves inside the epoch (a stop signal,
   --save_every_steps) and for resuming at the step where the last run stopped.
+- `partial_window`: what an epoch does with a last accumulation window it cannot fill, as each script's official
+  loop does: 'discard' (MAE: forward and backward, then the gradient is dropped), 'skip' (ConvNeXt / SLaK: those
+  batches are not run at all, so BatchNorm statistics never see them) or 'step' (Lightning, SCE: the optimizer
+  steps on the partial window, its loss still divided by the accumulation count).
 Metrics stay on the device until a print step (no host sync per step). Files the loader could not read are
 counted over workers and ranks (util/data/bad_files.py): `skipped_files` in the progress line, TensorBoard and stats.
 """
@@ -37,13 +41,16 @@ def masked_modeling_loss(mask_ratio):
 
 
 def train_one_epoch(data_loader, trainer, epoch, schedule, compute_loss, hooks=(), log_writer=None, print_freq=50,
-                    checkpoints=None):
+                    checkpoints=None, partial_window='discard'):
     """One pass over `data_loader`; returns the epoch means of the logged metrics (loss, lr, grad_norm, the
     model's and the schedule's extras) over all processes, and `epoch_time`."""
     device = trainer.device
     trainer.model.train()
+    if partial_window not in ('discard', 'skip', 'step'):
+        raise ValueError(f"partial_window {partial_window!r}: expected 'discard', 'skip' or 'step'")
     steps = len(data_loader)
-    meter = MetricLogger(steps, print_freq, f'Epoch: [{epoch}]')
+    run_steps = steps - steps % trainer.accum_iter if partial_window == 'skip' else steps
+    meter = MetricLogger(run_steps, print_freq, f'Epoch: [{epoch}]')
     meter.on_print.append(lambda *_: trainer.check())
     if log_writer is not None:
         meter.on_print.append(tensorboard_callback(log_writer, epoch, steps))
@@ -61,7 +68,7 @@ def train_one_epoch(data_loader, trainer, epoch, schedule, compute_loss, hooks=(
                 lr = schedule.adjust(trainer.optimizer, step / steps + epoch)
             meter.images_per_step = len(samples) * get_world_size()
             samples = samples.to(device, non_blocking=True)
-            update = trainer.is_update(step)
+            update = trainer.is_update(step) or (partial_window == 'step' and step + 1 == steps)
             with trainer.no_sync_unless(update):
                 with trainer.autocast():
                     out = compute_loss(trainer.model, samples, targets)

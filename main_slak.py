@@ -356,8 +356,9 @@ def main(args):
     start_time = time.time()
     for epoch in range(args.start_epoch, args.epochs):
         train_loader.sampler.set_epoch(epoch)
+        # as the official engine: the batches of an unfinished --update_freq window are not run
         train_stats = train_one_epoch(train_loader, trainer, epoch, schedule, compute_loss, hooks, log_writer,
-                                      args.print_freq, checkpoints)
+                                      args.print_freq, checkpoints, partial_window='skip')
         log = {f'train_{k}': v for k, v in train_stats.items()}
         evaluated = not args.disable_eval and evaluates_epoch(epoch, args.eval_freq, args.epochs)
         improved = evaluate_epoch(args, val_loader, model, ema, device, best, log) if evaluated else set()

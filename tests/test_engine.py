@@ -157,3 +157,34 @@ def test_ddp_two_processes_match_one_process(tmp_path):
     assert moved > 1e-2
     for k, v in model.state_dict().items():  # SGD: weight errors are lr times gradient errors
         torch.testing.assert_close(ddp[0]['state'][k], v, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize('mode', ['discard', 'skip', 'step'])
+def test_an_unfinished_accumulation_window_ends_the_epoch_as_each_official_loop_ends_it(mode):
+    """5 batches, accumulation 2: MAE's loop runs batch 5 and drops its gradient, ConvNeXt's and SLaK's never run it,
+    Lightning's (SCE) steps on it with its loss still halved. BatchNorm statistics show which batches ran."""
+    torch.manual_seed(0)
+    batches = [(torch.randn(4, 3) * (i + 1), torch.randint(0, 2, (4,))) for i in range(5)]
+
+    def model_and_optimizer():
+        torch.manual_seed(1)
+        model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 2))
+        return model, torch.optim.SGD(model.parameters(), lr=0.1)
+    model, optimizer = model_and_optimizer()
+    trainer = TrainStep(model, optimizer, 'cpu', accum_iter=2)
+    loss = lambda net, x, y: torch.nn.functional.cross_entropy(net(x), y)  # noqa: E731
+    train_one_epoch(batches, trainer, 0, WarmupCosine(0.1, 0.1, 1, 0), loss, print_freq=100, partial_window=mode)
+    reference, ref_optimizer = model_and_optimizer()  # the official rules by hand
+    for window in [batches[0:2], batches[2:4]] + ([batches[4:]] if mode == 'step' else []):
+        for x, y in window:
+            (loss(reference, x, y) / 2).backward()
+        ref_optimizer.step()
+        ref_optimizer.zero_grad()
+    if mode == 'discard':
+        loss(reference, *batches[4]).backward()  # run, its gradient never used
+    assert trainer.num_updates == (3 if mode == 'step' else 2)
+    for (name, got), want in zip(model.state_dict().items(), reference.state_dict().values()):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7, msg=name)
+    assert all(p.grad is None for p in model.parameters())
+    with pytest.raises(ValueError, match="partial_window 'drop'"):
+        train_one_epoch(batches, trainer, 1, WarmupCosine(0.1, 0.1, 1, 0), loss, partial_window='drop')

@@ -164,6 +164,21 @@ def test_eval_freq_skips_the_evaluation_of_other_epochs(tmp_path, monkeypatch):
     assert ['test_acc1' in e for e in log_entries(tmp_path / 'out')] == [False, True, True]
 
 
+def test_the_batches_of_an_unfinished_update_freq_window_never_run(tmp_path, monkeypatch):
+    """As the official engine: with --update_freq 2 and 9 batches per epoch, batch 9 is not run at all (its forward
+    would move the BatchNorm statistics)."""
+    monkeypatch.setenv('DEMO_DATA_ROOT', str(tmp_path / 'demo'))
+    real, losses, batches = main_slak.train_one_epoch, [], []
+
+    def counting(loader, trainer, epoch, schedule, compute_loss, *args, **kwargs):
+        batches.append(len(loader))
+        return real(loader, trainer, epoch, schedule, lambda *a: losses.append(1) or compute_loss(*a), *args, **kwargs)
+    monkeypatch.setattr(main_slak, 'train_one_epoch', counting)
+    main_slak.main(slak_args(tmp_path / 'out', '--epochs', '1', '--warmup_epochs', '0', '--update_freq', '2',
+                             '--disable_eval', 'true'))
+    assert batches == [9] and len(losses) == 8
+
+
 def test_masked_weights_are_zero_in_saved_checkpoint(runs):
     ckpt = torch.load(runs / 'straight' / LAST, weights_only=True)
     masking = ckpt['extra']['masking']

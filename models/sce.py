@@ -98,6 +98,11 @@ def concat_all_gather(x):
     return torch.cat(out)
 
 
+def at_least_fp32(x):
+    """fp16 / bf16 (autocast outputs) to fp32 for the loss; fp32 and fp64 stay as they are."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
 # ----------------------------------------------------------------------------------------------- modules
 
 class MLPHead(nn.Module):
@@ -139,7 +144,7 @@ class OnlineLinearEvaluator(nn.Module):
                 dist.broadcast(p.data, 0)
         self._synced = True
         with torch.enable_grad(), torch.autocast(h.device.type, enabled=False):
-            logits = self.linear(h.detach().float())
+            logits = self.linear(at_least_fp32(h.detach()))
             loss = F.cross_entropy(logits, labels)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -167,9 +172,10 @@ class OnlineEvalClassifier(nn.Module):
         self.mean, self.std = mean, std
 
     def forward(self, clips):
-        h = self.trunk((clips.float() / 255 - self.mean) / self.std)
+        dtype = next(self.head.parameters()).dtype  # float32, or float64 for a float64 model
+        h = self.trunk((clips.to(dtype) / 255 - self.mean) / self.std)
         with torch.autocast(h.device.type, enabled=False):
-            return self.head(h.float())
+            return self.head(at_least_fp32(h))
 
 
 class SCE(nn.Module):
@@ -314,11 +320,11 @@ class SCE(nn.Module):
         k_globals = [concat_all_gather(k) for k in targets]
         device = views[0].device
         with torch.autocast(device.type, enabled=False):
-            terms = [_sce_terms(online[j][2].float(), targets[i].float(), queue, coeff, self.temp, temp_m,
-                                k_globals[i].float(), self.use_keys) for i, j in pairs]
+            terms = [_sce_terms(at_least_fp32(online[j][2]), at_least_fp32(targets[i]), queue, coeff, self.temp,
+                                temp_m, at_least_fp32(k_globals[i]), self.use_keys) for i, j in pairs]
         loss = torch.stack([t[0] for t in terms]).mean()
         if self.queue is not None and self.training:
-            self._pending_keys.append(torch.cat(k_globals).float())
+            self._pending_keys.append(torch.cat(k_globals).to(self.queue.dtype))
         first = online[0] if self.sym else online[1]
 
         def scalar(v):

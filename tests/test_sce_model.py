@@ -359,3 +359,14 @@ def test_ddp_queue_receives_both_ranks_keys_in_rank_order(tmp_path):
     torch.testing.assert_close(r0['eval_w'], r1['eval_w'])  # evaluator: synced init, averaged gradients
     for a, b in zip(r0['trunk'], r1['trunk']):
         torch.testing.assert_close(a, b)
+
+
+def test_a_float64_model_keeps_float64_through_the_loss_and_the_queue():
+    torch.manual_seed(0)
+    sce = tiny_sce(num_classes=3).double()
+    views = [v.double() for v in clips()]
+    loss, logs = sce(views, torch.tensor([0, 1, 2, 0]))
+    assert loss.dtype == torch.float64 and sce.queue.dtype == torch.float64
+    assert sce._pending_keys[0].dtype == torch.float64
+    loss.backward()
+    assert all(p.grad.dtype == torch.float64 for p in sce.parameters() if p.grad is not None)

@@ -1,7 +1,7 @@
 """Mutation check: does each test fail when the behaviour it is named after is removed?
 
     python tests/mutations.py              # every mutation of tests/mutants/*.py
-    python tests/mutations.py --only clip  # those whose file or note contains 'clip'
+    python tests/mutations.py --only clip  # those whose file or note contains 'clip' (several words: any of them)
     python tests/mutations.py --list
 
 Each entry of a `MUTATIONS` list in tests/mutants/*.py replaces one exact snippet of a source file (it must
@@ -71,12 +71,13 @@ def run_tests(copy, tests, timeout):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    parser.add_argument('--only', default='', help='run the mutations whose file, group or note contains this')
+    parser.add_argument('--only', nargs='+', default=[''],
+                        help='run the mutations whose file, group or note contains any of these')
     parser.add_argument('--list', action='store_true')
     parser.add_argument('--timeout', type=int, default=900, help='seconds per pytest run')
     args = parser.parse_args()
-    mutations = [m for m in load_mutations()
-                 if args.only in m['file'] or args.only in m['group'] or args.only in m.get('note', '')]
+    mutations = [m for m in load_mutations() if any(word in m['file'] or word in m['group'] or
+                                                    word in m.get('note', '') for word in args.only)]
     for mutation in mutations:
         check(mutation)
     if args.list:

@@ -236,6 +236,17 @@ class MaskedAutoencoderViT(nn.Module):
         return x
 
     @torch.no_grad()
+    def advance_frozen(self, x, from_units, to_units):
+        """Tokens [B, 1 + N, D] after `from_units` frozen units (`forward_prefix` or `frozen_features` output) carried
+        through the frozen blocks up to `to_units`: a full recomputation's result, for the price of the blocks in
+        between. Half-precision stored tokens continue in float32, as the residual stream of a recomputation does."""
+        if x.dtype in (torch.float16, torch.bfloat16):
+            x = x.float()
+        for blk in self.blocks[max(from_units - 1, 0):max(to_units - 1, 0)]:
+            x = blk(x)
+        return x
+
+    @torch.no_grad()
     def pooled_features(self, imgs):
         """[B, D]: the mean patch token of the whole (unmasked) image after the last block and its tap norm, as
         the exported timm ViT computes it (k-NN monitoring)."""

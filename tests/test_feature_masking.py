@@ -58,7 +58,8 @@ def test_resume_across_a_depth_change_equals_uninterrupted_and_pruned_checkpoint
     assert [e['train_loss'] for e in log_entries(straight)] == [e['train_loss'] for e in log_entries(resumed)]
     logs = log_entries(straight)
     assert {'train_loss_feat1', 'train_loss_scale1'} <= set(logs[2])
-    assert 'train_stored_samples' not in logs[0] and logs[1]['train_stored_samples'] == 4  # fixed views from epoch 1
+    # fixed views from epoch 1; its two steps store 4 samples each and the store keeps them across the depth change
+    assert 'train_stored_samples' not in logs[0] and logs[1]['train_stored_samples'] == (4 + 8) / 2
 
 
 def frozen_tiny(units, target='hog', img_size=32):
@@ -95,17 +96,17 @@ def test_stored_features_are_the_prefix_recomputed_on_the_fixed_view(tmp_path, o
     with torch.no_grad():
         by_hand = prefix_by_hand(model, imgs, 5)
     for row, index in enumerate(indices.tolist()):
-        assert torch.equal(masking.load(index)[0], by_hand[row]) and torch.equal(views[index][0], imgs[row])
+        assert torch.equal(masking.load(index)[1][0], by_hand[row]) and torch.equal(views[index][0], imgs[row])
     assert torch.equal(masking.features(imgs, indices), by_hand) and masking.hits == 4
     del masking.entries[indices[0].item()]  # one sample not stored (a full store): only that one is recomputed
     mixed = masking.features(imgs, indices)
     assert (masking.hits, masking.misses) == (7, 5) and torch.equal(mixed[1:], by_hand[1:])
     torch.testing.assert_close(mixed[0], by_hand[0], rtol=1e-5, atol=1e-5)
     with torch.autocast('cpu', torch.bfloat16), torch.no_grad():  # kept at the autocast dtype, used in float32
-        masking.reset(5)
+        masking.clear()
         used = masking.features(imgs, indices)
         by_hand = prefix_by_hand(model, imgs, 5)
-    assert masking.load(0)[0].dtype == torch.bfloat16 and torch.equal(used, by_hand.bfloat16().float())
+    assert masking.load(0)[1][0].dtype == torch.bfloat16 and torch.equal(used, by_hand.bfloat16().float())
 
 
 def test_views_are_fixed_from_the_first_epoch_that_starts_frozen(tmp_path):
@@ -180,7 +181,8 @@ class ContentMask(FeatureMasking):
 
 
 def run_masking_epochs(model, world=1, rank=0, batch_size=4, recorder=None):
-    """4 epochs of one accumulation window: depth 0, 4, 4 (served from the store), 10. Plain SGD."""
+    """4 epochs of one accumulation window: depth 0, 4, 4 (served from the store), 10 (the stored depth-4 features
+    carried on to 10). Plain SGD."""
     schedule = FreezeOutSchedule(13, 'linear', 0.3, 4, 0, 0.05, 0.0)
     schedule.freeze_at = [1.0] * 4 + [3.0] * 6 + [9.0] * 3
     freezeout = FreezeOut(model, schedule, prune=True)
@@ -224,7 +226,7 @@ def test_two_gloo_processes_equal_one(tmp_path):
     ddp = torch.load(tmp_path / 'ddp.pt')
     recorder = GradRecorder(model)
     single, hits = run_masking_epochs(model, recorder=recorder)
-    assert model.frozen_units == 10 and hits == 8 and len(recorder.grads) == 4
+    assert model.frozen_units == 10 and hits == 16 and len(recorder.grads) == 4
     assert_same_grads(ddp['grads'], recorder.grads)
     assert ddp['losses'] == pytest.approx(single, rel=1e-5)
     assert ddp['state'].keys() == model.state_dict().keys()

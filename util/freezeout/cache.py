@@ -9,9 +9,11 @@ Masking features that were computed from the unmasked image is a different metho
 (after one attention block, visible tokens have attended to the masked patches): it is offered only
 as the experiment `--feature_masking` (util/freezeout/feature_masking.py), which shares this file's storage.
 
-Entries are keyed by sample index at the current frozen depth; when the depth grows the store is
-emptied and refilled. It lives in memory or in a folder (one subfolder per process), up to
-`max_bytes` (then it stops adding).
+Entries are keyed by sample index and remember the frozen depth they were computed at. When the depth
+grows they stay: a stored prefix of depth k is carried through blocks k..k'-1 when next loaded
+(`SampleStore.load_current`), which costs those few blocks instead of the whole prefix from the image and
+gives the same values (to float rounding). It lives in memory or in a folder (one subfolder per process),
+up to `max_bytes` (then it stops adding).
 """
 import shutil
 from pathlib import Path
@@ -41,37 +43,68 @@ class FixedViews(Dataset):
 
 
 class SampleStore:
-    """Per-sample tensors of one frozen depth, in memory or as one file per sample in `folder`/rank<r>."""
+    """Per-sample tensors and the frozen depth they belong to, in memory or as one file per sample in
+    `folder`/rank<r>; `hits`, `misses` and `advanced` (hits of a shallower depth) count samples."""
 
     def __init__(self, max_bytes, folder=None):
         self.max_bytes = max_bytes
         self.folder = Path(folder) / f'rank{get_rank()}' if folder else None  # processes never share files
-        self.depth, self.entries, self.bytes = 0, {}, 0
-        self.hits = self.misses = 0
+        self.depth, self.entries, self.bytes = 0, {}, 0  # entries: index -> (depth, tensors or path, bytes)
+        self.hits = self.misses = self.advanced = 0
 
-    def reset(self, depth):
-        self.depth, self.entries, self.bytes = depth, {}, 0
+    def set_depth(self, depth):
+        """The frozen depth of the next loads. Entries stay when it grows; at the first depth of a run (files of an
+        earlier run are not trusted) or a shallower one the store is emptied."""
+        if depth == self.depth:
+            return
+        if self.depth == 0 or depth < self.depth:
+            self.clear()
+        self.depth = depth
+
+    def clear(self):
+        self.entries, self.bytes = {}, 0
         if self.folder:
             shutil.rmtree(self.folder, ignore_errors=True)
             self.folder.mkdir(parents=True)
 
     def load(self, index):
+        """(depth, tensors) of a stored sample, or None."""
         entry = self.entries.get(index)
-        if entry is None or not self.folder:
-            return entry
-        return torch.load(entry, weights_only=True)
+        if entry is None:
+            return None
+        return entry[0], torch.load(entry[1], weights_only=True) if self.folder else entry[1]
 
     def store(self, index, tensors):
+        """Stores (or replaces) a sample's tensors at the current depth, unless that would pass max_bytes."""
         size = sum(t.numel() * t.element_size() for t in tensors)
-        if self.bytes + size > self.max_bytes:
+        old = self.entries[index][2] if index in self.entries else 0
+        if self.bytes - old + size > self.max_bytes:
             return
-        tensors = tuple(t.detach().cpu().clone() for t in tensors)
+        payload = tuple(t.detach().cpu().clone() for t in tensors)
         if self.folder:
             path = self.folder / f'{index}.pt'
-            torch.save(tensors, path)
-            tensors = path
-        self.entries[index] = tensors
-        self.bytes += size
+            torch.save(payload, path)
+            payload = path
+        self.entries[index] = (self.depth, payload, size)
+        self.bytes += size - old
+
+    def load_current(self, indices, advance):
+        """The stored tensors of each of `indices` at the current depth (None where not stored). Those stored at a
+        shallower depth are advanced, one batch per depth: `advance(first tensors [n, ...], from_depth)` gives them
+        at this depth (the other tensors, a mask and its order, do not depend on it); they are stored again."""
+        loaded = [self.load(index) for index in indices]
+        out = [None if entry is None else entry[1] for entry in loaded]
+        shallower = {}
+        for row, entry in enumerate(loaded):
+            if entry is not None and entry[0] != self.depth:
+                shallower.setdefault(entry[0], []).append(row)
+        for depth, rows in shallower.items():
+            first = torch.stack([out[row][0] for row in rows])
+            for row, tensor in zip(rows, advance(first, depth).to(first.dtype).cpu()):
+                out[row] = (tensor, *out[row][1:])
+                self.store(indices[row], out[row])
+            self.advanced += len(rows)
+        return out
 
 
 class FrozenPrefixCache(SampleStore):
@@ -86,23 +119,25 @@ class FrozenPrefixCache(SampleStore):
             self.seed * _SEED_STRIDE + int(i) + 1)) for i in indices]).to(device)
 
     def forward_kwargs(self, samples, indices, mask_ratio):
-        """Model inputs for a batch: the fixed noise and, once units are frozen, the frozen prefix."""
+        """Model inputs for a batch: the fixed noise and, once units are frozen, the frozen prefix (stored, carried
+        on from a shallower stored depth, or computed when a sample of the batch has none)."""
         noise = self.noise(indices, samples.device)
         depth = self.model.frozen_units
         if depth == 0:
             return {'noise': noise}
-        if depth != self.depth:
-            self.reset(depth)
-        cached = [self.load(int(i)) for i in indices]
-        if all(c is not None for c in cached):
-            self.hits += len(cached)
+        self.set_depth(depth)
+        indices = [int(i) for i in indices]
+        if all(index in self.entries for index in indices):
+            self.hits += len(indices)
+            cached = self.load_current(
+                indices, lambda tokens, stored: self.model.advance_frozen(tokens.to(samples.device), stored, depth))
             prefix = tuple(torch.stack([c[j] for c in cached]).to(samples.device) for j in range(3))
         else:
-            self.misses += len(cached)
+            self.misses += len(indices)
             prefix = self.model.forward_prefix(samples, mask_ratio, noise)
             for row, index in enumerate(indices):
-                if cached[row] is None:
-                    self.store(int(index), tuple(t[row] for t in prefix))
+                if self.entries.get(index, (None,))[0] != depth:
+                    self.store(index, tuple(t[row] for t in prefix))
         return {'noise': noise, 'prefix': prefix}
 
     def compute_loss(self, mask_ratio):

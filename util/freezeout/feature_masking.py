@@ -75,10 +75,10 @@ class FeatureMasking(SampleStore):
         """[B, 1 + L, D] frozen-prefix features of the unmasked samples: stored ones, the others computed (and stored
         for fixed views). Kept in the autocast dtype (bf16 halves the store), used in float32."""
         depth = self.model.frozen_units
-        if depth != self.depth:
-            self.reset(depth)
+        self.set_depth(depth)
         indices = indices.tolist()
-        stored = [self.load(i) if i != NOT_STORED else None for i in indices]
+        stored = self.load_current([i if i != NOT_STORED else None for i in indices],
+                                   lambda x, at: self.model.advance_frozen(x.to(samples.device), at, depth))
         missing = [row for row, entry in enumerate(stored) if entry is None]
         self.hits, self.misses = self.hits + len(stored) - len(missing), self.misses + len(missing)
         if missing:

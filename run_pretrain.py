@@ -22,7 +22,7 @@ from util.data.bad_files import write_bad_file_list
 from util.data.datasets import ImageFolderOrFlat, build_pretrain_dataset
 from util.data.fast_image import FAST_DATA_MODES, DeviceInput
 from util.data.vis_batch import fixed_vis_batch, vis_transform
-from util.dist import get_world_size, is_main_process
+from util.dist import all_reduce_sum, get_world_size, is_main_process
 from util.freezeout.cache import FixedViews, FrozenPrefixCache
 from util.freezeout.feature_masking import FeatureMasking, SwitchableViews
 from util.freezeout.schedule import FreezeOut, FreezeOutSchedule, prune_decoders, pruned_stages
@@ -187,6 +187,15 @@ def check_args(args):
                          f'(with --how_scale); without FreezeOut use --weight_decay')
 
 
+def store_counts(store):
+    return torch.tensor([store.hits, store.advanced, store.misses] if store else [0, 0, 0], dtype=torch.float64)
+
+
+def all_processes_sum(values):
+    all_reduce_sum(values)
+    return [int(v) for v in values.tolist()]
+
+
 def main(args):
     check_args(args)
     device = setup_run(args)
@@ -243,12 +252,17 @@ def main(args):
 
     print(f'start training for {args.epochs} epochs from epoch {args.start_epoch}')
     start_time = time.time()
+    store = cache or masking
     for epoch in range(args.start_epoch, args.epochs):
         loader.sampler.set_epoch(epoch)
         if masking:
             masking.start_epoch(views, epoch)
+        counts = store_counts(store)
         stats = train_one_epoch(loader, trainer, epoch, schedule, compute_loss, log_writer=log_writer,
                                 print_freq=args.print_freq, checkpoints=checkpoints)
+        if store:  # samples of this epoch over all processes: served as stored, carried on from a shallower depth,
+            stats.update(zip(('store_hits', 'store_advanced', 'store_misses'),  # or computed from the image
+                             all_processes_sum((store_counts(store) - counts).to(device))))
         last = epoch + 1 == args.epochs
         save(epoch)
         write_bad_file_list(args.output_dir, dataset)

@@ -1,5 +1,9 @@
 """FreezeOut's frozen-prefix cache (util/freezeout/cache.py): exact under fixed views, rebuilt when the depth
 grows, bounded."""
+import os
+import subprocess
+import sys
+
 import pytest
 import timm
 import torch
@@ -7,7 +11,7 @@ import torch
 import models  # noqa: F401
 from models.localmim import MaskedAutoencoderViT
 import run_pretrain
-from helpers import log_entries, pretrain_args, write_images
+from helpers import REPO, free_port, log_entries, pretrain_args, write_images
 from util.data.datasets import ImageFolderOrFlat, build_pretrain_transform
 from util.freezeout.cache import FixedViews, FrozenPrefixCache
 from util.freezeout.schedule import FreezeOut, FreezeOutSchedule
@@ -116,9 +120,39 @@ def test_run_with_freeze_cache(tmp_path, monkeypatch):
                                     '--t_0', '0.01', '--num_workers', '0', '--freeze_cache'))
     log = log_entries(out)
     assert [e['active_units'] for e in log] == [13, 6, 5, 3, 3, 2, 1]
+    assert [(e['train_store_hits'], e['train_store_advanced'], e['train_store_misses']) for e in log] == \
+        [(0, 0, 0), (0, 0, 4), (4, 4, 0), (4, 4, 0), (4, 0, 0), (4, 4, 0), (4, 4, 0)]
     assert prefix_calls == [0, 7]  # the frozen units' depth of each prefix forward from the image
     (cache,) = caches
     assert (cache.hits, cache.misses, cache.advanced) == (5 * 4, 4, 4 * 4)
     assert recheck == [True] * 5
     with pytest.raises(ValueError, match='--how_scale'):
         run_pretrain.main(pretrain_args(data, tmp_path / 'x', '--freeze_cache'))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('sampler', ['auto', 'standard'])
+def test_two_processes_hit_their_stores_after_the_first_frozen_epoch(tmp_path, sampler):
+    """torchrun, 2 gloo processes, 16 images, batch 2 per process: with the rank-sticky sampler (the default with
+    --freeze_cache) every sample is in its process's store from the first frozen epoch on, so no later step
+    recomputes a prefix from the image; the official sampler moves samples between processes every epoch."""
+    data = write_images(tmp_path / 'images', 16)
+    out = tmp_path / 'out'
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', f'--master_port={free_port()}',
+           'run_pretrain.py', '--data_path', str(data), '--output_dir', str(out), '--model', 'MIM_vit_tiny_patch16',
+           '--input_size', '32', '--batch_size', '2', '--epochs', '4', '--warmup_epochs', '0', '--how_scale', 'linear',
+           '--t_0', '0.3', '--freeze_cache', '--sampler', sampler, '--num_workers', '0', '--device', 'cpu',
+           '--print_freq', '100', '--vis_freq', '0']
+    env = {**os.environ, 'OMP_NUM_THREADS': '1', 'PYTHONWARNINGS': 'ignore'}
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    counts = [(e['train_store_hits'], e['train_store_advanced'], e['train_store_misses']) for e in log_entries(out)]
+    # the first epoch frozen from its start: 8 steps of 2 samples on both processes; it stores every sample it sees
+    first = next(epoch for epoch, (hits, _, misses) in enumerate(counts) if hits + misses == 16)
+    assert first + 1 < len(counts)
+    later_misses = [misses for _, _, misses in counts[first + 1:]]
+    if sampler == 'auto':
+        assert later_misses == [0] * len(later_misses)
+        assert all(hits == 16 for hits, _, _ in counts[first + 1:])
+    else:
+        assert all(misses > 0 for misses in later_misses)

@@ -149,6 +149,11 @@ ROWS = {
                         group='SparK'),
     'spark_45ep': Row(f'SparK {SPARK_MODEL}, lr 1.6e-3, 45 epochs', '--base_lr 3.2e-3 --ep 45', group='SparK',
                       timed=False),
+    # the official --ada 0 gives beta2 0.95 to ResNets and 0.999 to ConvNeXts but leaves other models at 0, so LAMB
+    # divides each step by the current gradient's magnitude alone: this row gives the custom CNN the ResNets' 0.95
+    'spark_beta2': Row(f'SparK {SPARK_MODEL}, LAMB beta2 0.95', '--ada 0.95', group='SparK', timed=False),
+    'spark_beta2_finetune_1': Row(f'SparK {SPARK_MODEL}, LAMB beta2 0.95, fine-tuned', labels=1, group='SparK',
+                                  source='spark_beta2'),
     'spark_random': Row(f'{SPARK_MODEL}, random weights', encoder='random', group='SparK'),
     'finetune_1': Row('LocalMIM ViT-Tiny/16, fine-tuned', labels=1),
     'scratch_1': Row('ViT-Tiny/16 from scratch', encoder='random', labels=1),

@@ -20,7 +20,9 @@ def work(tmp_path, monkeypatch):
     monkeypatch.setattr(learning, 'train_subset', lambda per_class: tmp_path / f'train{per_class}')
     monkeypatch.setattr(learning, 'fashion_mnist_clips', lambda per_class: tmp_path / f'clips{per_class}')
     spark = 'your_convnet_32px_still_pretraining.pth'
-    for row, name in (('localmim', 'checkpoint-last.pth'), ('spark', spark), ('spark_sqrtlr', spark), ('spark_45ep', spark)):
+    pretrained = {'localmim', 'spark'} | {row.source for row in learning.ROWS.values() if row.source}
+    for row in pretrained:
+        name = spark if row.startswith('spark') else 'checkpoint-last.pth'
         checkpoint = tmp_path / 'work' / row / 'seed0' / 'pretrain' / name
         checkpoint.parent.mkdir(parents=True)
         checkpoint.touch()

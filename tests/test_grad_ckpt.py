@@ -110,8 +110,7 @@ def tiny_sce():
     model = SCE(trunk=VideoHeadModel(net, GlobalPoolHead(), dim), queue_size=16, queue_feature_dim=8,
                projector_hidden_dims=(16,), projector_output_dim=8, predictor_hidden_dims=(16,),
                predictor_output_dim=8).double()
-    model.queue = model.queue.float()  # the loss is computed in float32 by design
-    return model
+    return model  # the loss, queue included, runs in float64 too
 
 
 def test_sce_r3d_trunk_batchnorm_buffers():

@@ -18,6 +18,17 @@ def write_image(path, seed=0, size=(12, 10)):
     Image.fromarray(pixels).save(path)
 
 
+def test_generated_data_goes_to_the_repositorys_cache_folder(monkeypatch):
+    from helpers import REPO
+    from util.data.fashion_mnist import default_root
+    from util.video.demo import default_demo_video_root
+    for name in ('DEMO_DATA_ROOT', 'FASHION_MNIST_ROOT'):
+        monkeypatch.delenv(name, raising=False)
+    assert (REPO / 'README.md').is_file() and demo_data.REPOSITORY_ROOT == REPO
+    assert (demo_data.default_demo_root(), default_root(), default_demo_video_root()) == \
+        (REPO / '.cache' / 'demo_images', REPO / '.cache' / 'fashion_mnist', REPO / '.cache' / 'demo_videos')
+
+
 def test_class_folders_give_one_label_per_class(tmp_path):
     for seed, name in enumerate(['cat/1.png', 'cat/2.jpg', 'dog/1.png']):
         write_image(tmp_path / name, seed)

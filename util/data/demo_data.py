@@ -24,7 +24,7 @@ DEMO_PHOTOGRAPHS = ('astronaut', 'coffee', 'chelsea', 'rocket', 'immunohistochem
 DEMO_SPLIT_SIZES = {'train': 24, 'val': 6}   # images per class
 DEMO_IMAGE_SIZE = 160
 DEMO_SEED = 0
-REPOSITORY_ROOT = Path(__file__).resolve().parent.parent
+REPOSITORY_ROOT = Path(__file__).resolve().parents[2]  # util/data/demo_data.py -> the repository
 
 
 def default_demo_root() -> Path:

@@ -74,7 +74,9 @@ def get_args_parser():
     p.add_argument('--wp_ep', default=40, type=int)
     p.add_argument('--clip', default=5, type=int, help='grad-norm clip for sgd/adamw (<= 0: none); LAMB clips at 5')
     p.add_argument('--opt', default='lamb', choices=['sgd', 'adamw', 'lamb'])
-    p.add_argument('--ada', default=0.0, type=float, help='beta2 (0: 0.95 ResNets, 0.999 ConvNeXts)')
+    p.add_argument('--ada', default=0.0, type=float,
+                   help='beta2 of LAMB / AdamW; 0: 0.999 for ConvNeXts, else 0.95 (officially only ResNets get 0.95 '
+                        'and any other model keeps beta2 0)')
     p.add_argument('--lr', default=None, type=float, help='overwritten by base_lr * bs / 256 (as official)')
     # ours
     p.add_argument('--amp', default='none', choices=['bf16', 'fp16', 'none'], help='default fp32 like official')
@@ -157,8 +159,8 @@ def resolve_args(args, device):
     args.lr = args.base_lr * args.glb_batch_size / 256
     if not args.distributed or device.type != 'cuda':
         args.sbn = False
-    if not args.ada:
-        args.ada = 0.95 if 'resnet' in args.model else (0.999 if 'convnext' in args.model else 0.0)
+    if not args.ada:  # officially a model neither ResNet nor ConvNeXt kept 0: LAMB divided by |this gradient| alone
+        args.ada = 0.999 if 'convnext' in args.model else 0.95
     if not args.dp:  # the official meaning of 0
         args.dp = spark_default_drop_path(args.model)
 

@@ -156,6 +156,16 @@ def test_dp_0_means_the_official_rate_of_the_model(model, rate):
     assert args.dp == 0.3
 
 
+@pytest.mark.parametrize('model, beta2', [('resnet50', 0.95), ('convnext_small', 0.999), ('your_convnet', 0.95)])
+def test_ada_0_gives_every_model_a_second_moment(model, beta2):
+    args = main_spark.get_args_parser().parse_args([f'--model={model}', '--bs=8'])
+    args.distributed = False
+    main_spark.resolve_args(args, torch.device('cpu'))
+    assert args.ada == beta2
+    assert main_spark.build_optimizer(args, build_spark('resnet18', 64, decoder_width=64)).defaults['betas'] == \
+        (0.9, beta2)
+
+
 def test_tap_style_booleans_and_384_recipe():
     parse = main_spark.get_args_parser().parse_args
     assert parse(['--sbn=False']).sbn is False and parse(['--sbn=True']).sbn is True and parse(['--sbn']).sbn

@@ -7,7 +7,8 @@ Every row is a list of commands printed before they run, so any row can be rerun
 (run_pretrain.py, or main_spark.py for the SparK rows), then eval_knn.py (frozen features), run_finetune.py
 (fine-tuning rows), main_slak.py (SLaK, trained with labels) or main_sce.py then run_finetune_video.py (SCE on
 Fashion-MNIST clips). A command whose output exists is skipped and an interrupted pretraining resumes from its last
-checkpoint, so the benchmark can run over several sittings. Runs go to --work; the results (docs/learning/results.json), the table (between the markers of docs/learning/README.md) and the
+checkpoint, and a row and seed already in results.json is not run again, so the benchmark can run over several
+sittings. Runs go to --work; the results (docs/learning/results.json), the table (between the markers of docs/learning/README.md) and the
 plot (docs/learning/accuracy_vs_time.png) are rewritten after every row. Needs Debian's dataset-fashion-mnist and
 matplotlib.
 """
@@ -50,10 +51,12 @@ FINETUNE = ('--model {model} --input_size {size} --nb_classes 10 --warmup_epochs
 # spark_sqrtlr row, the loss only falls from 0.99 to 0.77): the spark rows use the official ResNet lr at batch 4096,
 # 3.2e-3 (base_lr 6.4e-3 at batch 128). Its encoder is fine-tuned and scored as the LocalMIM ViT's.
 SPARK_MODEL, SPARK_SIZE = 'your_convnet_32px', 32
-# LAMB at that lr spikes at batch 128 (the loss of a 45-epoch run rose from 0.51 to 4 at epoch 12; the 15-epoch runs
-# spiked at epochs 2-5): the official lr scaled to batch 128 by the square root of the batch ratio, as LAMB's authors
-# scale it, is 3.2e-3 x sqrt(128 / 4096) = 5.7e-4 (base_lr 1.13e-3).
+# With LAMB's beta2 at 0 (BETA2_0, the official setting for custom models) that lr spiked at batch 128 (a 45-epoch
+# run's loss rose from 0.51 to 4 at epoch 12), and so did the official lr scaled to batch 128 by the square root of
+# the batch ratio, as LAMB's authors scale it: 3.2e-3 x sqrt(128 / 4096) = 5.7e-4 (base_lr 1.13e-3). At beta2 0.95
+# (main_spark.py's default now) 3.2e-3 trains smoothly.
 SPARK_SQRT_BASE_LR = 1.13e-3
+BETA2_0 = '--ada 1e-9'  # LAMB's beta2 as good as 0 (--ada 0 means the model's default)
 SPARK = (f'--model {SPARK_MODEL} --input_size {SPARK_SIZE} --dec_width 64 --bs 128 --ep 15 --wp_ep 1 --base_lr 6.4e-3 '
          '--num_workers 1 --device cpu --vis_freq 0 --print_freq 20')
 # SLaK trained with labels (main_slak.py, the official ConvNeXt recipe without Mixup/CutMix, which would hide the
@@ -144,16 +147,19 @@ ROWS = {
                             slak_flags='--sparse --sparsity 0.4 --width_factor 0.325', group='SLaK'),
     'sce': Row('SCE R3D-18', group='SCE'),
     'sce_random': Row('R3D-18, random weights', encoder='random', group='SCE'),
-    'spark': Row(f'SparK {SPARK_MODEL}', group='SparK'),
-    'spark_sqrtlr': Row(f'SparK {SPARK_MODEL}, lr 5.7e-4 (square-root scaling)', f'--base_lr {SPARK_SQRT_BASE_LR}',
-                        group='SparK'),
-    'spark_45ep': Row(f'SparK {SPARK_MODEL}, lr 1.6e-3, 45 epochs', '--base_lr 3.2e-3 --ep 45', group='SparK',
-                      timed=False),
-    # the official --ada 0 gives beta2 0.95 to ResNets and 0.999 to ConvNeXts but leaves other models at 0, so LAMB
-    # divides each step by the current gradient's magnitude alone: this row gives the custom CNN the ResNets' 0.95
+    # The first SparK rows ran with LAMB beta2 0: the official --ada 0 gives beta2 0.95 to ResNets and 0.999 to
+    # ConvNeXts but leaves other models at 0, so LAMB divided each step by the current gradient's magnitude alone and
+    # the loss spiked. main_spark.py's --ada 0 now gives the custom CNN 0.95 too; --ada 1e-9 reruns the old rows.
+    'spark': Row(f'SparK {SPARK_MODEL}, LAMB beta2 0', BETA2_0, group='SparK'),
+    'spark_sqrtlr': Row(f'SparK {SPARK_MODEL}, LAMB beta2 0, lr 5.7e-4 (square-root scaling)',
+                        f'{BETA2_0} --base_lr {SPARK_SQRT_BASE_LR}', group='SparK'),
+    'spark_45ep': Row(f'SparK {SPARK_MODEL}, LAMB beta2 0, lr 1.6e-3, 45 epochs', f'{BETA2_0} --base_lr 3.2e-3 --ep 45',
+                      group='SparK', timed=False),
     'spark_beta2': Row(f'SparK {SPARK_MODEL}, LAMB beta2 0.95', '--ada 0.95', group='SparK', timed=False),
     'spark_beta2_finetune_1': Row(f'SparK {SPARK_MODEL}, LAMB beta2 0.95, fine-tuned', labels=1, group='SparK',
                                   source='spark_beta2'),
+    'spark_beta2_finetune_100': Row(f'SparK {SPARK_MODEL}, LAMB beta2 0.95, fine-tuned', labels=100, group='SparK',
+                                    source='spark_beta2'),
     'spark_random': Row(f'{SPARK_MODEL}, random weights', encoder='random', group='SparK'),
     'finetune_1': Row('LocalMIM ViT-Tiny/16, fine-tuned', labels=1),
     'scratch_1': Row('ViT-Tiny/16 from scratch', encoder='random', labels=1),
@@ -164,14 +170,14 @@ ROWS = {
                          finetune_flags=LINPROBE + ' --blr 0.1'),
     'linprobe_adamw': Row('LocalMIM ViT-Tiny/16, run_finetune.py --linprobe --opt adamw (lr 1e-3, batch 64)',
                           labels=100, finetune_flags=LINPROBE + ' --opt adamw --blr 4e-3'),
-    'spark_finetune_1': Row(f'SparK {SPARK_MODEL}, fine-tuned', labels=1, group='SparK'),
+    'spark_finetune_1': Row(f'SparK {SPARK_MODEL}, LAMB beta2 0, fine-tuned', labels=1, group='SparK'),
     'spark_scratch_1': Row(f'{SPARK_MODEL} from scratch', encoder='random', labels=1, group='SparK'),
-    'spark_finetune_100': Row(f'SparK {SPARK_MODEL}, fine-tuned', labels=100, group='SparK'),
+    'spark_finetune_100': Row(f'SparK {SPARK_MODEL}, LAMB beta2 0, fine-tuned', labels=100, group='SparK'),
     'spark_scratch_100': Row(f'{SPARK_MODEL} from scratch', encoder='random', labels=100, group='SparK'),
-    'spark_sqrtlr_finetune_1': Row(f'SparK {SPARK_MODEL}, lr 5.7e-4, fine-tuned', labels=1, group='SparK',
+    'spark_sqrtlr_finetune_1': Row(f'SparK {SPARK_MODEL}, LAMB beta2 0, lr 5.7e-4, fine-tuned', labels=1, group='SparK',
                                    source='spark_sqrtlr'),
-    'spark_45ep_finetune_1': Row(f'SparK {SPARK_MODEL}, lr 1.6e-3, 45 epochs, fine-tuned', labels=1, group='SparK',
-                                 source='spark_45ep'),
+    'spark_45ep_finetune_1': Row(f'SparK {SPARK_MODEL}, LAMB beta2 0, lr 1.6e-3, 45 epochs, fine-tuned', labels=1,
+                                 group='SparK', source='spark_45ep'),
 }
 
 
@@ -275,9 +281,18 @@ def pretrain_seconds(folder):
     return sum(json.loads(line)['epoch_time'] for line in log.read_text().splitlines()) if log.exists() else None
 
 
+def stored_results():
+    """{row: {seed: {metrics}}} of docs/learning/results.json: runs whose work folder is gone (another machine,
+    a cleaned cache) stay in the table, and are not run again."""
+    path = DOCS / 'results.json'
+    stored = json.loads(path.read_text()) if path.exists() else {}
+    return {name: {int(seed): entry for seed, entry in runs.items()} for name, runs in stored.items() if name in ROWS}
+
+
 def collect(work, data):
-    """{row: {seed: {metrics}}} of every finished row and seed, with the commands that made it."""
-    results = {}
+    """{row: {seed: {metrics}}} of every finished row and seed, with the commands that made it: results.json's,
+    updated with what the work folder holds."""
+    results = stored_results()
     for name in ROWS:
         for folder in sorted((work / name).glob('seed*')):
             seed = int(folder.name[4:])
@@ -434,6 +449,9 @@ def main():
     data, work = Path(os.path.relpath(train_subset(PER_CLASS), REPO)), Path(args.work)
     for name in [] if args.report else args.rows:
         for seed in args.seeds:
+            if seed in stored_results().get(name, {}) and not (work / name / f'seed{seed}').exists():
+                print(f'{name} seed {seed}: in {DOCS / "results.json"}, not run again', flush=True)
+                continue
             run_row(name, seed, work, data)
             report(work, data)
     if args.report or not args.rows:

@@ -8,7 +8,8 @@ The contract (all a method needs to plug in; the loop itself never changes):
   FreezeOut's freezing) at the start of each accumulation window; `metrics() -> dict` adds scalars to the log.
   util.lr_sched.WarmupCosine is MAE's; util.lr_sched.IterationSchedule takes precomputed per-step arrays.
 - `compute_loss(model, samples, targets)` -> loss or (loss, dict of scalars to log), run under autocast.
-- `hooks`: objects with `after_step(trainer)`, run after each optimizer step (util/hooks.py).
+- `hooks`: objects with `after_step(trainer)`, run after each optimizer step (util/hooks.py), and optionally
+  `after_micro_batch(trainer, stepped)`, run after every micro-batch (after the step when one ended the window).
 - `checkpoints` (optional): a util.preemption.MidEpochCheckpoints, for saves inside the epoch (a stop signal,
   --save_every_steps) and for resuming at the step where the last run stopped.
 - `partial_window`: what an epoch does with a last accumulation window it cannot fill, as each script's official
@@ -48,6 +49,7 @@ def train_one_epoch(data_loader, trainer, epoch, schedule, compute_loss, hooks=(
     trainer.model.train()
     if partial_window not in ('discard', 'skip', 'step'):
         raise ValueError(f"partial_window {partial_window!r}: expected 'discard', 'skip' or 'step'")
+    micro_batch_hooks = [hook for hook in hooks if hasattr(hook, 'after_micro_batch')]
     steps = len(data_loader)
     run_steps = steps - steps % trainer.accum_iter if partial_window == 'skip' else steps
     meter = MetricLogger(run_steps, print_freq, f'Epoch: [{epoch}]')
@@ -76,6 +78,8 @@ def train_one_epoch(data_loader, trainer, epoch, schedule, compute_loss, hooks=(
                 trainer.backward(loss)
             if update:
                 trainer.step(hooks)
+            for hook in micro_batch_hooks:
+                hook.after_micro_batch(trainer, update)
             # grad_norm: of the last optimizer step
             meter.update(loss=loss, lr=lr, grad_norm=trainer.grad_norm, **logs, **schedule.metrics())
             if update and checkpoints is not None:

@@ -40,7 +40,7 @@ from util.runtime import (append_log_line, attach_ddp, build_train_loader, keeps
                           per_process_batch, resume_path, resume_training, run_cli, setup_run)
 from util.sce.augment import build_sce_augmentations, clip_pair_grid
 from util.sce.data import build_video_dataset
-from util.sce.hooks import SCEHook
+from util.sce.hooks import TEACHER_UPDATES, SCEHook
 from util.sce.optim import build_lars, scale_learning_rate, sce_schedule
 from util.train_step import TrainStep
 from util.video.demo import video_data_root
@@ -76,7 +76,14 @@ def get_args_parser():
     add_sce_model_args(p)
     g = p.add_argument_group('optimisation (reference optimizer, scheduler, trainer)')
     g.add_argument('--global_batch_size', default=512, type=int, help='over all processes and --accum_iter')
-    g.add_argument('--accum_iter', default=1, type=int, help='micro-steps per optimizer step')
+    g.add_argument('--accum_iter', default=1, type=int,
+                   help='micro-steps per optimizer step. An epoch whose last window is short steps on it (its loss '
+                        'still divided by --accum_iter), as Lightning does for the official run')
+    g.add_argument('--teacher_update', default='step', choices=TEACHER_UPDATES,
+                   help='with --accum_iter > 1: step (ours) updates the momentum target once per optimizer step, as '
+                        'a run at the whole batch without accumulation; micro_batch reproduces eztorch under '
+                        'accumulate_grad_batches: an update after every micro-batch with the step\'s momentum, and '
+                        'the momentum, coeff and temp_m schedules counting micro-batches per epoch')
     g.add_argument('--lr', default=2.4, type=float, help='initial_lr, scaled by --lr_scaler to the global batch')
     g.add_argument('--lr_scaler', default='linear', choices=['linear', 'sqrt', 'none'])
     g.add_argument('--weight_decay', default=1e-6, type=float)
@@ -327,7 +334,10 @@ def main(args):
     if steps_per_epoch < 1 or len(loader) < args.accum_iter:
         raise ValueError(f'{len(dataset)} videos make no full global batch of {args.global_batch_size}: '
                          f'lower --global_batch_size or add data')
-    model = build_sce(args, steps_per_epoch, args.epochs, dataset.num_classes if args.online_eval else 0)
+    # eztorch's horizons count loader batches (rows / (devices x batch)), micro-batches under accumulation
+    schedule_steps = len(dataset) // (args.global_batch_size // args.accum_iter) \
+        if args.teacher_update == 'micro_batch' else steps_per_epoch
+    model = build_sce(args, schedule_steps, args.epochs, dataset.num_classes if args.online_eval else 0)
     model.to(device)
     if args.sync_bn:
         model = convert_sync_batchnorm(model)
@@ -342,7 +352,8 @@ def main(args):
     # per rank seed. (`broadcast_buffers=False` would skip that first copy.)
     attach_ddp(trainer, device, forward_sync_buffers=False)
     schedule = sce_schedule(args.abs_lr, args.weight_decay, args.epochs, args.warmup_epochs, steps_per_epoch,
-                            len(loader), args.accum_iter, args.abs_warmup_start_lr, args.abs_min_lr)
+                            len(loader), args.accum_iter, args.abs_warmup_start_lr, args.abs_min_lr,
+                            steps_done=lambda: trainer.num_updates)
     compute_loss = TwoViewLoss(build_sce_augmentations(**JITTER[args.jitter_strength]))
     log_writer = make_log_writer(args.log_dir or os.path.join(args.output_dir, 'tensorboard'))
     print(f'SCE R3D-18: {len(dataset)} videos ({dataset.num_classes} classes) from {args.data_path}; global batch '
@@ -352,8 +363,9 @@ def main(args):
     start_time = time.time()
     for epoch in range(args.start_epoch, args.epochs):
         loader.sampler.set_epoch(epoch)
-        stats = train_one_epoch(loader, trainer, epoch, schedule, compute_loss, [SCEHook(model)], log_writer,
-                                args.print_freq, checkpoints)
+        model.epoch = epoch
+        stats = train_one_epoch(loader, trainer, epoch, schedule, compute_loss, [SCEHook(model, args.teacher_update)],
+                                log_writer, args.print_freq, checkpoints, partial_window='step')
         last = epoch + 1 == args.epochs
         save(args, epoch, model, trainer)
         if is_main_process() and args.vis_freq and (epoch % args.vis_freq == 0 or last):

@@ -184,6 +184,8 @@ class SCE(nn.Module):
 
     `steps_per_epoch` (floor(rows / global batch), as eztorch) and `epochs` define the momentum and the
     coeff / temp_m schedules; `global_step` (optimizer steps done) is kept by the hook; set it on resume.
+    (eztorch under accumulate_grad_batches counts micro-batches in its horizons: main_sce --teacher_update
+    micro_batch passes those.)
     State dict: trunk, projector, predictor, momentum_trunk, momentum_projector, queue, queue_ptr (the official
     keys) and online_evaluator.* when num_classes > 0."""
 
@@ -236,6 +238,7 @@ class SCE(nn.Module):
         self.mutual_pass = mutual_pass
         self.num_global_crops, self.num_crops = num_global_crops, num_global_crops + num_local_crops
         self.global_step = 0
+        self.epoch = None  # the training loop's epoch (main_sce sets it); None: global_step // steps_per_epoch
         self._pending_keys = []
         momentum_value(0, self.total_steps, initial_momentum, scheduler_momentum, steps_per_epoch)  # validates
 
@@ -243,17 +246,20 @@ class SCE(nn.Module):
         """Checkpoint the online trunk (the momentum trunk runs under no_grad and stores nothing)."""
         self.trunk.set_grad_checkpointing(enable)
 
-    # ----- schedules (host-side floats of global_step)
+    # ----- schedules (host-side floats of global_step; the warmups end with their epoch, as eztorch's)
+    def current_epoch(self):
+        return self.global_step // self.steps_per_epoch if self.epoch is None else self.epoch
+
     def current_temp_m(self):
         spe, s = self.steps_per_epoch, self.global_step
-        if self.warmup_epoch_temp_m > 0 and s < self.warmup_epoch_temp_m * spe:
+        if self.warmup_epoch_temp_m > 0 and self.current_epoch() < self.warmup_epoch_temp_m:
             return scheduler_value(self.warmup_scheduler_temp_m, self.start_warmup_temp_m, self.temp_m, s,
                                    self.warmup_epoch_temp_m * spe - 1)
         return self.temp_m
 
     def current_coeff(self):
         spe, s, warm = self.steps_per_epoch, self.global_step, self.warmup_epoch_coeff
-        if warm > 0 and s < warm * spe:
+        if warm > 0 and self.current_epoch() < warm:
             return scheduler_value(self.warmup_scheduler_coeff, self.start_warmup_coeff, self.coeff, s,
                                    warm * spe - 1)
         if self.scheduler_coeff is not None:

@@ -197,6 +197,18 @@ def test_resume_equals_uninterrupted_run(runs):
     assert [x['train_pos_weight'] for x in log_a] == [x['train_pos_weight'] for x in log_b]
 
 
+def test_eztorch_accumulation_mode_resumes_exactly_through_partial_windows(tmp_path):
+    """--teacher_update micro_batch, accumulation 2 over 9 micro-batches of 5 per epoch (4 windows and a partial
+    one): killed after epoch 0 and resumed, it ends as the uninterrupted run."""
+    flags = shlex.split(TINY) + ['--global_batch_size', '10', '--accum_iter', '2', '--teacher_update', 'micro_batch']
+    straight, resumed = straight_and_resumed(
+        main_sce, lambda out: parse(flags + ['--output_dir', str(out)]), 1, tmp_path)
+    a, b = (torch.load(folder / LAST, weights_only=True) for folder in (straight, resumed))
+    assert a['step'] == b['step'] == 10  # 5 optimizer steps per epoch, the last on one micro-batch
+    assert not [k for k in a['model'] if not torch.equal(a['model'][k], b['model'][k])]
+    assert [x['train_loss'] for x in log_entries(straight)] == [x['train_loss'] for x in log_entries(resumed)]
+
+
 @pytest.mark.parametrize('argv,flag', [(['--data_path', '/no/such/folder'], '--data_path /no/such/folder'),
                                        ([], '--data_path is required'),
                                        (['--data_path', 'demo', '--global_batch_size', '8', '--accum_iter', '3'],

@@ -50,15 +50,20 @@ def cosine_scheduler(base_value, final_value, epochs, niter_per_ep, warmup_epoch
 class IterationSchedule:
     """The engine's schedule from per-optimizer-step arrays of lr and weight decay. At each accumulation window
     `adjust(optimizer, epoch + batch / batches_per_epoch)` sets every group's lr to lr[it] times its `lr_scale`
-    and the weight decay of groups that have some to wd[it], it = epoch * steps_per_epoch + batch // accum_iter."""
+    and the weight decay of groups that have some to wd[it], it = epoch * steps_per_epoch + batch // accum_iter,
+    or it = steps_done() (the optimizer steps taken, as a scheduler stepped after each optimizer step counts
+    them) when given: the two differ once epochs end on a partial window that steps (the engine's 'step')."""
 
-    def __init__(self, lr_values, wd_values, batches_per_epoch, accum_iter=1):
+    def __init__(self, lr_values, wd_values, batches_per_epoch, accum_iter=1, steps_done=None):
         self.lr_values, self.wd_values = lr_values, wd_values
         self.batches, self.accum_iter = batches_per_epoch, accum_iter
+        self.steps_done = steps_done
         self.steps_per_epoch = batches_per_epoch // accum_iter
         self.wd = float(wd_values[0])
 
     def index(self, epoch_float):
+        if self.steps_done is not None:
+            return min(self.steps_done(), len(self.lr_values) - 1)
         epoch = int(epoch_float)
         batch = round((epoch_float - epoch) * self.batches)
         # the unfinished window at an epoch's end never steps; clamp it into the array

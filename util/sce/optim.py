@@ -79,10 +79,11 @@ def sce_lr_values(base_lr, epochs, warmup_epochs, steps_per_epoch, warmup_start_
 
 
 def sce_schedule(base_lr, weight_decay, epochs, warmup_epochs, steps_per_epoch, batches_per_epoch=None,
-                 accum_iter=1, warmup_start_lr=0.0, eta_min=0.0):
+                 accum_iter=1, warmup_start_lr=0.0, eta_min=0.0, steps_done=None):
     """The engine's schedule object (`adjust(optimizer, epoch_float) -> lr`, `metrics()`): lr[s] at optimizer
     step s = epoch * steps_per_epoch + batch // accum_iter. `batches_per_epoch` is the loader's length
-    (default steps_per_epoch * accum_iter). Weight decay is constant."""
+    (default steps_per_epoch * accum_iter); `steps_done` (a callable), if given, indexes by the steps taken
+    instead, as Lightning's per-step scheduler does. Weight decay is constant."""
     lr = sce_lr_values(base_lr, epochs, warmup_epochs, steps_per_epoch, warmup_start_lr, eta_min)
     batches = batches_per_epoch or steps_per_epoch * accum_iter
-    return IterationSchedule(lr, np.full(len(lr), weight_decay), batches, accum_iter)
+    return IterationSchedule(lr, np.full(len(lr), weight_decay), batches, accum_iter, steps_done)

@@ -42,7 +42,7 @@ def _sce_terms(q, k, queue, coeff, temp, temp_m, k_global=None, use_keys=False, 
         sim_q.append(q @ queue)
         sim_k.append(k @ queue)
     logits_q, logits_k = torch.cat(sim_q, 1), torch.cat(sim_k, 1)
-    mask = F.one_hot(labels, logits_q.shape[1])
+    mask = F.one_hot(labels, logits_q.shape[1]).to(logits_q.dtype)  # an integer mask makes coeff * mask float32
     if use_keys:
         logits_k = logits_k - LARGE_NUM * mask
     logits_q, logits_k = logits_q / temp, logits_k / temp_m
@@ -62,15 +62,19 @@ def sce_loss(q, k, queue, coeff, temp, temp_m, k_global=None, use_keys=False, ra
 
 
 def scheduler_value(kind, start, end, step, max_step):
-    """`kind` in {None, 'linear', 'cosine'} from start (step 0) to end (step max_step). The official 'linear'
-    runs backwards when end > start; this one does not."""
+    """`kind` in {None, 'linear', 'cosine'} from start (step 0) to end (step max_step), held there after. The
+    arithmetic is eztorch's (utils.scheduler_value), so float64 runs agree to the last bit: a warmup value that
+    differs by one rounding grows to 1e-9 in the weights within a few LARS steps. The official 'linear' runs
+    backwards when end > start; this one does not."""
     if kind is None:
         return start
-    t = min(max(step / max(max_step, 1), 0.0), 1.0)
+    max_step = max(max_step, 1)
+    step = min(max(step, 0), max_step)
     if kind == 'linear':
-        return start + (end - start) * t
+        return start + step * (end - start) / max_step
     if kind == 'cosine':
-        return start + (end - start) * (1 - math.cos(math.pi * t)) / 2
+        rise = 0.5 * (1.0 + math.cos(math.pi + math.pi * step / max_step))
+        return start + rise * (end - start) if end > start else start - rise * (start - end)
     raise ValueError(f'unknown scheduler {kind!r} (linear, cosine or none)')
 
 

@@ -1,6 +1,7 @@
 """SCE model side (models/sce.py, models/r3d.py): loss golden values and a NumPy restatement, the R3D-18
 trunk, heads, momentum target, queue, hooks, flags, and the 2-process queue gather."""
 import argparse
+import math
 
 import numpy as np
 import pytest
@@ -68,7 +69,7 @@ def test_loss_matches_numpy_and_gradcheck(use_keys, with_queue, rank):
     q, k = n(8, 16).requires_grad_(), n(8, 16)
     queue = n(32, 16).T.contiguous() if with_queue else None
     k_global = torch.cat([n(8, 16), k]) if rank == 1 else k  # this rank's keys in their rank-ordered place
-    args = (0.5, 0.1, 0.05)
+    args = (0.7, 0.1, 0.05)  # a coeff float32 cannot hold: a float32 step inside shows at 1e-9
     loss = sce_loss(q, k, queue, *args, k_global=k_global, use_keys=use_keys, rank=rank)
     ref = numpy_sce(q.detach(), k, queue, *args, k_global=k_global, use_keys=use_keys, rank=rank)
     assert loss.item() == pytest.approx(ref, abs=1e-12, rel=1e-12)
@@ -88,6 +89,12 @@ def test_schedulers():
     assert scheduler_value('linear', 1.0, 0.5, 3, 9) == pytest.approx(1.0 - 0.5 * 3 / 9)
     assert scheduler_value('linear', 0.5, 1.0, 0, 9) == 0.5  # the official one would start at 1.0
     assert scheduler_value('cosine', 0.1, 0.05, 9, 9) == pytest.approx(0.05)
+    # eztorch's arithmetic (utils.scheduler_value), bit for bit: float64 runs then agree to rounding
+    for step in range(12):
+        rise = 0.5 * (1.0 + math.cos(math.pi + math.pi * step / 11))
+        assert scheduler_value('cosine', 0.07, 0.05, step, 11) == 0.07 - rise * (0.07 - 0.05)
+        assert scheduler_value('cosine', 0.05, 0.07, step, 11) == 0.05 + rise * (0.07 - 0.05)
+        assert scheduler_value('linear', 1.0, 0.5, step, 11) == 1.0 + step * (0.5 - 1.0) / 11
     sce = tiny_sce(steps_per_epoch=10, epochs=4, warmup_epoch_coeff=2, scheduler_coeff='cosine',
                    warmup_epoch_temp_m=1, start_warmup_temp_m=0.1)
     sce.global_step = 0

@@ -156,10 +156,6 @@ ROWS = {
     'spark_45ep': Row(f'SparK {SPARK_MODEL}, LAMB beta2 0, lr 1.6e-3, 45 epochs', f'{BETA2_0} --base_lr 3.2e-3 --ep 45',
                       group='SparK', timed=False),
     'spark_beta2': Row(f'SparK {SPARK_MODEL}, LAMB beta2 0.95', '--ada 0.95', group='SparK', timed=False),
-    'spark_beta2_finetune_1': Row(f'SparK {SPARK_MODEL}, LAMB beta2 0.95, fine-tuned', labels=1, group='SparK',
-                                  source='spark_beta2'),
-    'spark_beta2_finetune_100': Row(f'SparK {SPARK_MODEL}, LAMB beta2 0.95, fine-tuned', labels=100, group='SparK',
-                                    source='spark_beta2'),
     'spark_random': Row(f'{SPARK_MODEL}, random weights', encoder='random', group='SparK'),
     'finetune_1': Row('LocalMIM ViT-Tiny/16, fine-tuned', labels=1),
     'scratch_1': Row('ViT-Tiny/16 from scratch', encoder='random', labels=1),
@@ -170,6 +166,10 @@ ROWS = {
                          finetune_flags=LINPROBE + ' --blr 0.1'),
     'linprobe_adamw': Row('LocalMIM ViT-Tiny/16, run_finetune.py --linprobe --opt adamw (lr 1e-3, batch 64)',
                           labels=100, finetune_flags=LINPROBE + ' --opt adamw --blr 4e-3'),
+    'spark_beta2_finetune_1': Row(f'SparK {SPARK_MODEL}, LAMB beta2 0.95, fine-tuned', labels=1, group='SparK',
+                                  source='spark_beta2'),
+    'spark_beta2_finetune_100': Row(f'SparK {SPARK_MODEL}, LAMB beta2 0.95, fine-tuned', labels=100, group='SparK',
+                                    source='spark_beta2'),
     'spark_finetune_1': Row(f'SparK {SPARK_MODEL}, LAMB beta2 0, fine-tuned', labels=1, group='SparK'),
     'spark_scratch_1': Row(f'{SPARK_MODEL} from scratch', encoder='random', labels=1, group='SparK'),
     'spark_finetune_100': Row(f'SparK {SPARK_MODEL}, LAMB beta2 0, fine-tuned', labels=100, group='SparK'),
@@ -361,15 +361,18 @@ def cell(values, digits=1):
 def table(results):
     lines = ['| row | seeds | 20-NN top-1 (%) | linear probe top-1 (%) | linear probe, 2x2 grid (%) | pretraining (min) '
              '| vs LocalMIM time | vs LocalMIM FLOPs |', '|---|---|---|---|---|---|---|---|']
-    base_time = mean_std([r['pretrain_seconds'] for r in results.get('localmim', {}).values()])[0]
+    base = results.get('localmim', {})
     for name, row in ROWS.items():
         runs = list(results.get(name, {}).values())
         if not runs or row.labels is not None or row.slak_flags is not None or row.group == 'SCE':
             continue
         minutes = [r['pretrain_seconds'] / 60 if r['pretrain_seconds'] else None for r in runs]
         saving = '-'
-        if base_time and row.group == 'FreezeOut':
-            saving = f'{100 * (mean_std([r["pretrain_seconds"] for r in runs])[0] / base_time - 1):+.1f}%'
+        if row.group == 'FreezeOut':  # against LocalMIM of the same seed: runs of another sitting may be on another CPU
+            changes = [100 * (r['pretrain_seconds'] / base[seed]['pretrain_seconds'] - 1)
+                       for seed, r in results[name].items() if r['pretrain_seconds']
+                       and (base.get(seed) or {}).get('pretrain_seconds')]
+            saving = f'{cell(changes)}%' if changes else '-'
         flops = runs[0].get('flops_saving')
         grid = 'all pixels' if row.encoder == 'pixels' else cell([r.get('grid_linear_top1') for r in runs])
         lines.append(f'| {row.title} | {len(runs)} | {cell([r["knn_top1_k20"] for r in runs])} | '

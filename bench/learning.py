@@ -101,7 +101,7 @@ class Encoder:
 
 # The pretrained encoders of the SparK rows and of every other image row.
 ENCODERS = {'LocalMIM': Encoder('localmim', 'checkpoint-last.pth', 'vit_tiny_patch16', INPUT_SIZE),
-            'SparK': Encoder('spark', f'{SPARK_MODEL}_still_pretraining.pth', SPARK_MODEL, SPARK_SIZE)}
+            'SparK': Encoder('spark_beta2', f'{SPARK_MODEL}_still_pretraining.pth', SPARK_MODEL, SPARK_SIZE)}
 
 
 @dataclass
@@ -170,9 +170,11 @@ ROWS = {
                                   source='spark_beta2'),
     'spark_beta2_finetune_100': Row(f'SparK {SPARK_MODEL}, LAMB beta2 0.95, fine-tuned', labels=100, group='SparK',
                                     source='spark_beta2'),
-    'spark_finetune_1': Row(f'SparK {SPARK_MODEL}, LAMB beta2 0, fine-tuned', labels=1, group='SparK'),
+    'spark_finetune_1': Row(f'SparK {SPARK_MODEL}, LAMB beta2 0, fine-tuned', labels=1, group='SparK',
+                           source='spark'),
     'spark_scratch_1': Row(f'{SPARK_MODEL} from scratch', encoder='random', labels=1, group='SparK'),
-    'spark_finetune_100': Row(f'SparK {SPARK_MODEL}, LAMB beta2 0, fine-tuned', labels=100, group='SparK'),
+    'spark_finetune_100': Row(f'SparK {SPARK_MODEL}, LAMB beta2 0, fine-tuned', labels=100, group='SparK',
+                             source='spark'),
     'spark_scratch_100': Row(f'{SPARK_MODEL} from scratch', encoder='random', labels=100, group='SparK'),
     'spark_sqrtlr_finetune_1': Row(f'SparK {SPARK_MODEL}, LAMB beta2 0, lr 5.7e-4, fine-tuned', labels=1, group='SparK',
                                    source='spark_sqrtlr'),

@@ -19,8 +19,10 @@ def work(tmp_path, monkeypatch):
     """A work folder whose localmim and SparK rows (seed 0) have pretrained; the data folders are only named."""
     monkeypatch.setattr(learning, 'train_subset', lambda per_class: tmp_path / f'train{per_class}')
     monkeypatch.setattr(learning, 'fashion_mnist_clips', lambda per_class: tmp_path / f'clips{per_class}')
+    monkeypatch.setattr(learning, 'DOCS', tmp_path / 'docs')  # no results.json: only what the test writes
     spark = 'your_convnet_32px_still_pretraining.pth'
-    pretrained = {'localmim', 'spark'} | {row.source for row in learning.ROWS.values() if row.source}
+    pretrained = {e.row for e in learning.ENCODERS.values()} | {row.source for row in learning.ROWS.values()
+                                                                if row.source}
     for row in pretrained:
         name = spark if row.startswith('spark') else 'checkpoint-last.pth'
         checkpoint = tmp_path / 'work' / row / 'seed0' / 'pretrain' / name
@@ -53,15 +55,36 @@ def test_fine_tuning_starts_from_the_localmim_row_and_scratch_does_not(work):
 
 
 def test_spark_rows_score_and_fine_tune_the_spark_rows_encoder(work):
-    spark = str(work / 'spark' / 'seed0' / 'pretrain' / 'your_convnet_32px_still_pretraining.pth')
-    (_, tuned, _), = learning.commands('spark_finetune_1', 0, work, Path('data'))
+    checkpoint = lambda row: str(work / row / 'seed0' / 'pretrain' / 'your_convnet_32px_still_pretraining.pth')  # noqa
+    (_, tuned, _), = learning.commands('spark_beta2_finetune_1', 0, work, Path('data'))
+    (_, tuned_beta2_0, _), = learning.commands('spark_finetune_1', 0, work, Path('data'))
     (_, scratch, _), = learning.commands('spark_scratch_100', 0, work, Path('data'))
     random_eval = learning.commands('spark_random', 0, work, Path('data'))[0][1]
-    assert tuned[tuned.index('--finetune') + 1] == spark and random_eval[2] == spark and '--random_init' in random_eval
+    assert tuned[tuned.index('--finetune') + 1] == checkpoint('spark_beta2')
+    assert tuned_beta2_0[tuned_beta2_0.index('--finetune') + 1] == checkpoint('spark')
+    assert random_eval[2] == checkpoint('spark_beta2') and '--random_init' in random_eval  # its architecture only
     assert tuned[tuned.index('--model') + 1] == scratch[scratch.index('--model') + 1] == 'your_convnet_32px'
     assert '--finetune' not in scratch and scratch[scratch.index('--data_path') + 1].endswith('train1000')
-    (what, pretrain, _), *evals = learning.commands('spark', 0, work, Path('data'))
-    assert pretrain[1] == 'main_spark.py' and all(argv[2] == spark for _, argv, _ in evals)
+    for row, ada in (('spark', 1e-9), ('spark_beta2', 0.95)):
+        (what, pretrain, _), *evals = learning.commands(row, 0, work, Path('data'))
+        args = importlib.import_module('main_spark').get_args_parser().parse_args(pretrain[2:])
+        assert pretrain[1] == 'main_spark.py' and args.ada == ada
+        assert all(argv[2] == checkpoint(row) for _, argv, _ in evals)
+
+
+def test_rows_in_results_json_stay_when_their_work_folder_is_gone(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(learning, 'DOCS', tmp_path)
+    entry = {'knn_top1_k20': 81.3, 'linear_top1': 83.0, 'commands': ['python eval_knn.py pixels']}
+    (tmp_path / 'results.json').write_text(json.dumps({'pixels': {'0': entry}, 'no_such_row': {'0': entry}}))
+    assert learning.collect(tmp_path / 'work', Path('data')) == {'pixels': {0: entry}}
+    ran = []
+    monkeypatch.setattr(learning, 'run_row', lambda *a: ran.append(a))
+    monkeypatch.setattr(learning, 'report', lambda *a: None)
+    monkeypatch.setattr(learning, 'train_subset', lambda per_class: tmp_path / 'data')
+    monkeypatch.setattr(sys, 'argv', ['learning.py', '--rows', 'pixels', '--seeds', '0', '1', '--work',
+                                      str(tmp_path / 'work')])
+    learning.main()
+    assert [a[:2] for a in ran] == [('pixels', 1)] and 'pixels seed 0: in' in capsys.readouterr().out
 
 
 def test_a_spark_variant_pretrains_with_its_flags_and_its_fine_tuning_reads_it(work):

@@ -62,9 +62,8 @@ def sce_loss(q, k, queue, coeff, temp, temp_m, k_global=None, use_keys=False, ra
 
 
 def scheduler_value(kind, start, end, step, max_step):
-    """`kind` in {None, 'linear', 'cosine'} from start (step 0) to end (step max_step), held there after. The
-    arithmetic is eztorch's (utils.scheduler_value), so float64 runs agree to the last bit: a warmup value that
-    differs by one rounding grows to 1e-9 in the weights within a few LARS steps. The official 'linear' runs
+    """`kind` in {None, 'linear', 'cosine'} from start (step 0) to end (step max_step), held there after, with
+    eztorch's arithmetic (utils.scheduler_value), so the values agree to the last bit. The official 'linear' runs
     backwards when end > start; this one does not."""
     if kind is None:
         return start

@@ -164,12 +164,11 @@ def main():
     same = [all(torch.equal(a[n], b[n]) for n in names) for a, b in zip([their_init] + their_events,
                                                                          [our_init] + our_events)]
     print('masks equal at init and after each event:', same)
-    differences = {}
-    for label, a, b in (('weights and BN statistics', theirs.state_dict(), ours.state_dict()),
-                        ('EMA', ema.ema.state_dict(), our_ema.ema.state_dict() if hasattr(our_ema, 'ema')
-                         else our_ema.state_dict())):
-        differences[label] = max(float((a[k].double() - b[k].double()).abs().max() / max(float(a[k].double().abs().max()), 1.0))
-                                 for k in a if k in b and a[k].is_floating_point())
+    def difference(a, b):  # over the tensors of two state dicts, relative to max(scale, 1)
+        return max(float((a[k].double() - b[k].double()).abs().max() / max(float(a[k].double().abs().max()), 1.0))
+                   for k in a if a[k].is_floating_point())
+    differences = {'weights and BN statistics': difference(theirs.state_dict(), ours.state_dict()),
+                   'EMA': difference(ema.ema.state_dict(), our_ema.module.state_dict())}
     print('largest difference at the end (relative to max(scale, 1)): ' +
           ', '.join(f'{k} {v:.1e}' for k, v in differences.items()))
 

@@ -53,6 +53,24 @@ def test_cache_returns_exactly_the_recomputed_prefix(tmp_path, on_disk):
     assert loss_cached.item() == loss_fresh.item()
 
 
+def test_a_batch_with_new_samples_computes_only_theirs(monkeypatch):
+    """Stored samples stay served when the batch also holds samples never stored: only the new ones run the prefix
+    from the image (at the start of each epoch after the first freeze, most batches mix both)."""
+    model, _, _ = frozen_tiny(5)
+    model.double()
+    cache = FrozenPrefixCache(model, seed=0, max_bytes=2 ** 30)
+    imgs = torch.randn(4, 3, 32, 32, dtype=torch.float64)
+    cache.forward_kwargs(imgs[[0, 2]], torch.tensor([7, 3]), 0.75)
+    computed = []
+    real_prefix = model.forward_prefix
+    monkeypatch.setattr(model, 'forward_prefix', lambda imgs, *a: computed.append(len(imgs)) or real_prefix(imgs, *a))
+    out = cache.forward_kwargs(imgs, torch.tensor([7, 9, 3, 4]), 0.75)
+    assert computed == [2] and (cache.hits, cache.misses) == (2, 4) and len(cache.entries) == 4
+    fresh = real_prefix(imgs, 0.75, out['noise'])
+    torch.testing.assert_close(out['prefix'][0], fresh[0], rtol=1e-12, atol=1e-12)
+    assert all(torch.equal(a, b) for a, b in zip(out['prefix'][1:], fresh[1:]))
+
+
 @pytest.mark.parametrize('dtype, amp, on_disk', [(torch.float64, False, False), (torch.float32, False, True),
                                                  (torch.float32, True, False)])
 def test_a_deeper_depth_carries_the_stored_prefixes_on_and_equals_a_full_recomputation(tmp_path, dtype, amp, on_disk):

@@ -119,25 +119,29 @@ class FrozenPrefixCache(SampleStore):
             self.seed * _SEED_STRIDE + int(i) + 1)) for i in indices]).to(device)
 
     def forward_kwargs(self, samples, indices, mask_ratio):
-        """Model inputs for a batch: the fixed noise and, once units are frozen, the frozen prefix (stored, carried
-        on from a shallower stored depth, or computed when a sample of the batch has none)."""
+        """Model inputs for a batch: the fixed noise and, once units are frozen, the frozen prefix. Each sample's is
+        served as stored, carried on from a shallower stored depth, or computed from the image (only the samples of
+        the batch that have none: a few new samples must not cost the whole batch's prefix)."""
         noise = self.noise(indices, samples.device)
         depth = self.model.frozen_units
         if depth == 0:
             return {'noise': noise}
         self.set_depth(depth)
         indices = [int(i) for i in indices]
-        if all(index in self.entries for index in indices):
-            self.hits += len(indices)
-            cached = self.load_current(
-                indices, lambda tokens, stored: self.model.advance_frozen(tokens.to(samples.device), stored, depth))
-            prefix = tuple(torch.stack([c[j] for c in cached]).to(samples.device) for j in range(3))
-        else:
-            self.misses += len(indices)
-            prefix = self.model.forward_prefix(samples, mask_ratio, noise)
-            for row, index in enumerate(indices):
-                if self.entries.get(index, (None,))[0] != depth:
-                    self.store(index, tuple(t[row] for t in prefix))
+        rows = self.load_current(
+            indices, lambda tokens, stored: self.model.advance_frozen(tokens.to(samples.device), stored, depth))
+        missing = [row for row, entry in enumerate(rows) if entry is None]
+        self.hits, self.misses = self.hits + len(indices) - len(missing), self.misses + len(missing)
+        if missing:
+            every = len(missing) == len(indices)
+            fresh = self.model.forward_prefix(samples if every else samples[missing], mask_ratio,
+                                              noise if every else noise[missing])
+            for j, row in enumerate(missing):
+                rows[row] = tuple(t[j] for t in fresh)
+                self.store(indices[row], rows[row])
+            if every:
+                return {'noise': noise, 'prefix': fresh}
+        prefix = tuple(torch.stack([r[j] for r in rows]).to(samples.device) for j in range(3))
         return {'noise': noise, 'prefix': prefix}
 
     def compute_loss(self, mask_ratio):

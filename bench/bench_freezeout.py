@@ -15,8 +15,13 @@ and the epochs of an equal-cost baseline (how to compare with it: docs/FREEZEOUT
 --feature_masking also times, per depth, a step of the exact cache (--freeze_cache) served from the cache,
 a step of feature masking served from its store, and the extra work of a store miss (the frozen prefix on
 all tokens), and predicts the whole-run saving of plain FreezeOut, the exact cache and feature masking
-for cubic t_0 0.8 and linear t_0 0.5 (the first epoch at each depth counted as misses, the rest as hits:
-the store must hold the data set, see docs/FREEZEOUT.md).
+for cubic t_0 0.8 and linear t_0 0.5 (bench/freezeout_scaling.py: stored samples carried on to deeper depths,
+the stores of each process, the samplers). --flops_only counts without timing (ViT-B on a CPU). Under torchrun
+the steps are DDP steps (gloo on CPU), the model re-wrapped at each freeze as in training, so the all-reduce of
+the trainable parameters is in every measured step:
+
+    OMP_NUM_THREADS=1 torchrun --nproc_per_node 2 bench/bench_freezeout.py --model MIM_vit_tiny_patch16 \
+        --input_size 64 --batch_size 16 --feature_masking --threads 1 --rounds 3
 """
 import contextlib
 import json
@@ -34,7 +39,10 @@ import models  # noqa: E402,F401  (registers MIM_vit_*)
 from torch.utils import flop_counter  # noqa: E402
 
 from bench.bench_pretrain import CPU_SDPA_FLOPS, count_step_flops, finish_args, step_parser, training_step  # noqa
+from bench.freezeout_scaling import run_savings  # noqa: E402
+from util.dist import get_world_size, is_main_process  # noqa: E402
 from util.freezeout.feature_masking import FeatureMasking  # noqa: E402
+from util.runtime import attach_ddp  # noqa: E402
 from util.freezeout.schedule import SCALE_FNS, FreezeOut, FreezeOutSchedule  # noqa: E402
 
 
@@ -48,6 +56,7 @@ def get_args():
     p.add_argument('--steps_per_epoch', type=int, default=1000, help='only for the step counts printed')
     p.add_argument('--feature_masking', action='store_true', help='also time the exact cache and feature masking')
     p.add_argument('--feature_target', choices=['hog', 'features', 'both'], default='hog')
+    p.add_argument('--flops_only', action='store_true', help='count FLOPs, time nothing (e.g. ViT-B on a CPU)')
     return finish_args(p.parse_args())
 
 
@@ -81,6 +90,15 @@ def time_steps(step, n, device):
     return times
 
 
+def median_seconds(step, args, device):
+    """The median seconds of args.steps steps after args.warmup untimed ones (None with --flops_only)."""
+    if args.flops_only:
+        return None
+    for _ in range(args.warmup):
+        step()
+    return statistics.median(time_steps(step, args.steps, device))
+
+
 def sweep(args, device, count_flops):
     """A fresh model frozen deeper and deeper: one row per depth (FLOPs only when count_flops)."""
     model = timm.create_model(args.model, img_size=args.input_size)
@@ -93,6 +111,7 @@ def sweep(args, device, count_flops):
     groups = freezeout.param_groups(0.05)
     trainer, imgs, step = training_step(model, groups, args, device)
     masking = FeatureMasking(freezeout, args.mask_ratio, 0) if args.feature_masking else None
+    attach_ddp(trainer, device, freezeout)  # under torchrun: re-wrapped at each freeze, as run_pretrain.py does
     optimizer = trainer.optimizer
     if args.compile:  # each depth recompiles (requires_grad, no-grad prefix): keep dynamo from giving up
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 4 * num_units)
@@ -106,13 +125,13 @@ def sweep(args, device, count_flops):
                 freezeout.freeze(optimizer, k)
         # model.forward: eager even after model.compile(), so FlopCounterMode sees every op
         flops = count_step_flops(model.forward, trainer, imgs, args.mask_ratio) if count_flops else None
-        for _ in range(args.warmup):
-            step()
         rows.append({'frozen': k, 'active_units': num_units - k, 'active_stages': len(model.active_stages()),
-                     'flops': flops, 's_per_step': statistics.median(time_steps(step, args.steps, device))})
+                     'trainable_params': sum(p.numel() for p in model.parameters() if p.requires_grad),
+                     'flops': flops, 's_per_step': median_seconds(step, args, device)})
         if masking:
             rows[-1].update(time_stored_paths(model, trainer, masking, imgs, args, device, rows[-1], count_flops))
-        print(f"depth {k:2d}: {rows[-1]['s_per_step']:.4f} s/step", flush=True)
+        if not args.flops_only and is_main_process():
+            print(f"depth {k:2d}: {rows[-1]['s_per_step']:.4f} s/step", flush=True)
     return rows, schedule, trainer.fused
 
 
@@ -130,12 +149,10 @@ def time_stored_paths(model, trainer, masking, imgs, args, device, row, count_fl
     def timed(kwargs):
         def step():
             with trainer.autocast():
-                loss, _ = model(imgs, mask_ratio=args.mask_ratio, **kwargs())
+                loss, _ = trainer.model(imgs, mask_ratio=args.mask_ratio, **kwargs())
             trainer.backward(loss)
             trainer.step()
-        for _ in range(args.warmup):
-            step()
-        return statistics.median(time_steps(step, args.steps, device))
+        return median_seconds(step, args, device)
 
     def store():
         with trainer.autocast():
@@ -159,51 +176,20 @@ def time_stored_paths(model, trainer, masking, imgs, args, device, row, count_fl
             'fm_store_flops': counter.get_total_flops() if count_flops else None,
             'cache_hit_s': timed(lambda: {'prefix': prefix}),
             'fm_hit_s': timed(fm_kwargs),
-            'fm_store_s': statistics.median(time_steps(store, args.steps, device))}
+            'fm_store_s': median_seconds(store, args, device)}
 
 
-def stored_savings(rows, epochs, warmup_epochs, unit='s'):
-    """Whole-run saving vs the depth-0 step of plain FreezeOut, the exact cache and feature masking, for the
-    schedules of the user's plan, from the per-step seconds (unit 's') or FLOPs ('flops'). The first epoch
-    (at most) at each depth >= 1 is a store miss."""
-    rows = [{**r, **{k[:-len(unit) - 1]: v for k, v in r.items() if k.endswith(f'_{unit}')}} for r in rows]
-    for r in rows:
-        r['exact'] = r['s_per_step'] if unit == 's' else r['flops']
-    t0, out = rows[0]['exact'], {}
-    for how, t_0 in (('cubic', 0.8), ('linear', 0.5)):
-        schedule = FreezeOutSchedule(len(rows), how, t_0, epochs, warmup_epochs, 1e-4, 0.0)
-        cost = {'freezeout': 0.0, 'exact_cache': 0.0, 'feature_masking': 0.0}
-        for r, f in zip(rows, depth_fractions(schedule)):
-            miss = min(1.0, f * epochs) / epochs if r['frozen'] else 0.0
-            cost['freezeout'] += f * r['exact']
-            cost['exact_cache'] += miss * r['exact'] + (f - miss) * r['cache_hit']
-            cost['feature_masking'] += miss * (r['fm_hit'] + r['fm_store']) + (f - miss) * r['fm_hit']
-        out[f'{how}_t0_{t_0}'] = {name: 1 - c / t0 for name, c in cost.items()}
-    return out
-
-
-def main():
-    args = get_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    # Rounds: a fresh model each, frozen 0, 1, 2, ...; per depth the best round's median is kept, since
-    # a round caught by a passing load spike (shared machine) can only read slower.
-    sweeps = [sweep(args, device, count_flops=r == 0) for r in range(args.rounds)]
-    (rows, schedule, fused), frac = sweeps[0], depth_fractions(sweeps[0][1])
-    for k, r in enumerate(rows):
-        r['s_per_step_rounds'] = [s[0][k]['s_per_step'] for s in sweeps]
-        r['s_per_step'] = min(r['s_per_step_rounds'])
-        for name in ('cache_hit_s', 'fm_hit_s', 'fm_store_s') if args.feature_masking else ():  # FLOPs: round 0
-            r[name] = min(s[0][k][name] for s in sweeps)
-        r['gflop_per_image'], r['run_fraction'] = r['flops'] / args.batch_size / 1e9, frac[k]
+def print_timed(args, rows, schedule, device):
+    """Prints the measured and modelled seconds per step at every depth and the predicted savings; returns them for
+    the JSON."""
     t0, f0, tl, fl = rows[0]['s_per_step'], rows[0]['flops'], rows[-1]['s_per_step'], rows[-1]['flops']
     # Affine refinement: a constant per-step term c fitted on the shallowest and the deepest depth,
     # time_k = c + (time_0 - c) * flops_k / flops_0. c > 0: fixed overheads (optimizer, launches);
     # c < 0: what freezing skips costs more than its FLOPs say (e.g. the HOG targets of skipped stages).
     c = (tl * f0 - t0 * fl) / (f0 - fl)
-    print(f'\n{args.model} | {args.input_size}px | batch {args.batch_size} | {args.amp} | {device} | '
-          f"{'compiled' if args.compile else 'eager'} | median of {args.steps} steps, best of {args.rounds} round(s)")
+    print(f'\n{args.model} | {args.input_size}px | batch {args.batch_size} | {args.amp} | {device} x '
+          f"{get_world_size()} | {'compiled' if args.compile else 'eager'} | median of {args.steps} steps, best of "
+          f'{args.rounds} round(s)')
     print(' k  units stages  GFLOP/img  meas s/step  FLOP s/step  err %  affine s/step  err %   run %     steps')
     for r in rows:
         r['flop_model_s'], r['affine_model_s'] = t0 * r['flops'] / f0, c + (t0 - c) * r['flops'] / f0
@@ -212,7 +198,6 @@ def main():
         print(f"{r['frozen']:2d} {r['active_units']:6d} {r['active_stages']:6d} {r['gflop_per_image']:10.3f} "
               f"{r['s_per_step']:12.4f} {r['flop_model_s']:12.4f} {err[0]:6.1f} {r['affine_model_s']:14.4f} "
               f"{err[1]:6.1f} {100 * r['run_fraction']:7.2f} {steps:9.0f}")
-
     saving = {'measured': 1 - sum(r['run_fraction'] * r['s_per_step'] for r in rows) / t0,
               'flop_model': 1 - sum(r['run_fraction'] * r['flops'] for r in rows) / f0,
               'analytic_encoder_beta2': analytic_saving(schedule)}
@@ -226,29 +211,63 @@ def main():
           f'(about 14.5% for 12 blocks, cubic 0.8, 10/100 warmup)\n'
           f'(d) equal-cost baseline: {equal_epochs:.1f} epochs '
           f'(warmup {args.warmup_epochs * equal_epochs / args.epochs:.1f} epochs keeps the warmup fraction)')
-    stored = None
-    if args.feature_masking:
-        print('\n k  exact s/step  exact-cache hit  feature-masking hit  store miss extra  (s/step)')
+    return {'saving': saving, 'equal_cost_epochs': equal_epochs, 'affine_term_s': c}
+
+
+def print_stored(args, rows):
+    """The per-depth costs of the stored paths and the whole-run savings of the README's schedules (rank-sticky and,
+    on several processes, the standard sampler): {unit: {sampler: {schedule: {variant: saving}}}}."""
+    units = ('flops',) if args.flops_only else ('s', 'flops')
+    for unit in units:
+        print(f"\n k  {'s/step' if unit == 's' else 'GFLOP/img'}: exact  exact-cache hit  feature-masking hit  "
+              'store miss extra')
+        scale = 1 if unit == 's' else args.batch_size * 1e9
         for r in rows:
-            print(f"{r['frozen']:2d} {r['s_per_step']:13.4f} {r['cache_hit_s']:16.4f} {r['fm_hit_s']:20.4f} "
-                  f"{r['fm_store_s']:17.4f}")
-        print(' k  GFLOP/img: exact  exact-cache hit  feature-masking hit  store miss extra')
-        for r in rows:
-            print(f"{r['frozen']:2d} {r['flops'] / args.batch_size / 1e9:17.3f} "
-                  f"{r['cache_hit_flops'] / args.batch_size / 1e9:16.3f} "
-                  f"{r['fm_hit_flops'] / args.batch_size / 1e9:20.3f} "
-                  f"{r['fm_store_flops'] / args.batch_size / 1e9:17.3f}")
-        stored = {unit: stored_savings(rows, args.epochs, args.warmup_epochs, unit) for unit in ('s', 'flops')}
-        for unit, by_schedule in stored.items():
-            for name, s in by_schedule.items():
-                print(f"predicted saving ({'measured s/step' if unit == 's' else 'FLOP model'}), {name} "
-                      f'({args.epochs:g} epochs, {args.warmup_epochs:g} warmup): ' +
-                      ', '.join(f'{k} {v:.1%}' for k, v in s.items()))
+            print(f"{r['frozen']:2d} {(r['s_per_step'] if unit == 's' else r['flops']) / scale:17.4f} "
+                  f"{r[f'cache_hit_{unit}'] / scale:16.4f} {r[f'fm_hit_{unit}'] / scale:20.4f} "
+                  f"{r[f'fm_store_{unit}'] / scale:17.4f}")
+    n = get_world_size()
+    stored = {unit: {sampler: run_savings(rows, args.epochs, args.warmup_epochs, unit, n, sampler)
+                     for sampler in (('sticky', 'standard') if n > 1 else ('sticky',))} for unit in units}
+    for unit, by_sampler in stored.items():
+        for sampler, by_schedule in by_sampler.items():
+            for name, saving in by_schedule.items():
+                print(f"predicted saving ({'measured s/step' if unit == 's' else 'FLOP model'}, {n} process(es), "
+                      f"{'rank-sticky' if sampler == 'sticky' else 'standard'} sampler), {name} ({args.epochs:g} "
+                      f'epochs, {args.warmup_epochs:g} warmup): ' + ', '.join(f'{k} {v:.1%}' for k, v in saving.items()))
+    return stored
+
+
+def main():
+    args = get_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if int(os.environ.get('WORLD_SIZE', 1)) > 1:  # torchrun: DDP steps, the gradients all-reduced as in training
+        if device.type == 'cuda':
+            device = torch.device('cuda', int(os.environ['LOCAL_RANK']))
+            torch.cuda.set_device(device)
+        torch.distributed.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
+    # Rounds: a fresh model each, frozen 0, 1, 2, ...; per depth the best round's median is kept, since
+    # a round caught by a passing load spike (shared machine) can only read slower.
+    sweeps = [sweep(args, device, count_flops=r == 0) for r in range(args.rounds)]
+    (rows, schedule, fused), frac = sweeps[0], depth_fractions(sweeps[0][1])
+    for k, r in enumerate(rows):
+        if not args.flops_only:
+            r['s_per_step_rounds'] = [s[0][k]['s_per_step'] for s in sweeps]
+            r['s_per_step'] = min(r['s_per_step_rounds'])
+            for name in ('cache_hit_s', 'fm_hit_s', 'fm_store_s') if args.feature_masking else ():  # FLOPs: round 0
+                r[name] = min(s[0][k][name] for s in sweeps)
+        r['gflop_per_image'], r['run_fraction'] = r['flops'] / args.batch_size / 1e9, frac[k]
+    if not is_main_process():
+        return
+    res = {} if args.flops_only else print_timed(args, rows, schedule, device)
+    stored = print_stored(args, rows) if args.feature_masking else None
     if args.json:
         cuda = device.type == 'cuda'
-        res = {**vars(args), 'stored_path_savings': stored, 'device': torch.cuda.get_device_name(device) if cuda
-               else f'cpu ({torch.get_num_threads()} threads)', 'fused_adamw': fused, 'affine_term_s': c,
-               'depths': rows, 'saving': saving, 'equal_cost_epochs': equal_epochs, 'torch': torch.__version__}
+        res = {**vars(args), **res, 'stored_path_savings': stored, 'world_size': get_world_size(),
+               'device': torch.cuda.get_device_name(device) if cuda else f'cpu ({torch.get_num_threads()} threads)',
+               'fused_adamw': fused, 'depths': rows, 'torch': torch.__version__}
         with open(args.json, 'a') as f:
             f.write(json.dumps(res) + '\n')
 

@@ -111,7 +111,7 @@ def training_step(model, groups, args, device):
 
     def step():
         with trainer.autocast():
-            loss, _ = model(imgs, mask_ratio=args.mask_ratio)
+            loss, _ = trainer.model(imgs, mask_ratio=args.mask_ratio)
         trainer.backward(loss)
         trainer.step()
     return trainer, imgs, step

@@ -56,6 +56,18 @@ def free_port():
         return s.getsockname()[1]
 
 
+def freezeout_ddp_command(args):
+    """bench_freezeout.py over 2 GPUs (DDP, frozen parameters out of the all-reduce), or why it is skipped."""
+    import torch
+    if args.device != 'cuda' or torch.cuda.device_count() < 2:
+        return 'needs 2 GPUs; on CPU: torchrun --nproc_per_node 2 bench/bench_freezeout.py (gloo), docs/FREEZEOUT.md'
+    size = ['--model', 'MIM_vit_tiny_patch16', '--input_size', '32', '--batch_size', '2'] if args.quick else \
+        ['--batch_size', '128', '--amp', 'bf16']
+    return [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', f'--master_port={free_port()}',
+            str(BENCH / 'bench_freezeout.py'), *size, '--feature_masking', '--warmup', '3', '--steps', '8',
+            '--json', '{tmp}/result.jsonl']
+
+
 def plan(args):
     """[(name, kind, command or skip reason, parallel)]: every step of the suite, in order."""
     py, dev = sys.executable, ['--device', args.device]
@@ -72,6 +84,7 @@ def plan(args):
             steps.append((name, 'ddp', [py, '-m', 'torch.distributed.run', '--nproc_per_node=2',
                                         f'--master_port={free_port()}', str(BENCH / 'suite_scripts.py'), '--launch',
                                         script, *flags.split(), '--device', 'cuda', out_flag, '{tmp}/out'], True))
+    steps.append(('ddp/freezeout', 'ddp', freezeout_ddp_command(args), False))
     for case in SPEED_CASES:
         steps.append((f'speed/{case}', 'speed', [py, str(BENCH / 'suite_speed.py'), case, *dev, *quick], False))
         if case in COMPILED_SPEED:

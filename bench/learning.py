@@ -25,6 +25,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+from bench.freezeout_scaling import run_savings  # noqa: E402
 from util.data.fashion_mnist import train_subset  # noqa: E402
 from util.video.fashion_mnist import fashion_mnist_clips  # noqa: E402
 
@@ -333,7 +334,8 @@ def flops_saving(work, flops):
     if path is None or not path.exists():
         return None
     schedule, variant, _ = flops
-    return json.loads(path.read_text().splitlines()[-1])['stored_path_savings']['flops'][schedule][variant]
+    counted = json.loads(path.read_text().splitlines()[-1])
+    return run_savings(counted['depths'], counted['epochs'], counted['warmup_epochs'])[schedule][variant]
 
 
 def large_kernel_nonzeros(checkpoint):

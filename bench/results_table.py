@@ -98,12 +98,36 @@ def speed_table(report):
     return lines
 
 
+def freezeout_table(report):
+    """Whole-run saving of FreezeOut and its stores (README schedules, 100 epochs) from the measured seconds per step
+    at every frozen depth, the FLOP model in brackets: speed/freezeout (1 process) and ddp/freezeout (2 GPUs)."""
+    runs = []
+    for step in report['steps']:
+        if step['status'] == 'ok' and step['name'] == 'speed/freezeout':
+            runs.append((step['what'], 1, step['stored_path_savings']))
+        elif step['status'] == 'ok' and step['name'] == 'ddp/freezeout':
+            runs += [(f"FreezeOut {r['model']}, {r['input_size']} px", r['world_size'], r['stored_path_savings'])
+                     for r in step['results']]
+    if not runs:
+        return []
+    variants = list(runs[0][2]['s']['sticky'][next(iter(runs[0][2]['s']['sticky']))])
+    lines = ['| whole-run saving | processes | sampler | schedule | ' + ' | '.join(variants) + ' |',
+             '|---|---|---|---|' + '---|' * len(variants)]
+    for what, n, savings in runs:
+        for sampler, by_schedule in savings['s'].items():
+            for schedule, measured in by_schedule.items():
+                flops = savings['flops'][sampler][schedule]
+                lines.append(f'| {what} | {n} | {sampler} | {schedule} | ' +
+                             ' | '.join(f'{measured[v]:.1%} ({flops[v]:.1%})' for v in variants) + ' |')
+    return [''] + lines
+
+
 def render(report):
     summary = ', '.join(f'{n} {status}' for status, n in sorted(report.get('summary', {}).items()))
     head = (f"`python bench/gpu_suite.py{' --quick' if report['suite'] == 'quick' else ''}` on "
             f"{report['device_name']} (torch {report['torch']}, commit {report['commit']}, "
             f"{report['started']}): {summary} in {report['seconds']:.0f} s.")
-    return '\n'.join([head, '', *correctness_table(report), '', *speed_table(report)]) + '\n'
+    return '\n'.join([head, '', *correctness_table(report), '', *speed_table(report), *freezeout_table(report)]) + '\n'
 
 
 def replace_between_markers(text, body):

@@ -27,6 +27,7 @@ from torch.utils import flop_counter  # noqa: E402
 
 import models  # noqa: E402,F401  (registers the models)
 from bench import bench_freezeout, bench_pretrain, bench_sce, bench_slak  # noqa: E402
+from bench.freezeout_scaling import run_savings  # noqa: E402
 from util.train_step import TrainStep  # noqa: E402
 
 
@@ -84,15 +85,19 @@ def localmim(args, device):
 
 
 def freezeout(args, device):
+    """Every frozen depth of the README's cubic schedule: the exact step, an exact-cache hit, a feature-masking hit
+    and a store miss, timed and counted, and the whole-run saving of each variant (one process)."""
     model, batch, size = ('MIM_vit_tiny_patch16', 2, 32) if args.quick else ('MIM_vit_base_patch16', 128, 224)
     ns = SimpleNamespace(model=model, input_size=size, batch_size=batch, mask_ratio=0.75, amp=args.amp,
-                         compile=args.compile, device=str(device), warmup=args.warmup, steps=args.steps,
-                         how_scale='cubic', t_0=0.8, epochs=100, warmup_epochs=10, depths=[0, 4, 8, 11],
-                         feature_masking=False)
+                         compile=args.compile, device=str(device), warmup=min(args.warmup, 3), steps=min(args.steps, 8),
+                         how_scale='cubic', t_0=0.8, epochs=100, warmup_epochs=10, feature_masking=True,
+                         feature_target='hog', flops_only=False)
     rows, _, fused = bench_freezeout.sweep(ns, device, count_flops=True)
-    return {'what': f'FreezeOut {model}, {size} px', 'batch_size': batch, 'fused_adamw': fused,
-            'depths': [{'frozen': r['frozen'], 's_per_step': r['s_per_step'], 'active_units': r['active_units'],
-                        'gflop_per_image': r['flops'] / batch / 1e9} for r in rows]}
+    for r in rows:
+        r['gflop_per_image'] = r['flops'] / batch / 1e9
+    savings = {unit: {'sticky': run_savings(rows, ns.epochs, ns.warmup_epochs, unit)} for unit in ('s', 'flops')}
+    return {'what': f'FreezeOut {model}, {size} px', 'batch_size': batch, 'fused_adamw': fused, 'depths': rows,
+            'stored_path_savings': savings}
 
 
 def classifier_step(trainer, model, images, labels):

@@ -14,7 +14,7 @@ import results_table  # noqa: E402
 
 REPORT = {
     'suite': 'full', 'device': 'cuda', 'device_name': 'NVIDIA H100 80GB HBM3', 'torch': '2.9.1', 'commit': 'abc1234',
-    'started': '2026-01-02 03:04:05', 'seconds': 431.6, 'summary': {'ok': 4, 'skipped': 1},
+    'started': '2026-01-02 03:04:05', 'seconds': 431.6, 'summary': {'ok': 4, 'skipped': 2},
     'steps': [
         {'name': 'scripts/localmim', 'kind': 'scripts', 'status': 'ok', 'seconds': 21.4, 'checks': {
             'bf16_resume': {'status': 'ok', 'step': 3, 'resume': {'equal': False, 'relative_drift': 0.00123}},
@@ -31,13 +31,18 @@ REPORT = {
          'batch_size': 256, 'images_per_s': 1234.56, 'ms_per_step': 207.37, 'gflop_per_image': 31.3, 'mfu': 0.391,
          'peak_mem_gib': 41.26},
         {'name': 'speed/freezeout', 'kind': 'speed', 'status': 'ok', 'amp': 'bf16', 'what': 'FreezeOut ViT-B',
-         'batch_size': 128, 'depths': [{'frozen': 0, 's_per_step': 0.1, 'gflop_per_image': 31.3}]},
+         'batch_size': 128, 'depths': [{'frozen': 0, 's_per_step': 0.1, 'gflop_per_image': 31.3}],
+         'stored_path_savings': {
+             's': {'sticky': {'cubic_t0_0.8': {'freezeout': 0.12, 'exact_cache': 0.2, 'feature_masking': 0.19}}},
+             'flops': {'sticky': {'cubic_t0_0.8': {'freezeout': 0.157, 'exact_cache': 0.214,
+                                                   'feature_masking': 0.21}}}}},
+        {'name': 'ddp/freezeout', 'kind': 'ddp', 'status': 'skipped', 'reason': 'needs 2 GPUs'},
         {'name': 'speed/sce+compile', 'kind': 'speed+compile', 'status': 'timeout', 'error': 'no end\nlast line'},
     ]}
 
 EXPECTED = """\
 `python bench/gpu_suite.py` on NVIDIA H100 80GB HBM3 (torch 2.9.1, commit abc1234, 2026-01-02 03:04:05): 4 ok, \
-1 skipped in 432 s.
+2 skipped in 432 s.
 
 | entry script check | 3 steps, stopped + resumed vs straight (bf16; CPU: fp32) | fp16 (GradScaler) | --compile \
 | seconds |
@@ -49,12 +54,17 @@ EXPECTED = """\
 |---|---|---|
 | fp16_inf | ok | inf step skipped: weights unchanged True, skipped 1, scale 65536 -> 32768 |
 | ddp/localmim | skipped | CUDA only |
+| ddp/freezeout | skipped | needs 2 GPUs |
 
 | model | device | batch | dtype | compile | images/s | ms/step | GFLOP/img | MFU | peak memory |
 |---|---|---|---|---|---|---|---|---|---|
 | LocalMIM ViT-B, 224 px | NVIDIA H100 80GB HBM3 | 256 | bf16 | no | 1234.6 | 207.4 | 31.30 | 39.1% | 41.3 GiB |
 | FreezeOut ViT-B, frozen depth 0 | NVIDIA H100 80GB HBM3 | 128 | bf16 | no | 1280.0 | 100.0 | 31.30 | - | - |
 | speed/sce+compile | NVIDIA H100 80GB HBM3 | | | | timeout: last line | | | | |
+
+| whole-run saving | processes | sampler | schedule | freezeout | exact_cache | feature_masking |
+|---|---|---|---|---|---|---|
+| FreezeOut ViT-B | 1 | sticky | cubic_t0_0.8 | 12.0% (15.7%) | 20.0% (21.4%) | 19.0% (21.0%) |
 """
 
 
@@ -99,7 +109,8 @@ def test_cpu_quick_suite_runs_every_step_and_its_checks_hold(tmp_path):
     assert inf['scale_after'] == inf['scale_before'] / 2
     assert steps['slak_routes']['status'] == 'ok'
     assert steps['slak_routes']['worst_relative_error'] <= steps['slak_routes']['tolerance']
-    for name in ('ddp/localmim', 'ddp/sce_syncbn', 'speed/localmim+compile', 'speed/finetune+compile'):
+    for name in ('ddp/localmim', 'ddp/sce_syncbn', 'ddp/freezeout', 'speed/localmim+compile',
+                 'speed/finetune+compile'):
         assert steps[name]['status'] == 'skipped' and steps[name]['reason'], name
     for name in ('speed/localmim', 'speed/freezeout', 'speed/finetune', 'speed/spark_resnet', 'speed/slak',
                  'speed/sce'):
@@ -107,3 +118,4 @@ def test_cpu_quick_suite_runs_every_step_and_its_checks_hold(tmp_path):
     table = subprocess.run([sys.executable, 'bench/results_table.py', str(out)], cwd=REPO, capture_output=True,
                            text=True, check=True).stdout
     assert '| localmim | ok, bitwise | ok, scale' in table and '| fp16_inf | ok |' in table
+    assert '| FreezeOut MIM_vit_tiny_patch16, 32 px | 1 | sticky | cubic_t0_0.8 |' in table

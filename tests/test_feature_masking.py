@@ -54,8 +54,13 @@ def test_resume_across_a_depth_change_equals_uninterrupted_and_pruned_checkpoint
     assert a['extra']['pruned_stages'] == [0, 1]  # stages read blocks 1 and 3: frozen with units 2 and 4
     assert not any(k.startswith(('decoder.0.', 'decoder.1.')) for k in a['model'])
     assert a['model'].keys() == b['model'].keys()
-    assert all(torch.equal(a['model'][k], b['model'][k]) for k in a['model'])
-    assert [e['train_loss'] for e in log_entries(straight)] == [e['train_loss'] for e in log_entries(resumed)]
+    # The resumed run's store starts empty: in epoch 2 it computes the features from the image where the uninterrupted
+    # run carries its stored depth-4 features on through blocks 4-6, equal to float rounding, not bit for bit (2.5e-7
+    # on one CPU, bitwise on another). Other masks in the resumed epoch (another seed) move the weights by 1e-5.
+    for k in a['model']:
+        torch.testing.assert_close(a['model'][k], b['model'][k], rtol=0, atol=1e-6, msg=k)
+    assert [e['train_loss'] for e in log_entries(resumed)] == \
+        pytest.approx([e['train_loss'] for e in log_entries(straight)], rel=1e-5)
     logs = log_entries(straight)
     assert {'train_loss_feat1', 'train_loss_scale1'} <= set(logs[2])
     # fixed views from epoch 1; its two steps store 4 samples each and the store keeps them across the depth change

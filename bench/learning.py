@@ -33,7 +33,7 @@ DOCS = REPO / 'docs' / 'learning'
 BEGIN, END = '<!-- learning:begin -->', '<!-- learning:end -->'  # docs/learning/README.md: the generated table
 PER_CLASS = 1000        # training images per class: 10,000 in all (pretraining, k-NN neighbours, probe)
 INPUT_SIZE = 64         # 28 px upsampled: a 4x4 grid of 16 px patches for the ViT
-PRETRAIN = ('--model MIM_vit_tiny_patch16 --input_size {size} --batch_size 128 --epochs 5 --warmup_epochs 1 '
+PRETRAIN = ('--model MIM_vit_tiny_patch16 --input_size {size} --batch_size {batch} --epochs 5 --warmup_epochs 1 '
             '--blr 1.5e-3 --weight_decay 0.05 --num_workers 1 --device cpu --vis_freq 0')
 # FLOPs of the FreezeOut rows: bench/bench_freezeout.py counts one step's FLOPs at every frozen depth (the stored-path
 # variants too) and sums them over the schedule of these 5 epochs of 78 steps (the count does not depend on the batch).
@@ -117,6 +117,7 @@ class Row:
     source: str = None              # the row whose pretrained encoder it reads (None: its group's encoder row)
     finetune_flags: str = None      # fine-tuning rows: run_finetune.py flags instead of LABELS' batch and epochs
     group: str = 'LocalMIM'
+    processes: int = 1              # pretraining processes (torchrun, gloo), the batch of 128 split between them
     notes: list = field(default_factory=list)
 
 
@@ -140,6 +141,14 @@ ROWS = {
     'feature_masking_both': Row('FreezeOut cubic + --feature_masking (both)',
                                 '--how_scale cubic --t_0 0.8 --feature_masking --feature_target both',
                                 group='FreezeOut', flops=('cubic_t0_0.8', 'feature_masking', 'both')),
+    # Under DDP each process stores its own prefixes: the rank-sticky sampler (--sampler auto with a store) keeps each
+    # sample on one rank so they hit; the standard sampler deals samples to another rank every epoch.
+    'cache_2proc_sticky': Row('FreezeOut cubic + --freeze_cache, 2 processes, rank-sticky sampler',
+                              '--how_scale cubic --t_0 0.8 --freeze_cache --sampler rank_sticky', group='FreezeOut',
+                              processes=2, timed=False),
+    'cache_2proc_standard': Row('FreezeOut cubic + --freeze_cache, 2 processes, standard sampler',
+                                '--how_scale cubic --t_0 0.8 --freeze_cache --sampler standard', group='FreezeOut',
+                                processes=2, timed=False),
     'slak_dense': Row('SLaK-T/4, dense', slak_flags='', group='SLaK'),
     'slak_sparse': Row('SLaK-T/4, 40% sparse (dynamic sparse training)', slak_flags='--sparse --sparsity 0.4',
                        group='SLaK'),
@@ -220,8 +229,11 @@ def commands(name, seed, work, data):
                                          '--exp_name', name, '--exp_dir', str(folder / 'pretrain')),
                       folder / 'pretrain' / 'done'))
     elif row.encoder == 'pretrained':
-        flags = shlex.split(PRETRAIN.format(size=INPUT_SIZE)) + shlex.split(row.pretrain_flags)
-        steps.append(('pretrain', python('run_pretrain.py', *data_flag, *flags, '--seed', str(seed), '--output_dir',
+        flags = shlex.split(PRETRAIN.format(size=INPUT_SIZE, batch=128 // row.processes)) + \
+            shlex.split(row.pretrain_flags)
+        launch = [] if row.processes == 1 else \
+            ['-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', str(row.processes)]
+        steps.append(('pretrain', python(*launch, 'run_pretrain.py', *data_flag, *flags, '--seed', str(seed), '--output_dir',
                                          str(folder / 'pretrain'), '--log_dir', str(folder / 'pretrain')),
                       folder / 'pretrain' / 'done'))
     elif not checkpoint.is_file():

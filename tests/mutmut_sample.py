@@ -12,12 +12,15 @@ sample is applied one at a time to a copy of the repository, and the tests that 
 (all of the module's test files for lines run at import) run until the first failure. Outcomes: killed (a test
 failed), survived (they passed), timed out, not covered (no test runs the line: a survivor too), equivalent
 (listed in tests/mutmut_equivalent.py with the reason it cannot change behaviour; not run). Each survivor is
-printed as a diff. Exit code: the number of modules below --target % killed among their sampled, non-equivalent
-mutants (timeouts count as killed).
+printed as a diff. Outcomes are appended to --results; --reuse skips the mutants it records killed for the same
+source (a rerun after adding tests runs the survivors only). Exit code: the number of modules below --target %
+killed among their sampled, non-equivalent mutants (timeouts count as killed).
 """
 import argparse
 import difflib
+import hashlib
 import importlib.util
+import json
 import os
 import random
 import subprocess
@@ -118,14 +121,39 @@ def run_mutant(copy, tests, timeout):
     return {0: 'survived', 1: 'killed'}.get(done.returncode, 'killed')  # 2-4: the mutant broke the import
 
 
+def earlier_kills(results, file, source):
+    """{mutant index: outcome} of the mutants of this exact `source` of `file` that --results recorded as killed or
+    timed out: tests only grow, so they are not run again; survivors are."""
+    if not results or not Path(results).exists():
+        return {}
+    sha = hashlib.sha256(source.encode()).hexdigest()
+    records = [json.loads(line) for line in Path(results).read_text().splitlines() if line.strip()]
+    return {r['index']: r['outcome'] for r in records
+            if r['file'] == file and r['sha'] == sha and r['outcome'] in ('killed', 'timed out')}
+
+
+def record(results, file, source, index, outcome):
+    if results:
+        Path(results).parent.mkdir(parents=True, exist_ok=True)
+        with open(results, 'a') as out:
+            out.write(json.dumps({'file': file, 'sha': hashlib.sha256(source.encode()).hexdigest(),
+                                  'index': index, 'outcome': outcome}) + '\n')
+
+
 def test_module(copy, file, args, equivalents, deadline):
     path = copy / file
     original = path.read_text()
     mutants = generate(path)
+    earlier = earlier_kills(args.results, file, original) if args.reuse else {}
     sample = sorted(random.Random(f'{args.seed}:{file}').sample(range(len(mutants)), min(args.sample, len(mutants))))
-    start = time.time()
-    lines = coverage_by_line(copy, file, MODULES[file])
-    timeout = max(120.0, 5 * (time.time() - start))
+    covered = {}  # the coverage run, once some sampled mutant needs it: {'lines': ..., 'timeout': ...}
+
+    def covering_tests(line):
+        if not covered:
+            start = time.time()
+            covered['lines'] = coverage_by_line(copy, file, MODULES[file])
+            covered['timeout'] = max(120.0, 5 * (time.time() - start))
+        return covered['lines'].get(line, set())
     counts, survivors = dict.fromkeys(OUTCOMES, 0), []
     for n, index in enumerate(sample):
         if time.time() > deadline:
@@ -133,21 +161,25 @@ def test_module(copy, file, args, equivalents, deadline):
             break
         line, mutated, diff = mutants[index]
         reason = is_equivalent(file, diff, equivalents)
-        tests = lines.get(line, set())
         if reason:
             outcome = 'equivalent'
-        elif not tests:
+        elif index in earlier:
+            outcome = earlier[index]
+        elif not covering_tests(line):
             outcome = 'not covered'
         else:
             path.write_text(mutated)
             try:
-                outcome = run_mutant(copy, tests, timeout)
+                outcome = run_mutant(copy, covering_tests(line), covered['timeout'])
             finally:
                 path.write_text(original)
+        if index not in earlier:
+            record(args.results, file, original, index, outcome)
         counts[outcome] += 1
         if outcome in ('survived', 'not covered'):
             survivors.append((index, outcome, diff))
-        print(f'  #{index:<4} line {line:<5} {outcome:<12} {diff[-1][1:].strip()[:90]}', flush=True)
+        again = ' (earlier run)' if index in earlier else ''
+        print(f'  #{index:<4} line {line:<5} {outcome + again:<12} {diff[-1][1:].strip()[:90]}', flush=True)
     return len(mutants), sum(counts.values()), counts, survivors
 
 
@@ -164,6 +196,11 @@ def main():
     parser.add_argument('--budget', default='40m', help='wall-clock for all modules: 90s, 40m, 2h')
     parser.add_argument('--target', type=float, default=90.0, help='percent of sampled mutants to kill')
     parser.add_argument('--list', action='store_true')
+    parser.add_argument('--results', default=str(REPO / '.cache' / 'mutmut' / 'results.jsonl'),
+                        help='every outcome is appended here (JSON lines: file, sha256 of its source, mutant, outcome)')
+    parser.add_argument('--reuse', action='store_true',
+                        help='take the mutants --results recorded killed for the same source as killed (a later run '
+                             'after adding tests reruns the survivors only)')
     args = parser.parse_args()
     unknown = [m for m in args.modules if m not in MODULES]
     if unknown:
@@ -172,6 +209,7 @@ def main():
         for file in args.modules:
             print(f"{file:36} {', '.join(MODULES[file])}")
         return 0
+    args.results = args.results and str(Path(args.results).resolve())  # the runs chdir into a copy
     equivalents, start = load_equivalents(), time.time()
     deadline, rows = start + parse_budget(args.budget), []
     with tempfile.TemporaryDirectory(prefix='mutmut_') as tmp:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed.run
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / 'bench'))
@@ -37,6 +38,10 @@ def test_every_command_parses(name, work, monkeypatch):
     assert steps
     for _, argv, done in steps:
         assert argv[0] == 'python' and done.is_relative_to(work)
+        if argv[1] == '-m':  # a multi-process row: torchrun's own parser reads the launch
+            assert argv[2] == 'torch.distributed.run'
+            launch = torch.distributed.run.get_args_parser().parse_args(argv[3:])
+            argv = ['python', launch.training_script, *launch.training_script_args]
         if argv[1] == 'bench/bench_freezeout.py':
             monkeypatch.setattr(sys, 'argv', argv[1:])
             assert bench_freezeout.get_args().feature_masking
@@ -52,6 +57,25 @@ def test_fine_tuning_starts_from_the_localmim_row_and_scratch_does_not(work):
                                                        'checkpoint-last.pth')
     assert '--finetune' not in scratch and scratch[scratch.index('--layer_decay') + 1] == '1.0'
     assert tuned[tuned.index('--data_path') + 1].endswith('train10')  # 1% of 1,000 per class
+
+
+def test_two_process_rows_split_the_batch_and_differ_only_in_the_sampler(work):
+    import run_pretrain
+    pretrain_argv = lambda row: next(argv for what, argv, _ in learning.commands(row, 0, work, Path('data'))  # noqa
+                                     if what == 'pretrain')
+    launched = {}
+    for sampler in ('sticky', 'standard'):
+        pretrain = pretrain_argv(f'cache_2proc_{sampler}')
+        launch = torch.distributed.run.get_args_parser().parse_args(pretrain[3:])
+        assert launch.nproc_per_node == '2' and launch.standalone and launch.training_script == 'run_pretrain.py'
+        launched[sampler] = vars(run_pretrain.get_args_parser().parse_args(launch.training_script_args))
+    single = vars(run_pretrain.get_args_parser().parse_args(pretrain_argv('freezeout_cubic_cache')[2:]))
+    assert launched['sticky']['batch_size'] * 2 == single['batch_size'] == 128
+    assert (launched['sticky'].pop('sampler'), launched['standard'].pop('sampler')) == ('rank_sticky', 'standard')
+    differ = {k for k in single if k != 'sampler' and launched['sticky'][k] != single[k]}
+    assert differ == {'batch_size', 'output_dir', 'log_dir'}
+    assert {k for k in launched['sticky'] if launched['sticky'][k] != launched['standard'][k]} == \
+        {'output_dir', 'log_dir'}
 
 
 def test_spark_rows_score_and_fine_tune_the_spark_rows_encoder(work):

@@ -33,16 +33,17 @@ from mutations import REPO, copy_repository
 
 # module -> the test files that exercise it
 MODULES = {
-    'util/train_step.py': ['test_train_step_amp.py', 'test_engine.py', 'test_clip_grad.py'],
-    'engine.py': ['test_engine.py', 'test_engine_comm.py', 'test_engine_finetune.py'],
+    'util/train_step.py': ['test_train_step.py', 'test_train_step_amp.py', 'test_engine.py', 'test_clip_grad.py'],
+    'engine.py': ['test_engine.py', 'test_engine_contract.py', 'test_engine_comm.py', 'test_engine_finetune.py',
+                  'test_preemption.py', 'test_bad_files.py'],
     'util/checkpoint.py': ['test_checkpoint.py', 'test_checkpoint_faults.py'],
     'util/preemption.py': ['test_preemption.py'],
     'util/data/bad_files.py': ['test_bad_files.py'],
     'util/freezeout/schedule.py': ['test_freezeout.py'],
     'util/freezeout/cache.py': ['test_freezeout_cache.py'],
     'util/freezeout/feature_masking.py': ['test_feature_masking.py'],
-    'util/export/read.py': ['test_export.py'],
-    'util/export/formats.py': ['test_export.py'],
+    'util/export/read.py': ['test_export.py', 'test_export_read.py'],
+    'util/export/formats.py': ['test_export.py', 'test_export_read.py'],
     'util/data/user_data.py': ['test_user_data.py'],
     'util/data/fast_image.py': ['test_data_pipeline.py'],
     'util/video/views.py': ['test_video_eval.py', 'test_run_finetune_video.py'],

@@ -226,6 +226,7 @@ def test_spark_files_load_strictly_into_timm(spark_outputs, name, file, tmp):
     files, encoder = spark_outputs[name]
     backbone, lines = exported(files[file], 'timm', tmp / 'cnn.pth')
     assert backbone.timm_name == name
+    assert backbone.what.endswith('SparK pretraining (encoder kept)' if file in ('resume', 'official') else 'encoder')
     state = torch.load(tmp / 'cnn.pth')
     assert_same_tensors({k: v for k, v in state.items() if not k.startswith('head.norm.')}, encoder)
     cnn = timm.create_model(name, num_classes=10)

@@ -32,7 +32,7 @@ def test_schedule_matches_formulas():
     assert sched.lr(3, f3) == 0.0
     for epoch in (0.0, 5.5, 10.0, 37.25, 99.9):
         assert sched.lr(12, epoch) == cosine_lr(epoch, 1e-3, 1e-6, 10, 100)
-    assert [sched.frozen_units(e) for e in (10.0, 55.9, 56.09, sched.freeze_at[5], 99.99)] == [0, 0, 1, 6, 12]
+    assert [sched.frozen_units(e) for e in (10.0, 55.9, 56.09, sched.freeze_at[5], 99.99, 100.0)] == [0, 0, 1, 6, 12, 12]
     scaled = FreezeOutSchedule(13, 'cubic', 0.8, 100, 10, 1e-3, 1e-6, scale_lr=True)
     assert scaled.lr(0, 10.0) == pytest.approx(1e-3 / 0.512) and scaled.lr(0, 5.0) == pytest.approx(0.5e-3 / 0.512)
     flat = FreezeOutSchedule(13, 'linear', 0.5, 100, 10, 1e-3, 1e-6, layerwise=False)
@@ -43,7 +43,7 @@ def test_schedule_matches_formulas():
 
 def test_t0_one_never_freezes_and_follows_baseline():
     sched = FreezeOutSchedule(13, 'cubic', 1.0, 100, 10, 1e-3, 1e-6)
-    assert all(sched.frozen_units(e) == 0 for e in (0, 50, 99.99))
+    assert all(sched.frozen_units(e) == 0 for e in (0, 50, 99.99, 100.0))  # not even at the end of the run
     assert all(sched.lr(i, 42.5) == cosine_lr(42.5, 1e-3, 1e-6, 10, 100) for i in range(13))
 
 

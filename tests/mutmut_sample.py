@@ -17,6 +17,7 @@ source (a rerun after adding tests runs the survivors only). Exit code: the numb
 killed among their sampled, non-equivalent mutants (timeouts count as killed).
 """
 import argparse
+import ast
 import difflib
 import hashlib
 import importlib.util
@@ -43,7 +44,7 @@ MODULES = {
     'util/freezeout/cache.py': ['test_freezeout_cache.py'],
     'util/freezeout/feature_masking.py': ['test_feature_masking.py'],
     'util/export/read.py': ['test_export.py', 'test_export_read.py'],
-    'util/export/formats.py': ['test_export.py', 'test_export_read.py'],
+    'util/export/formats.py': ['test_export.py', 'test_export_read.py', 'test_export_formats.py'],
     'util/data/user_data.py': ['test_user_data.py'],
     'util/data/fast_image.py': ['test_data_pipeline.py'],
     'util/video/views.py': ['test_video_eval.py', 'test_run_finetune_video.py'],
@@ -113,6 +114,18 @@ def coverage_by_line(copy, file, test_files):
     return lines
 
 
+def statement_starts(source):
+    """{line: first line of the innermost statement spanning it}: coverage.py records a statement under its first
+    line, and a mutant of a continuation line must find the tests that ran the statement."""
+    starts = {}
+    for node in sorted((n for n in ast.walk(ast.parse(source)) if isinstance(n, ast.stmt)), key=lambda n: n.lineno):
+        body_start = min((child.lineno for field in ('body', 'orelse', 'finalbody', 'handlers')
+                          for child in getattr(node, field, []) or []), default=node.end_lineno + 1)
+        for line in range(node.lineno, min(node.end_lineno + 1, body_start)):
+            starts[line] = node.lineno
+    return starts
+
+
 def run_mutant(copy, tests, timeout):
     cmd = [sys.executable, '-m', 'pytest', '-x', '-q', '-p', 'no:cacheprovider', '-m', 'not slow', *sorted(tests)]
     try:
@@ -147,6 +160,7 @@ def test_module(copy, file, args, equivalents, deadline):
     mutants = generate(path)
     earlier = earlier_kills(args.results, file, original) if args.reuse else {}
     sample = sorted(random.Random(f'{args.seed}:{file}').sample(range(len(mutants)), min(args.sample, len(mutants))))
+    starts = statement_starts(original)
     covered = {}  # the coverage run, once some sampled mutant needs it: {'lines': ..., 'timeout': ...}
 
     def covering_tests(line):
@@ -154,7 +168,7 @@ def test_module(copy, file, args, equivalents, deadline):
             start = time.time()
             covered['lines'] = coverage_by_line(copy, file, MODULES[file])
             covered['timeout'] = max(120.0, 5 * (time.time() - start))
-        return covered['lines'].get(line, set())
+        return covered['lines'].get(line) or covered['lines'].get(starts.get(line), set())
     counts, survivors = dict.fromkeys(OUTCOMES, 0), []
     for n, index in enumerate(sample):
         if time.time() > deadline:

@@ -49,6 +49,7 @@ def test_a_spark_custom_cnn_exports_to_its_registered_name(tmp_path):
     backbone, lines = exported(path, 'timm', tmp_path / 'custom_timm.pth')
     assert (backbone.family, backbone.timm_name, backbone.num_classes) == ('custom', 'your_convnet_32px', 5)
     assert backbone.what == 'your_convnet_32px (models/spark_custom_cnn.py), fine-tuned (5 classes)'
+    assert lines[0].startswith('import timm, torch, models  #')  # a .pth needs no safetensors
     printed = run_lines(lines)['model'].eval()
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():

@@ -39,7 +39,7 @@ MODULES = {
                   'test_preemption.py', 'test_bad_files.py'],
     'util/checkpoint.py': ['test_checkpoint.py', 'test_checkpoint_contract.py', 'test_checkpoint_faults.py',
                            'test_safe_load.py'],
-    'util/preemption.py': ['test_preemption.py'],
+    'util/preemption.py': ['test_preemption.py', 'test_preemption_unit.py'],
     'util/data/bad_files.py': ['test_bad_files.py'],
     'util/freezeout/schedule.py': ['test_freezeout.py'],
     'util/freezeout/cache.py': ['test_freezeout_cache.py'],

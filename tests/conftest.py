@@ -1,8 +1,12 @@
 """Fixtures shared by several test modules."""
+import os
 import shutil
 
 import pytest
 import torch
+import torch.distributed as dist
+
+from helpers import free_port
 
 
 @pytest.fixture(scope='module')
@@ -22,3 +26,13 @@ def module_tmp(request, tmp_path_factory):
     path = tmp_path_factory.mktemp(request.module.__name__.rsplit('.', 1)[-1])
     yield path
     shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def one_process_group():
+    """A gloo process group of this process alone: the code paths of a distributed run, in this process (so that
+    coverage and monkeypatching see them)."""
+    os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(free_port()))
+    dist.init_process_group('gloo', rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()

@@ -3,7 +3,8 @@ removed and the added lines of the mutant (stripped, joined by newlines), with t
 EQUIVALENT = [
     {'file': 'util/train_step.py',
      'find': 'norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=self.device)',
-     'replace': 'norm = torch.nn.utils.get_total_norm(grads) if (grads) or True else torch.zeros((), device=self.device)',
+     'replace': 'norm = torch.nn.utils.get_total_norm(grads) if (grads) or True else '
+                'torch.zeros((), device=self.device)',
      'reason': 'get_total_norm([]) is a zero tensor as well; the branch only spares the call'},
     {'file': 'util/export/formats.py',
      'find': "VITDET_PRETRAIN_SIZE = 224  # ViTDet's ViT(pretrain_img_size=224, pretrain_use_cls_token=True)",

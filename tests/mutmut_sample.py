@@ -89,16 +89,20 @@ def is_equivalent(file, diff, equivalents):
 
 
 def coverage_by_line(copy, file, test_files):
-    """{line: set of pytest node ids that executed it}; import-time lines map to all of `test_files`."""
+    """{line: set of pytest node ids that executed it}; lines run outside a test map to all of `test_files`."""
     from coverage import CoverageData
     rc, data = copy / '.mutmut_coveragerc', copy / '.mutmut_coverage'
-    rc.write_text('[run]\ndynamic_context = test_function\n')
+    # processes a test spawns (mp.spawn, DataLoader workers) are measured too, their lines under no test context
+    rc.write_text(f'[run]\ndata_file = {data}\ninclude = {file}\ndynamic_context = test_function\n'
+                  'concurrency = multiprocessing,thread\nparallel = True\n')  # the processes read it too
     tests = [f'tests/{name}' for name in test_files]
-    cmd = [sys.executable, '-m', 'coverage', 'run', f'--rcfile={rc}', f'--data-file={data}', f'--include={file}',
-           '-m', 'pytest', '-q', '-p', 'no:cacheprovider', '-m', 'not slow', *tests]
+    cmd = [sys.executable, '-m', 'coverage', 'run', f'--rcfile={rc}', '-m', 'pytest', '-q', '-p', 'no:cacheprovider',
+           '-m', 'not slow', *tests]
     done = subprocess.run(cmd, cwd=copy, capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(f'{file}: its tests fail without a mutation:\n{done.stdout[-2000:]}')
+    subprocess.run([sys.executable, '-m', 'coverage', 'combine', f'--rcfile={rc}', '-q'],
+                   cwd=copy, check=True, capture_output=True)
     covered = CoverageData(str(data))
     covered.read()
     measured = next((f for f in covered.measured_files() if f.endswith(file)), None)
@@ -106,7 +110,7 @@ def coverage_by_line(copy, file, test_files):
     for line, contexts in (covered.contexts_by_lineno(measured) if measured else {}).items():
         ids = set()
         for context in contexts:
-            if not context:  # run at import
+            if not context:  # run at import, or in a process a test spawned
                 ids.update(tests)
             else:
                 module, _, name = context.partition('.')

@@ -1,5 +1,7 @@
 """Unreadable files: counted once each over DataLoader workers, epochs and ranks; left out of evaluation; listed once
 in the output folder; reported in the progress line, log.txt and TensorBoard of a run."""
+import types
+
 import numpy as np
 import pytest
 import torch
@@ -10,7 +12,7 @@ import run_finetune
 import run_pretrain
 from engine_finetune import evaluate
 from helpers import free_port, gloo_group, log_entries, pretrain_args, write_images
-from util.data.bad_files import LIST_NAME, BadFiles, write_bad_file_list
+from util.data.bad_files import LIST_NAME, BadFiles, bad_files_of, write_bad_file_list
 from util.data.datasets import ImageFolderOrFlat
 from util.data.samplers import build_eval_loader
 
@@ -34,6 +36,38 @@ def test_workers_of_every_epoch_count_each_bad_file_once(tmp_path):
         assert images.shape == (10, 16, 16, 3)  # bad samples replaced by readable ones
         assert dataset.bad_files.count() == 3
     assert sorted(dataset.bad_files.new_paths()) == sorted(bad) and dataset.bad_files.new_paths() == []
+
+
+def test_the_warning_names_the_file_and_the_first_line_of_its_error_once():
+    bad_files = BadFiles(['a.jpg', 'b.png'])
+    with pytest.warns(UserWarning) as caught:
+        bad_files.add(0, OSError('image file is truncated\n(3 bytes not processed)'))
+        bad_files.add(0, OSError('image file is truncated'))
+        bad_files.add(1, ValueError())
+    assert [str(w.message) for w in caught] == ['skipping unreadable file a.jpg (OSError: image file is truncated)',
+                                               'skipping unreadable file b.png (ValueError: )']
+    assert bad_files.flags.dtype == torch.uint8 and bad_files.flags.is_shared()  # one byte per sample, for workers
+
+
+def test_the_bad_files_of_a_wrapped_dataset_are_found():
+    class Wrapper:
+        def __init__(self, dataset):
+            self.dataset = dataset
+    inner = types.SimpleNamespace(bad_files=BadFiles(['a.jpg']))
+    assert bad_files_of(Wrapper(Wrapper(inner))) is inner.bad_files
+    assert bad_files_of(Wrapper(types.SimpleNamespace())) is None
+
+
+def test_under_nccl_the_flags_are_reduced_on_the_current_gpu(one_process_group, monkeypatch):
+    """NCCL reduces CUDA tensors only; the merge itself is checked on CPU (gloo) by the two-process test below."""
+    moved_to, to = [], torch.Tensor.to
+    monkeypatch.setattr(torch.distributed, 'get_world_size', lambda: 2)
+    monkeypatch.setattr(torch.distributed, 'get_backend', lambda: 'nccl')
+    monkeypatch.setattr(torch.cuda, 'current_device', lambda: 1)
+    monkeypatch.setattr(torch.Tensor, 'to', lambda t, device, copy: moved_to.append(device) or to(t, 'cpu', copy=copy))
+    bad_files = BadFiles(['a.jpg', 'b.jpg'])
+    bad_files.add(1, OSError('broken'))
+    assert bad_files.count() == 1 and moved_to == [torch.device('cuda', 1)]
 
 
 def _flag_and_count(rank, world, port, flagged, out):
@@ -108,7 +142,7 @@ def test_the_list_names_each_file_once_also_after_a_resume(tmp_path):
         resumed._decode(index)
     write_bad_file_list(tmp_path / 'out', resumed)
     write_bad_file_list(tmp_path / 'out', resumed)
-    listed = (tmp_path / 'out' / LIST_NAME).read_text().splitlines()
+    listed = (tmp_path / 'out' / 'bad_files.txt').read_text().splitlines()  # the name the docs give
     assert listed == [dataset.samples[0][0], dataset.samples[2][0], dataset.samples[3][0]]
 
 

@@ -2,7 +2,6 @@
 back, released-weights URLs are downloaded once to torch.hub's folder, a model that does not fit is refused, CUDA
 RNG states are restored, and saving works inside a process group (here of one process, in this process)."""
 import argparse
-import os
 import shutil
 from pathlib import Path
 
@@ -11,7 +10,6 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from helpers import free_port
 from util.checkpoint import (NonFiniteStateError, load_checkpoint, no_readable_checkpoint, plain_args, read_checkpoint,
                              rng_state, save_checkpoint, set_rng_state)
 
@@ -80,14 +78,6 @@ def test_cuda_rng_states_are_restored_where_the_devices_match(monkeypatch):
     set_rng_state(state)
     set_rng_state(dict(state, cuda=['gpu0']))  # saved on another number of GPUs: left alone
     assert restored == [['gpu0', 'gpu1']]
-
-
-@pytest.fixture
-def one_process_group():
-    os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(free_port()))
-    dist.init_process_group('gloo', rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
 
 
 def test_save_and_resume_inside_a_process_group(tmp_path, one_process_group):

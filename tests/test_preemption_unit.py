@@ -1,13 +1,12 @@
 """util/preemption.py piece by piece (test_preemption.py runs whole scripts): what a stop saves and says, the
 stop flag all-reduced on a CPU group inside a process group, and SLURM requeueing."""
-import os
+import re
 import subprocess
 import types
 
 import pytest
 import torch.distributed as dist
 
-from helpers import free_port
 from util import preemption
 from util.preemption import MidEpochCheckpoints, Preempted, request_stop, requeue_if_asked
 
@@ -19,12 +18,9 @@ def no_stop_left():
     preemption._received.clear()
 
 
-@pytest.fixture
-def one_process_group():
-    os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(free_port()))
-    dist.init_process_group('gloo', rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
+def printed(capsys):
+    """The lines printed, without the time stamp a script's print may add ([12:00:00])."""
+    return [re.sub(r'^\[\d\d:\d\d:\d\d\] ', '', line) for line in capsys.readouterr().out.splitlines()]
 
 
 def stop_at_step(checkpoints, steps_done=5):
@@ -41,8 +37,7 @@ def test_a_requested_stop_saves_the_position_and_says_how_to_resume(capsys):
     stop_at_step(checkpoints)
     assert saved == [(2, {'epoch': 2, 'step': 5, 'ranks': [{'epoch_start_rng': 'rng at the epoch start',
                                                              'metrics': {'loss': 1.5}}]})]
-    assert capsys.readouterr().out == 'SIGTERM: saved a checkpoint at epoch 2, step 5; run the same command to ' \
-                                      'resume there\n'
+    assert printed(capsys) == ['SIGTERM: saved a checkpoint at epoch 2, step 5; run the same command to resume there']
     assert not preemption._received  # a later run in this process starts afresh
 
 
@@ -50,7 +45,7 @@ def test_a_stop_asked_on_another_process_is_named_so(monkeypatch, capsys):
     checkpoints = MidEpochCheckpoints(lambda epoch, mid: None)
     monkeypatch.setattr(checkpoints, '_stop_requested', lambda: True)  # what the all-reduce says: some rank was
     stop_at_step(checkpoints)
-    assert capsys.readouterr().out.startswith('a signal on another process: saved a checkpoint at epoch 2, step 5')
+    assert printed(capsys)[0].startswith('a signal on another process: saved a checkpoint at epoch 2, step 5')
 
 
 def test_inside_a_process_group_the_flag_is_all_reduced_on_a_cpu_group(one_process_group, monkeypatch):
@@ -94,7 +89,7 @@ def test_a_slurm_job_submitted_with_requeue_is_requeued(monkeypatch, capsys):
     assert scontrol.calls == [
         (['scontrol', 'show', 'job', '-o', '42'], dict(capture_output=True, text=True, timeout=30)),
         (['scontrol', 'requeue', '42'], dict(check=True, timeout=30))]
-    assert capsys.readouterr().out == 'requeued SLURM job 42\n'
+    assert printed(capsys) == ['requeued SLURM job 42']
 
 
 def test_slurm_jobs_without_requeue_and_runs_outside_slurm_are_left_alone(monkeypatch, capsys):
@@ -108,4 +103,4 @@ def test_slurm_jobs_without_requeue_and_runs_outside_slurm_are_left_alone(monkey
     assert [argv for argv, _ in scontrol.calls] == [['scontrol', 'show', 'job', '-o', '42']]
     monkeypatch.setattr(subprocess, 'run', Scontrol(requeue=1, fail=True))
     requeue_if_asked()
-    assert capsys.readouterr().out == 'could not requeue SLURM job 42: scontrol\n'
+    assert printed(capsys) == ['could not requeue SLURM job 42: scontrol']

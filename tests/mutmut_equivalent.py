@@ -39,4 +39,12 @@ EQUIVALENT = [
      'find': "return mid['epoch'] if mid else ckpt['epoch'] + 1",
      'replace': "return mid['epoch'] if (mid) and False else ckpt['epoch'] + 1",
      'reason': "save(epoch, mid_epoch) writes the run as after epoch - 1, so ckpt['epoch'] + 1 is mid['epoch']"},
+    {'file': 'util/freezeout/schedule.py',
+     'find': 'self.t = [1.0 if i == last else SCALE_FNS[how_scale](t_0 + (1 - t_0) * i / last) for i in range(num_units)]',
+     'replace': 'self.t = [1.0 if (i == last) and False else SCALE_FNS[how_scale](t_0 + (1 - t_0) * i / last) for i in range(num_units)]',
+     'reason': "the last unit's value is scale(t_0 + (1 - t_0) * 1), exactly 1.0 for x, x ** 2 and x ** 3"},
+    {'file': 'util/video/views.py',
+     'find': 'crop = x[..., offset:offset + s, :] if h > w else x[..., offset:offset + s]',
+     'replace': 'crop = x[..., offset:offset + s, :] if h >= w else x[..., offset:offset + s]',
+     'reason': 'frames are resized to a short side of s first, so h == w means both are s: either slice is the whole frame'},
 ]

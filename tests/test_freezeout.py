@@ -13,7 +13,7 @@ from engine import masked_modeling_loss, train_one_epoch
 from helpers import (GradRecorder, MIMWithPerSampleMask, assert_same_grads, free_port, gloo_group, image_data,
                      log_entries, pretrain_args, straight_and_resumed, write_images)
 from util.checkpoint import LAST
-from util.freezeout.schedule import FreezeOut, FreezeOutSchedule, unit_parameters
+from util.freezeout.schedule import FreezeOut, FreezeOutSchedule, pruned_stages, unit_parameters
 from util.lr_sched import cosine_lr
 from util.runtime import attach_ddp
 from util.train_step import TrainStep
@@ -37,6 +37,8 @@ def test_schedule_matches_formulas():
     assert scaled.lr(0, 10.0) == pytest.approx(1e-3 / 0.512) and scaled.lr(0, 5.0) == pytest.approx(0.5e-3 / 0.512)
     flat = FreezeOutSchedule(13, 'linear', 0.5, 100, 10, 1e-3, 1e-6, layerwise=False)
     assert flat.lr(0, 40.0) == cosine_lr(40.0, 1e-3, 1e-6, 10, 100) and flat.frozen_units(55.0) == 1
+    squared = FreezeOutSchedule(13, 'squared', 0.8, 100, 10, 1e-3, 1e-6)
+    assert squared.t == pytest.approx([(0.8 + 0.2 * i / 12) ** 2 for i in range(12)] + [1.0], abs=1e-15)
     with pytest.raises(ValueError, match='--t_0'):
         FreezeOutSchedule(13, 'cubic', 0.0, 100, 10, 1e-3, 0)
 
@@ -92,6 +94,19 @@ def test_a_freeze_takes_units_out_of_training():
         trainer.step()
     assert all(torch.equal(frozen_before[n], p) for unit in freezeout.units[:4] for n, p in unit)
     assert freezeout.metrics() == {'active_units': 9, 'frozen_depth': 4}
+
+
+def test_a_pruning_freeze_drops_the_frozen_stages_decoders_and_says_what_it_froze(capsys):
+    model, _ = tiny_freezeout()
+    sched = FreezeOutSchedule(13, 'linear', 0.3, epochs=3, warmup_epochs=0, base_lr=1e-3, min_lr=0.0)
+    freezeout = FreezeOut(model, sched, prune=True)
+    opt = torch.optim.AdamW(freezeout.param_groups(0.05), lr=1e-3)
+    lr = freezeout.adjust(opt, 1.5)
+    assert lr == sched.lr(12, 1.5) == cosine_lr(1.5, 1e-3, 0.0, 0, 3)  # the logged lr: the last unit's, the baseline's
+    assert 'FreezeOut: froze units 0..3; 9 of 13 units train' in capsys.readouterr().out
+    assert pruned_stages(model) == [0] and not any(k.startswith('decoder.0.') for k in model.state_dict())
+    kept = {id(p) for p in model.parameters()}
+    assert all(id(p) in kept for unit in freezeout.units for _, p in unit)
 
 
 class RecordFrozen(MIMWithPerSampleMask):

@@ -16,6 +16,7 @@ from util.data.samplers import UnpaddedDistributedSampler, build_eval_loader
 from util.video.checkpoint import load_r3d_trunk, r3d_trunk_state_dict
 from util.video.eval import ViewAveragedClassifier, extract_features, normalize_clips, retrieval_recall
 from util.video.splits import VideoList, read_hmdb51_split, read_kinetics_split, read_ucf101_split, video_list
+from util.video import views
 from util.video.views import MultiViewDataset, TrainClipDataset, crop_offsets, eval_clip_starts, short_side_size
 
 pytestmark = pytest.mark.usefixtures('one_thread')
@@ -80,6 +81,7 @@ def test_kinetics_csv_and_class_folder_check(tmp_path):
 
 def test_view_geometry_by_hand():
     assert short_side_size(240, 320, 256) == (256, 341)  # UCF101 / HMDB51 frames
+    assert short_side_size(320, 240, 256) == (341, 256)  # portrait
     assert crop_offsets(341, 256, 3) == [0, 43, 85] and crop_offsets(341, 256, 1) == [43]
     assert eval_clip_starts(Fraction(5), Fraction(2.56), 10) == [k * (5 - Fraction(2.56)) / 9 for k in range(10)]
     assert eval_clip_starts(Fraction(2), 2.56, 10) == [0] * 10  # short video: ten identical clips
@@ -110,6 +112,50 @@ def test_training_clips_start_anywhere_a_whole_clip_fits(monkeypatch):
     assert firsts.min() <= 10 and 215 <= firsts.max() <= 225
     seconds = torch.bincount(torch.div(firsts, 25, rounding_mode='floor').clamp(max=8), minlength=9)
     assert seconds.min() >= 15, seconds  # 33 expected in each second of the 9
+
+
+def test_training_clips_are_scaled_over_the_whole_short_side_range(monkeypatch):
+    videos = VideoList(root=Path('unused'), items=[('a/v', 0, 50)], classes=['a'])
+    dataset = TrainClipDataset(videos, crop_size=24, short_side=(24, 32), fps=25, num_frames=2, clip_duration=0.2,
+                               num_threads_io=0, num_threads_decode=0)
+    monkeypatch.setattr(dataset, 'open', lambda index: CodedVideo(50))
+    shorts, resize = [], views.short_side_size
+    monkeypatch.setattr(views, 'short_side_size', lambda h, w, short: shorts.append(short) or resize(h, w, short))
+    torch.manual_seed(0)
+    for _ in range(100):
+        assert dataset[0][0].shape == (3, 2, 24, 24)
+    assert sorted(set(shorts)) == list(range(24, 33))
+
+
+def test_an_unreadable_training_video_is_counted_and_replaced(monkeypatch):
+    videos = VideoList(root=Path('root'), items=[('a/broken', 0, 50), ('b/fine', 1, 50)], classes=['a', 'b'])
+    dataset = TrainClipDataset(videos, crop_size=24, short_side=(24, 24), fps=25, num_frames=2, clip_duration=0.2,
+                               num_threads_io=0, num_threads_decode=0)
+
+    def open_video(index):
+        if index == 0:
+            raise OSError('moov atom not found')
+        return CodedVideo(50)
+    monkeypatch.setattr(dataset, 'open', open_video)
+    with pytest.warns(UserWarning, match=r'skipping unreadable video root/a/broken \(OSError: moov atom not found\)'):
+        clip, label = dataset[0]
+    assert label == 1 and clip.shape == (3, 2, 24, 24) and dataset.bad_files.count() == 1
+
+
+def test_frame_folders_are_read_on_the_datasets_thread_pool(tmp_path):
+    from torchvision.io import encode_jpeg
+    colours = torch.tensor([[200, 0, 0], [0, 200, 0], [0, 0, 200]], dtype=torch.uint8)
+    (tmp_path / 'a' / 'v').mkdir(parents=True)
+    for i, colour in enumerate(colours):
+        encode = encode_jpeg(colour[:, None, None].expand(3, 16, 16).contiguous(), quality=100)
+        (tmp_path / 'a' / 'v' / f'{i + 1:08d}.jpg').write_bytes(encode.numpy().tobytes())
+    videos = VideoList(root=tmp_path, items=[('a/v', 0, None)], classes=['a'])  # UCF101 lists give no frame count
+    dataset = MultiViewDataset(videos, crop_size=16, num_clips=1, num_crops=1, fps=3, num_frames=3,
+                               clip_duration=1.0, num_threads_io=2, num_threads_decode=2)
+    video = dataset.open(0)
+    assert video.num_frames == 3 and video.pool is dataset._thread_pool() and video.decode_threads == 2
+    frames = video.load([2, 0, 1])
+    assert (frames.float().mean((2, 3)) - colours[[2, 0, 1]].float()).abs().max() < 3
 
 
 def test_thirty_views_are_clip_major_at_the_protocol_times_and_crops(monkeypatch):

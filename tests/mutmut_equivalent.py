@@ -47,4 +47,12 @@ EQUIVALENT = [
      'find': 'crop = x[..., offset:offset + s, :] if h > w else x[..., offset:offset + s]',
      'replace': 'crop = x[..., offset:offset + s, :] if h >= w else x[..., offset:offset + s]',
      'reason': 'frames are resized to a short side of s first, so h == w means both are s: either slice is the whole frame'},
+    {'file': 'util/data/fast_image.py',
+     'find': "return F.interpolate(crop, size=(size, size), mode='bicubic', antialias=True, align_corners=False)[0]",
+     'replace': "return F.interpolate(crop, size=(size, size), mode='bicubic', antialias=True, align_corners=None)[0]",
+     'reason': "align_corners=None is F.interpolate's default, which is False"},
+    {'file': 'util/data/fast_image.py',
+     'find': "image.convert('RGB').save(buffer, 'JPEG', quality=95)",
+     'replace': "image.convert('RGB').save(buffer, 'jpeg', quality=95)",
+     'reason': 'PIL looks its writers up by the upper-cased format name'},
 ]

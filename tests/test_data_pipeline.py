@@ -1,5 +1,7 @@
 """The fast pretraining input pipeline (util/data/fast_image.py, `run_pretrain.py --fast_data`) against the official
 transform: the same random boxes and flips, the same normalised pixels, and training runs that match."""
+import io
+
 import numpy as np
 import pytest
 import torch
@@ -112,6 +114,21 @@ def test_non_square_pngs_and_cmyk_jpegs_match_the_official_output(tmp_path):
     assert diffs.max() <= 2.01 * LEVEL and diffs.mean() < 0.05 * LEVEL
 
 
+def test_device_path_passes_jpegs_through_and_re_encodes_other_files_at_quality_95(tmp_path):
+    write_jpegs(tmp_path, [(60, 45)])
+    original = (tmp_path / 'img0.jpg').read_bytes()
+    assert EncodedCropReader()(tmp_path / 'img0.jpg')['jpeg'] == original  # a baseline RGB JPEG: its own bytes
+    reference = io.BytesIO()
+    Image.new('RGB', (8, 8)).save(reference, 'JPEG', quality=95)
+    quality_95 = Image.open(reference).quantization  # the tables depend on the quality alone
+    for mode, suffix in (('RGBA', 'png'), ('CMYK', 'jpg')):
+        Image.open(tmp_path / 'img0.jpg').convert(mode).save(tmp_path / f'other.{suffix}')
+        data = EncodedCropReader()(tmp_path / f'other.{suffix}')['jpeg']
+        with Image.open(io.BytesIO(data)) as image:
+            assert (image.format, image.mode, image.size) == ('JPEG', 'RGB', (60, 45))
+            assert image.quantization == quality_95
+
+
 def test_draft_decodes_at_reduced_scale(tmp_path):
     path = write_jpegs(tmp_path, [(400, 300)]) / 'img0.jpg'
     with Image.open(path) as image:
@@ -120,6 +137,8 @@ def test_draft_decodes_at_reduced_scale(tmp_path):
         assert image.size == (50, 38) and box == ((0, 0, 50, 37.5), 8)
     with Image.open(path) as image:
         assert draft_for_crop(image, (10, 10, 70, 80), SIZE) == ((10, 10, 70, 80), 1)  # 60 / 32 < 2: full scale
+    with Image.open(path) as image:
+        assert draft_for_crop(image, (10, 10, 80, 80), SIZE) == ((5, 5, 40, 40), 2)  # 70 / 32 = 2.2: half scale
 
 
 def test_draft_output_is_close_to_the_exact_one(tmp_path):
@@ -143,6 +162,14 @@ def test_device_decode_matches_the_official_output(jpegs):
     assert got.shape == expected.shape
     # float bicubic on the device against PIL's fixed-point one: many pixels one grey level off
     assert (got - expected).abs().max() <= 2.01 * LEVEL and (got - expected).abs().mean() < 0.3 * LEVEL
+
+
+def test_device_decode_keeps_black_and_white(tmp_path):
+    for value in (0, 255):
+        Image.new('RGB', (40, 40), (value,) * 3).save(tmp_path / f'{value}.jpg', quality=100)
+    batch = next(iter(DataLoader(ImageFolderOrFlat(tmp_path, loader=EncodedCropReader()), batch_size=2)))[0]
+    out = decode_crops(batch, SIZE, 'cpu')
+    assert out[0].unique().tolist() == [0.0] and out[1].unique().tolist() == [255.0]
 
 
 def test_device_decode_replaces_a_bad_file(jpegs):

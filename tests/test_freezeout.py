@@ -32,7 +32,8 @@ def test_schedule_matches_formulas():
     assert sched.lr(3, f3) == 0.0
     for epoch in (0.0, 5.5, 10.0, 37.25, 99.9):
         assert sched.lr(12, epoch) == cosine_lr(epoch, 1e-3, 1e-6, 10, 100)
-    assert [sched.frozen_units(e) for e in (10.0, 55.9, 56.09, sched.freeze_at[5], 99.99, 100.0)] == [0, 0, 1, 6, 12, 12]
+    epochs = (10.0, 55.9, 56.09, sched.freeze_at[5], 99.99, 100.0)
+    assert [sched.frozen_units(e) for e in epochs] == [0, 0, 1, 6, 12, 12]  # the last unit never freezes
     scaled = FreezeOutSchedule(13, 'cubic', 0.8, 100, 10, 1e-3, 1e-6, scale_lr=True)
     assert scaled.lr(0, 10.0) == pytest.approx(1e-3 / 0.512) and scaled.lr(0, 5.0) == pytest.approx(0.5e-3 / 0.512)
     flat = FreezeOutSchedule(13, 'linear', 0.5, 100, 10, 1e-3, 1e-6, layerwise=False)

@@ -14,7 +14,9 @@ from models.r3d import r3d18_trunk
 from util.data.bad_files import collate_readable
 from util.data.samplers import UnpaddedDistributedSampler, build_eval_loader
 from util.video.checkpoint import load_r3d_trunk, r3d_trunk_state_dict
-from util.video.eval import ViewAveragedClassifier, extract_features, normalize_clips, retrieval_recall
+import util.video.eval
+from util.video.eval import (ViewAveragedClassifier, broadcast_buffers, extract_features, normalize_clips,
+                             retrieval_recall)
 from util.video.splits import VideoList, read_hmdb51_split, read_kinetics_split, read_ucf101_split, video_list
 from util.video import views
 from util.video.views import MultiViewDataset, TrainClipDataset, crop_offsets, eval_clip_starts, short_side_size
@@ -220,6 +222,8 @@ def test_thirty_view_softmax_average_equals_hand_computation():
 def test_normalize_clips():
     x = torch.tensor([0, 255], dtype=torch.uint8)
     torch.testing.assert_close(normalize_clips(x), torch.tensor([-0.45 / 0.225, 0.55 / 0.225]))
+    with torch.autocast('cpu', dtype=torch.bfloat16):  # the features' dtype is the model's business, not this
+        torch.testing.assert_close(normalize_clips(x * 0 + 101), torch.tensor([101 / 255 - 0.45] * 2) / 0.225)
 
 
 # ---------------------------------------------------------------- retrieval
@@ -242,6 +246,21 @@ def test_retrieval_recall_on_a_hand_built_bank_with_centring_and_ties():
     # finds bank 0 after bank 2, 3 and 4 (rank 4); queries 0 and 2 as before (ranks 2 and 1)
     moved = torch.tensor([2, 1, 0, 3, 4])
     assert retrieval_recall(queries, query_labels, bank, moved, ks=(3, 4)) == {3: 50.0, 4: 100.0}
+
+
+def test_retrieval_reports_the_protocols_k_and_breaks_long_ties_in_bank_order():
+    bank, labels = torch.ones(300, 4), torch.tensor([7] + [1] * 299)  # centred: all zero, every similarity ties
+    recall = retrieval_recall(torch.randn(3, 4), torch.tensor([7, 7, 7]), bank, labels)
+    assert list(recall) == [1, 5, 10, 15, 20, 25] and recall[1] == 100.0  # SCE's R@k; bank item 0 comes first
+
+
+def test_a_sharded_evaluation_takes_rank_zeros_buffers(one_process_group, monkeypatch):
+    sent = []
+    broadcast = torch.distributed.broadcast
+    monkeypatch.setattr(torch.distributed, 'broadcast', lambda t, src: (sent.append((t.shape, src)), broadcast(t, src)))
+    monkeypatch.setattr(util.video.eval, 'get_world_size', lambda: 2)
+    broadcast_buffers(nn.BatchNorm1d(3))
+    assert sent == [((3,), 0), ((3,), 0), ((), 0)]  # running mean, running var, batches tracked
 
 
 # ---------------------------------------------------------------- trunk checkpoints

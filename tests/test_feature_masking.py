@@ -140,6 +140,18 @@ def test_fresh_mask_keeps_exactly_the_visible_stored_tokens_in_order():
     assert torch.equal(filled, features[:, 1:] * (1 - mask[..., None]))
 
 
+def test_before_the_first_freeze_the_step_is_localmims_at_the_runs_mask_ratio():
+    torch.manual_seed(0)
+    model = timm.create_model('MIM_vit_tiny_patch16', img_size=32)
+    masking = FeatureMasking(FreezeOut(model, FreezeOutSchedule(13, 'linear', 0.5, 10, 0, 1e-3, 0.0)), 0.5, 2 ** 30)
+    imgs = torch.randn(2, 3, 32, 32)
+    torch.manual_seed(1)
+    loss, _ = masking.compute_loss(model, imgs, torch.tensor([0, 1]))
+    torch.manual_seed(1)
+    expected, _ = model(imgs, 0.5, noise=masking.noise(imgs))
+    assert torch.equal(loss, expected)
+
+
 def test_depth_one_matches_the_exact_path():
     """At depth 1 only the (token-wise) patch embedding is frozen: masking its stored output is masking the image,
     so feature masking with the HOG target gives the exact FreezeOut loss for the same mask (no leak)."""

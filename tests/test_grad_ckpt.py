@@ -135,6 +135,20 @@ def test_checkpointed_is_a_plain_call_without_autograd(monkeypatch):
 
 # ---- the flag, from each entry script's parser to the model
 
+def test_under_torch_compile_a_plain_non_reentrant_checkpoint_gives_the_same_gradients(monkeypatch):
+    calls, real = [], models.grad_ckpt.checkpoint
+    monkeypatch.setattr(torch.compiler, 'is_compiling', lambda: True)
+    monkeypatch.setattr(models.grad_ckpt, 'checkpoint', lambda fn, *a, **kw: calls.append(kw) or real(fn, *a, **kw))
+    torch.manual_seed(0)
+    layer, x = torch.nn.Linear(3, 3).double(), torch.randn(2, 3, dtype=torch.float64)
+    models.grad_ckpt.checkpointed(layer, x).square().sum().backward()
+    recomputed = [p.grad.clone() for p in layer.parameters()]
+    layer.zero_grad()
+    layer(x).square().sum().backward()
+    assert calls == [{'use_reentrant': False}]
+    assert all(torch.equal(a, p.grad) for a, p in zip(recomputed, layer.parameters()))
+
+
 def test_run_finetune_flag(tmp_path):
     import run_finetune
     assert run_finetune.build_model(finetune_args(tmp_path, '--grad_ckpt')).grad_checkpointing

@@ -51,7 +51,7 @@ MODULES = {
     'util/video/views.py': ['test_video_eval.py', 'test_run_finetune_video.py'],
     'util/video/eval.py': ['test_video_eval.py', 'test_run_finetune_video.py'],
     'models/grad_ckpt.py': ['test_grad_ckpt.py', 'test_spark_grad_ckpt.py'],
-    'models/spark_sparse.py': ['test_spark_sparse.py'],
+    'models/spark_sparse.py': ['test_spark_sparse.py', 'test_spark_grad_ckpt.py'],
     'util/slak/sparse_training.py': ['test_slak_sparse_training.py'],
 }
 OUTCOMES = ('killed', 'survived', 'timed out', 'not covered', 'equivalent')

@@ -173,6 +173,25 @@ def test_sbn_conversion_and_running_stats_copied():
     sp = dense_model_to_sparse(dense, ActiveMask(), sbn=True)
     assert type(sp.bn1) is SparseSyncBatchNorm2d
     assert torch.equal(sp.bn1.running_mean, dense.bn1.running_mean)
+    assert type(SparseEncoder(_model('resnet18'), 64, sbn=True).sp_cnn.bn1) is SparseSyncBatchNorm2d  # --sbn
+
+
+def test_a_batchnorm_without_affine_parameters_converts():
+    dense = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4, affine=False)).double()
+    with torch.no_grad():
+        dense[1].running_var.uniform_(0.5, 2)
+    sp = dense_model_to_sparse(dense, None, sbn=False)
+    assert sp[1].running_var.dtype == torch.float64 and torch.equal(sp[1].running_var, dense[1].running_var)
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    torch.testing.assert_close(sp.eval()(x), dense.eval()(x))
+
+
+def test_a_feature_map_off_the_mask_grid_is_a_clear_error():
+    holder = ActiveMask()
+    holder.mask = torch.ones(1, 1, 2, 2, dtype=torch.bool)
+    with pytest.raises(ValueError, match=r'^feature map 7x8 is not a multiple of the mask grid 2x2; the input size '
+                                         r'must be a multiple of the downsample ratio$'):
+        holder.expand(7, 8)
 
 
 # ---------------------------------------------------------------- encoder
@@ -299,8 +318,19 @@ def test_input_size_not_divisible_raises():
     with pytest.raises(ValueError, match='divisible by the downsample ratio 32'):
         SparseEncoder(_model('resnet18'), 48)
     enc = SparseEncoder(_model('resnet18'), 64)
-    with pytest.raises(ValueError, match='divisible'):
-        enc(torch.randn(1, 3, 48, 48))
+    for h, w in ((48, 48), (64, 48), (48, 64)):
+        with pytest.raises(ValueError, match=f'input {h}x{w} is not divisible'):
+            enc(torch.randn(1, 3, h, w))
+
+
+def test_a_custom_cnn_gives_its_own_hierarchical_features():
+    import models.spark_custom_cnn  # noqa: F401  (registers your_convnet_32px)
+    cnn = timm.create_model('your_convnet_32px').eval()
+    x = torch.randn(2, 3, 32, 32)
+    feats = SparseEncoder(cnn, 32).eval()(x)
+    with torch.no_grad():
+        expected = cnn(x, hierarchical=True)
+    assert len(feats) == len(expected) and all(torch.allclose(a, b, atol=1e-6) for a, b in zip(feats, expected))
 
 
 def test_unsupported_backbone_raises():

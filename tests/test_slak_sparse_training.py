@@ -210,6 +210,35 @@ def test_state_dict_round_trip_restores_masks_exactly():
     assert (other_model.pwconv1.weight[~other.masks['pwconv1.weight']] == 0).all()  # re-applied
     with pytest.raises(ValueError, match='do not fit'):
         Masking(optimizer).load_state_dict(state, model=nn.Linear(2, 2))
+    on_meta = Masking(optimizer)  # a model on another device than the saved masks (a GPU run resumed from a file)
+    on_meta.load_state_dict(state, model=TinySLaK().to('meta'))
+    assert {m.device.type for m in on_meta.masks.values()} == {'meta'}
+
+
+def test_snip_scores_keep_the_weights_above_the_kth_largest_score():
+    """|w * dL/dw| with dL/dw = 1: scores 1, 2, 3, 4; density 0.5 keeps k = 2 scores, those above the 2nd largest."""
+    model = nn.Linear(4, 1, bias=False)
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([[3.0, -1.0, 4.0, 2.0]]))
+    assert st.snip_densities(model, ['weight'], 0.5, lambda net: net.weight.sum()) == {'weight': 0.25}
+
+
+class DeviceRecorder:
+    """A batch tensor that records the device it is moved to."""
+
+    def __init__(self, tensor, moved):
+        self.tensor, self.moved = tensor, moved
+
+    def to(self, device):
+        self.moved.append(device)
+        return self.tensor
+
+
+def test_a_snip_batch_is_moved_to_the_models_device():
+    model, moved = TinySLaK(), []
+    batch = (DeviceRecorder(torch.randn(4, 3, 8, 8), moved), DeviceRecorder(torch.tensor([0, 1, 2, 3]), moved))
+    Masking(torch.optim.SGD(model.parameters(), lr=0.1)).add_module(model, 'snip', 0.5, snip_loss=batch)
+    assert moved == [torch.device('cpu')] * 2
 
 
 def test_resumed_run_equals_uninterrupted_run():
@@ -393,5 +422,15 @@ def test_add_sparse_args_official_names_and_defaults():
                               verbose=False)
     args = add_sparse_args(argparse.ArgumentParser()).parse_args(['--sparse', '-u', '2000', '--only-L', '--fix'])
     assert (args.sparse, args.update_frequency, args.only_L, args.fix) == (True, 2000, True, True)
-    masking = Masking.from_args(torch.optim.SGD(TinySLaK().parameters(), lr=0.1), args, total_steps=50)
+    optimizer = torch.optim.SGD(TinySLaK().parameters(), lr=0.1)
+    masking = Masking.from_args(optimizer, args, total_steps=50)
     assert masking.update_frequency is None and masking.prune_rate_decay.T_max == 50
+    assert masking.optimizer is optimizer  # momentum growth reads its state
+    for mode in ('none', 'momentum', 'magnitude', 'nonzeros'):  # the official choices, accepted though unused
+        Masking(optimizer, redistribution_mode=mode)
+    help_text = ' '.join(add_sparse_args(argparse.ArgumentParser()).format_help().split())
+    for text in ('--sparse_init SPARSE_INIT mask initialisation: uniform, ERK, snip, resume --prune',
+                 '--growth GROWTH growth mode: random, gradient, momentum --redistribution',
+                 '--redistribution REDISTRIBUTION unused (as in the official code) --prune_rate',
+                 '--fix static masks (no prune/grow) --only-L'):
+        assert text in help_text

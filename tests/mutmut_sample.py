@@ -203,6 +203,15 @@ def test_module(copy, file, args, equivalents, deadline):
     return len(mutants), sum(counts.values()), counts, survivors
 
 
+def stale_equivalents(copy, equivalents):
+    stale = [e for e in equivalents if not any(is_equivalent(e['file'], diff, [e])
+                                                for _, _, diff in generate(copy / e['file']))]
+    for e in stale:
+        print(f"stale: {e['file']}: {e['find']!r} -> {e['replace']!r}")
+    print(f'{len(equivalents) - len(stale)} of {len(equivalents)} equivalent mutants still generated')
+    return len(stale)
+
+
 def parse_budget(text):
     units = {'s': 1, 'm': 60, 'h': 3600}
     return float(text[:-1]) * units[text[-1]] if text[-1] in units else float(text)
@@ -216,6 +225,9 @@ def main():
     parser.add_argument('--budget', default='40m', help='wall-clock for all modules: 90s, 40m, 2h')
     parser.add_argument('--target', type=float, default=90.0, help='percent of sampled mutants to kill')
     parser.add_argument('--list', action='store_true')
+    parser.add_argument('--check_equivalents', action='store_true',
+                        help='only list the entries of tests/mutmut_equivalent.py that no mutant matches any more '
+                             '(the code changed under them); exit code: their number')
     parser.add_argument('--results', default=str(REPO / '.cache' / 'mutmut' / 'results.jsonl'),
                         help='every outcome is appended here (JSON lines: file, sha256 of its source, mutant, outcome)')
     parser.add_argument('--reuse', action='store_true',
@@ -237,6 +249,8 @@ def main():
         copy_repository(copy)
         (copy / 'setup.cfg').write_text('[mutmut]\nsource_paths = .\n')  # mutmut reads its settings from here
         os.chdir(copy)
+        if args.check_equivalents:
+            return stale_equivalents(copy, equivalents)
         for file in args.modules:
             print(f'{file}:', flush=True)
             generated, sampled, counts, survivors = test_module(copy, file, args, equivalents, deadline)

@@ -11,7 +11,7 @@ import torch.distributed as dist
 from torch import nn
 
 from util.checkpoint import (NonFiniteStateError, load_checkpoint, no_readable_checkpoint, plain_args, read_checkpoint,
-                             rng_state, save_checkpoint, set_rng_state)
+                             rng_state, save_checkpoint, set_rng_state, what_model)
 
 
 def model_and_optimizer(seed=0):
@@ -65,6 +65,15 @@ def test_a_checkpoint_of_another_model_is_refused(tmp_path):
     save_checkpoint(str(tmp_path), 0, 0, argparse.Namespace(), model, optimizer)
     with pytest.raises(ValueError, match='does not fit this model'):
         load_checkpoint(str(tmp_path / 'checkpoint-last.pth'), nn.Sequential(nn.Linear(3, 2)))
+
+
+def test_errors_name_the_kind_of_model_a_state_dict_holds():
+    one = torch.zeros(1)
+    assert what_model({'trunk.model.stem.0.weight': one}) == \
+        'an SCE video model (R3D-18) (1 tensors, first trunk.model.stem.0.weight)'
+    assert what_model({'module.cls_token': one, 'module.patch_embed.proj.weight': one}) == \
+        'a ViT (2 tensors, first cls_token, patch_embed.proj.weight)'
+    assert what_model({'fc.weight': one}) == 'an unknown model (1 tensors, first fc.weight)'
 
 
 def test_cuda_rng_states_are_restored_where_the_devices_match(monkeypatch):

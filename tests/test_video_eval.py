@@ -144,6 +144,19 @@ def test_an_unreadable_training_video_is_counted_and_replaced(monkeypatch):
     assert label == 1 and clip.shape == (3, 2, 24, 24) and dataset.bad_files.count() == 1
 
 
+def test_an_unreadable_evaluation_video_is_left_out_and_counted(monkeypatch):
+    videos = VideoList(root=Path('root'), items=[('a/broken', 0, 50)], classes=['a'])
+    dataset = MultiViewDataset(videos, crop_size=24, num_clips=1, num_crops=1, fps=25, num_frames=2,
+                               clip_duration=0.2, num_threads_io=0, num_threads_decode=0)
+
+    def broken(index):
+        raise RuntimeError('could not open input')
+    monkeypatch.setattr(dataset, 'open', broken)
+    with pytest.warns(UserWarning, match=r'skipping unreadable video root/a/broken \(RuntimeError: could not open'):
+        assert dataset[0] is None
+    assert dataset[0] is None and dataset.bad_files.count() == 1  # not read again
+
+
 def test_frame_folders_are_read_on_the_datasets_thread_pool(tmp_path):
     from torchvision.io import encode_jpeg
     colours = torch.tensor([[200, 0, 0], [0, 200, 0], [0, 0, 200]], dtype=torch.uint8)

@@ -53,8 +53,9 @@ MUTATIONS = [
     dict(file='main_slak.py', find='args.update_freq, args.clip_grad, args.max_nonfinite)',
          replace='args.update_freq, None, args.max_nonfinite)', tests=[CLIP[2]], note='main_slak ignores --clip_grad'),
     # ---- FreezeOut prefix cache in a real run
-    dict(file='util/freezeout/cache.py', find='if all(index in self.entries for index in indices):', replace='if False:',
-         tests=[FREEZE_RUN], note='freeze cache: never served from the cache'),
+    dict(file='util/freezeout/cache.py', find='missing = [row for row, entry in enumerate(rows) if entry is None]',
+         replace='missing = list(range(len(rows)))', tests=[FREEZE_RUN],
+         note='freeze cache: never served from the cache'),
     dict(file='run_pretrain.py', find='cache.compute_loss(args.mask_ratio) if cache else',
          replace='None if cache else', tests=[FREEZE_RUN], note='--freeze_cache: the cache is built but never used'),
     dict(file='util/freezeout/cache.py', find='self.seed * _SEED_STRIDE + int(i) + 1', replace='torch.seed()',

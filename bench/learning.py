@@ -233,8 +233,8 @@ def commands(name, seed, work, data):
             shlex.split(row.pretrain_flags)
         launch = [] if row.processes == 1 else \
             ['-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', str(row.processes)]
-        steps.append(('pretrain', python(*launch, 'run_pretrain.py', *data_flag, *flags, '--seed', str(seed), '--output_dir',
-                                         str(folder / 'pretrain'), '--log_dir', str(folder / 'pretrain')),
+        steps.append(('pretrain', python(*launch, 'run_pretrain.py', *data_flag, *flags, '--seed', str(seed),
+                                         '--output_dir', str(folder / 'pretrain'), '--log_dir', str(folder / 'pretrain')),
                       folder / 'pretrain' / 'done'))
     elif not checkpoint.is_file():
         raise SystemExit(f'row {name} uses the architecture of row {source.parent.name}: run that row (seed {seed}) '

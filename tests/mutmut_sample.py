@@ -8,10 +8,11 @@ the mutants, each run against only the tests that execute the mutated line.
 Per module: its test files (MODULES) run once under coverage.py with one context per test function (the quick
 tests; the slow ones launch processes coverage does not follow). Every mutant mutmut generates (numbers, strings,
 comparisons, boolean and arithmetic operators, removed arguments, ...) is numbered in source order; a seeded
-sample is applied one at a time to a copy of the repository, and the tests that executed its first changed line
-(all of the module's test files for lines run at import) run until the first failure. Outcomes: killed (a test
-failed), survived (they passed), timed out, not covered (no test runs the line: a survivor too), equivalent
-(listed in tests/mutmut_equivalent.py with the reason it cannot change behaviour; not run). Each survivor is
+sample is applied one at a time to a copy of the repository, and the tests that executed the statement of its
+first changed line (all of the module's test files for lines run at import or in a process a test spawned) run
+until the first failure. Outcomes: killed (a test failed), survived (they passed), timed out, not covered (no test
+runs the line: a survivor too), equivalent (listed in tests/mutmut_equivalent.py with the reason it cannot change
+behaviour; not run). Each survivor is
 printed as a diff. Outcomes are appended to --results; --reuse skips the mutants it records killed for the same
 source (a rerun after adding tests runs the survivors only). Exit code: the number of modules below --target %
 killed among their sampled, non-equivalent mutants (timeouts count as killed).

@@ -74,6 +74,8 @@ def test_errors_name_the_kind_of_model_a_state_dict_holds():
     assert what_model({'module.cls_token': one, 'module.patch_embed.proj.weight': one}) == \
         'a ViT (2 tensors, first cls_token, patch_embed.proj.weight)'
     assert what_model({'fc.weight': one}) == 'an unknown model (1 tensors, first fc.weight)'
+    assert what_model({'decoder_embed.weight': one, 'patch_embed.proj.weight': one}).startswith(
+        'an MAE pretraining ViT (2 tensors')
 
 
 def test_cuda_rng_states_are_restored_where_the_devices_match(monkeypatch):

@@ -32,7 +32,8 @@ def test_a_non_finite_step_is_skipped_and_counted_with_no_loss_scale(amp):
 def test_the_step_counters_live_on_the_training_device():
     model = nn.Linear(3, 1, device='meta')
     trainer = TrainStep(model, torch.optim.SGD(model.parameters(), lr=0.1), 'meta')
-    assert {t.device.type for t in (trainer.skipped, trainer.consecutive, trainer.worst_run)} == {'meta'}
+    assert {t.device.type for t in (trainer.skipped, trainer.consecutive, trainer.worst_run, trainer.grad_norm)} == \
+        {'meta'}
 
 
 def test_a_fused_optimizer_steps_without_a_host_sync(monkeypatch):
@@ -79,3 +80,13 @@ def test_the_counters_resume_from_a_checkpoint_and_an_older_one_without_them_sta
     assert (resumed.num_updates, int(resumed.skipped)) == (3, 1)
     resumed.load_state_dict({})
     assert (resumed.num_updates, int(resumed.skipped)) == (0, 0)
+
+
+def test_an_fp16_runs_loss_scale_resumes():
+    model = nn.Linear(3, 1)
+    trainer = TrainStep(model, torch.optim.SGD(model.parameters(), lr=0.1), 'cpu', amp='fp16')
+    trainer.backward(model(X).sum() * float('inf'))  # an overflow halves the scale
+    trainer.step()
+    resumed = TrainStep(model, torch.optim.SGD(model.parameters(), lr=0.1), 'cpu', amp='fp16')
+    resumed.load_state_dict(trainer.state_dict())
+    assert resumed.scaler.get_scale() == trainer.scaler.get_scale() == 2.0 ** 15

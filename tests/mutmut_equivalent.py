@@ -95,4 +95,12 @@ EQUIVALENT = [
      'find': 'merged = self.flags.to(device, copy=True)',
      'replace': 'merged = self.flags.to(device, copy=False)',
      'reason': 'on the CPU (gloo) the MAX all-reduce then runs in place on the flags, which end the same; .to(cuda) copies anyway'},
+    {'file': 'util/data/fast_image.py',
+     'find': 'out = (rgb.resize(size, Image.Resampling.BICUBIC, box=box) if reduction > 1 else',
+     'replace': 'out = (rgb.resize(size, None, box=box) if reduction > 1 else',
+     'reason': "PIL's resize resamples bicubic by default (for RGB images, which these are)"},
+    {'file': 'util/video/views.py',
+     'find': 'return resize_clip(frames, size).round_().clamp_(0, 255).to(torch.uint8)',
+     'replace': 'return resize_clip(frames, size).round_().clamp_(None, 255).to(torch.uint8)',
+     'reason': "resize_clip is bilinear without antialiasing: its values stay within the uint8 input's 0..255"},
 ]

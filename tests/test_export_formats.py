@@ -45,3 +45,12 @@ def test_the_vitdet_line_names_the_vits_width_and_depth(tmp_path):
     _, (line,) = exported(tmp_path / 'vit.pth', 'detectron2', tmp_path / 'vit.pkl')
     assert 'embed_dim=192, depth=12, img_size=1024, pretrain_img_size=224' in line
     assert read_pickle(tmp_path / 'vit.pkl')['model']['backbone.net.pos_embed'].shape == (1, 14 * 14 + 1, 192)
+
+
+def test_detectron2_refuses_what_it_cannot_build(tmp_path):
+    model = timm.create_model('convnext_atto', num_classes=0)
+    torch.save({'model': model.state_dict()}, tmp_path / 'convnext.pth')
+    with pytest.raises(ValueError, match=r'^--format detectron2 takes ResNets and ViTs; this checkpoint holds ConvNeXt '
+                                         r'encoder: use --format timm$'):
+        exported(tmp_path / 'convnext.pth', 'detectron2', tmp_path / 'convnext.pkl')
+    assert not (tmp_path / 'convnext.pkl').exists()

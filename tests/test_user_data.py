@@ -176,6 +176,8 @@ DATA_ERRORS = [
     ('folders', {'cat': 3, 'empty': 0}, r"data: class 'empty' has no images; add images or remove the class"),
     ('flat', None, 'data has no class folders (one folder of images per class)'),
     ('csv', 'a.png,0\nb.png,2\n', r"train.csv: class '1' has no images"),
+    ('folders', {'cat': 3, 'empty': 0, 'void': 0, 'zero': 0},
+     "data: class 'empty' has no images (nor 2 more); add images or remove the class"),
     ('csv', 'a.png,0\nb.png,-1\n', 'train.csv line 2: label -1 is negative'),
     ('csv', 'a.png,cat\nb.png\n', "train.csv line 2: expected \"path,label\", got 'b.png'"),
     ('csv', 'path,label\n', 'train.csv: no "path,label" lines'),

@@ -144,6 +144,11 @@ def test_an_unreadable_training_video_is_counted_and_replaced(monkeypatch):
     assert label == 1 and clip.shape == (3, 2, 24, 24) and dataset.bad_files.count() == 1
 
 
+def test_a_crop_count_other_than_one_or_three_is_refused():
+    with pytest.raises(ValueError, match=r'^--num_crops 2: expected 1 \(centre\) or 3 \(start, centre, end\)$'):
+        MultiViewDataset(VideoList(root=Path('root'), items=[], classes=[]), num_crops=2)
+
+
 def test_an_unreadable_evaluation_video_is_left_out_and_counted(monkeypatch):
     videos = VideoList(root=Path('root'), items=[('a/broken', 0, 50)], classes=['a'])
     dataset = MultiViewDataset(videos, crop_size=24, num_clips=1, num_crops=1, fps=25, num_frames=2,

@@ -103,4 +103,8 @@ EQUIVALENT = [
      'find': 'return resize_clip(frames, size).round_().clamp_(0, 255).to(torch.uint8)',
      'replace': 'return resize_clip(frames, size).round_().clamp_(None, 255).to(torch.uint8)',
      'reason': "resize_clip is bilinear without antialiasing: its values stay within the uint8 input's 0..255"},
+    {'file': 'util/data/bad_files.py',
+     'find': "device = torch.device('cuda', torch.cuda.current_device()) if dist.get_backend() == 'nccl' else 'cpu'",
+     'replace': "device = torch.device(torch.cuda.current_device()) if dist.get_backend() == 'nccl' else 'cpu'",
+     'reason': 'torch.device(k) of an integer k is cuda:k'},
 ]

@@ -93,6 +93,14 @@ def test_a_deeper_depth_carries_the_stored_prefixes_on_and_equals_a_full_recompu
     assert {d for d, _, _ in cache.entries.values()} == {7}
 
 
+def test_the_fixed_mask_noise_covers_every_patch_and_repeats():
+    model = timm.create_model('MIM_vit_tiny_patch16', img_size=64)  # a 4x4 grid
+    cache = FrozenPrefixCache(model, seed=3, max_bytes=0)
+    noise = cache.noise(torch.tensor([5, 9]), 'cpu')
+    assert noise.shape == (2, 16) and torch.equal(noise, cache.noise(torch.tensor([5, 9]), 'cpu'))
+    assert not torch.equal(noise[0], noise[1])
+
+
 def test_the_store_respects_its_limit(tmp_path):
     model, _, _ = frozen_tiny(2)
     imgs, indices = torch.randn(2, 3, 32, 32), torch.tensor([0, 1])

@@ -104,3 +104,12 @@ def test_slurm_jobs_without_requeue_and_runs_outside_slurm_are_left_alone(monkey
     monkeypatch.setattr(subprocess, 'run', Scontrol(requeue=1, fail=True))
     requeue_if_asked()
     assert printed(capsys) == ['could not requeue SLURM job 42: scontrol']
+
+
+def test_a_mid_epoch_checkpoint_of_another_process_count_restarts_its_epoch(monkeypatch, capsys):
+    """Saved by 2 processes, resumed by 1: the position and random states do not fit, the epoch starts again."""
+    ckpt = {'epoch': 3, 'extra': {'mid_epoch': {'epoch': 4, 'step': 10, 'ranks': [{}, {}]}}}
+    checkpoints = MidEpochCheckpoints(lambda epoch, mid: None)
+    assert checkpoints.resume_from(ckpt) == 4 and checkpoints.resume is None
+    assert printed(capsys) == ['the mid-epoch checkpoint was written by 2 processes, this run has 1: restarting '
+                               'epoch 4 from its start']

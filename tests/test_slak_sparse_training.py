@@ -215,6 +215,12 @@ def test_state_dict_round_trip_restores_masks_exactly():
     assert {m.device.type for m in on_meta.masks.values()} == {'meta'}
 
 
+def test_momentum_growth_before_any_optimizer_state_scores_zero():
+    model, optimizer, masking = build(growth='momentum', opt='sgd')  # no step yet: no momentum buffer
+    for name, p in masking.params.items():
+        assert torch.equal(masking.growth_score(name), torch.zeros_like(p))
+
+
 def test_snip_scores_keep_the_weights_above_the_kth_largest_score():
     """|w * dL/dw| with dL/dw = 1: scores 1, 2, 3, 4; density 0.5 keeps k = 2 scores, those above the 2nd largest."""
     model = nn.Linear(4, 1, bias=False)
@@ -432,5 +438,6 @@ def test_add_sparse_args_official_names_and_defaults():
     for text in ('--sparse_init SPARSE_INIT mask initialisation: uniform, ERK, snip, resume --prune',
                  '--growth GROWTH growth mode: random, gradient, momentum --redistribution',
                  '--redistribution REDISTRIBUTION unused (as in the official code) --prune_rate',
-                 '--fix static masks (no prune/grow) --only-L'):
+                 '--fix static masks (no prune/grow) --only-L',
+                 '--verbose per-layer counts at every prune/grow event'):
         assert text in help_text

@@ -186,6 +186,19 @@ def test_a_batchnorm_without_affine_parameters_converts():
     torch.testing.assert_close(sp.eval()(x), dense.eval()(x))
 
 
+def test_a_batchnorm_without_running_statistics_converts():
+    dense = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4, track_running_stats=False))
+    sp = dense_model_to_sparse(dense, None, sbn=False)
+    assert not sp[1].track_running_stats and sp[1].running_mean is None
+    x = torch.randn(2, 3, 8, 8)
+    torch.testing.assert_close(sp.eval()(x), dense.eval()(x))  # batch statistics in eval mode too
+
+
+def test_a_mask_of_the_wrong_shape_is_a_clear_error():
+    with pytest.raises(ValueError, match=r'^active_b1ff must have shape \(1, 1, 2, 2\), got \(1, 2, 2, 2\)$'):
+        SparseEncoder(_model('resnet18'), 64)(torch.randn(1, 3, 64, 64), torch.ones(1, 2, 2, 2, dtype=torch.bool))
+
+
 def test_a_feature_map_off_the_mask_grid_is_a_clear_error():
     holder = ActiveMask()
     holder.mask = torch.ones(1, 1, 2, 2, dtype=torch.bool)

@@ -141,30 +141,29 @@ def run_mutant(copy, tests, timeout):
     return {0: 'survived', 1: 'killed'}.get(done.returncode, 'killed')  # 2-4: the mutant broke the import
 
 
-def earlier_kills(results, file, source):
-    """{mutant index: outcome} of the mutants of this exact `source` of `file` that --results recorded as killed or
-    timed out: tests only grow, so they are not run again; survivors are."""
+def earlier_kills(results, file, sha):
+    """{mutant index: outcome} of the mutants of the source of `file` with this `sha` that --results recorded as
+    killed or timed out: tests only grow, so they are not run again; survivors are."""
     if not results or not Path(results).exists():
         return {}
-    sha = hashlib.sha256(source.encode()).hexdigest()
     records = [json.loads(line) for line in Path(results).read_text().splitlines() if line.strip()]
     return {r['index']: r['outcome'] for r in records
             if r['file'] == file and r['sha'] == sha and r['outcome'] in ('killed', 'timed out')}
 
 
-def record(results, file, source, index, outcome):
+def record(results, file, sha, index, outcome):
     if results:
         Path(results).parent.mkdir(parents=True, exist_ok=True)
         with open(results, 'a') as out:
-            out.write(json.dumps({'file': file, 'sha': hashlib.sha256(source.encode()).hexdigest(),
-                                  'index': index, 'outcome': outcome}) + '\n')
+            out.write(json.dumps({'file': file, 'sha': sha, 'index': index, 'outcome': outcome}) + '\n')
 
 
 def test_module(copy, file, args, equivalents, deadline):
     path = copy / file
     original = path.read_text()
     mutants = generate(path)
-    earlier = earlier_kills(args.results, file, original) if args.reuse else {}
+    sha = hashlib.sha256(original.encode()).hexdigest()
+    earlier = earlier_kills(args.results, file, sha) if args.reuse else {}
     sample = sorted(random.Random(f'{args.seed}:{file}').sample(range(len(mutants)), min(args.sample, len(mutants))))
     starts = statement_starts(original)
     covered = {}  # the coverage run, once some sampled mutant needs it: {'lines': ..., 'timeout': ...}
@@ -195,7 +194,7 @@ def test_module(copy, file, args, equivalents, deadline):
             finally:
                 path.write_text(original)
         if index not in earlier:
-            record(args.results, file, original, index, outcome)
+            record(args.results, file, sha, index, outcome)
         counts[outcome] += 1
         if outcome in ('survived', 'not covered'):
             survivors.append((index, outcome, diff))

@@ -1,13 +1,11 @@
 """util/export/formats.py: the printed lines that load each file run as printed (safetensors for our own factories
 too), and the detectron2 files and flags of a fine-tuned ResNet and a ViT."""
-import pickle
-
 import pytest
 import timm
 import torch
 
 import models  # noqa: F401  (registers the SparK custom CNNs)
-from test_export import exported, randomize, run_lines
+from test_export import exported, randomize, read_pickle, run_lines
 
 pytestmark = pytest.mark.usefixtures('one_thread')
 
@@ -21,11 +19,6 @@ def test_a_custom_cnn_in_safetensors_loads_with_the_printed_lines(tmp_path):
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(printed(x), model(x))
-
-
-def read_pickle(path):
-    with open(path, 'rb') as f:
-        return pickle.load(f, encoding='latin1')
 
 
 def test_a_fine_tuned_resnet_goes_to_detectron2_without_its_classifier_and_with_its_width_flag(tmp_path):

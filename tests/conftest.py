@@ -1,5 +1,5 @@
 """Fixtures shared by several test modules."""
-import os
+import gc
 import shutil
 
 import pytest
@@ -29,10 +29,14 @@ def module_tmp(request, tmp_path_factory):
 
 
 @pytest.fixture
-def one_process_group():
+def one_process_group(monkeypatch):
     """A gloo process group of this process alone: the code paths of a distributed run, in this process (so that
     coverage and monkeypatching see them)."""
-    os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(free_port()))
+    monkeypatch.setenv('MASTER_ADDR', '127.0.0.1')
+    monkeypatch.setenv('MASTER_PORT', str(free_port()))
     dist.init_process_group('gloo', rank=0, world_size=1)
     yield
     dist.destroy_process_group()
+    # A group still referenced from a reference cycle would otherwise be freed by whichever process collects
+    # first: in a later test's forked worker, its destructor waits forever for gloo threads the fork lacks.
+    gc.collect()
